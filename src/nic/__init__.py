@@ -1,0 +1,43 @@
+"""nic: Neural Image Compression for gigapixel pathology slides.
+
+Modules, data flowing down:
+
+- ``nic.slide``     open any whole-slide image; read regions at a target um/px
+- ``nic.tissue``    low-resolution tissue masks
+- ``nic.grid``      the patch grid at a target um/px, with tissue fractions
+- ``nic.synth``     generated slides, cohorts and patch datasets for demos, tests, benchmarks
+- ``nic.cli``       the ``nic`` command, thin over the library
+
+Heavy modules are imported on first use, so ``import nic`` and ``nic --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open_slide": "nic.slide",
+    "Slide": "nic.slide",
+    "tissue_mask": "nic.tissue",
+    "patch_grid": "nic.grid",
+    "PatchGrid": "nic.grid",
+    "NicError": "nic.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

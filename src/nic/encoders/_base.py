@@ -1,0 +1,104 @@
+"""The one interface every encoder has, and the configuration that travels with its weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What is needed to rebuild an encoder and feed it correctly.
+
+    ``architecture`` names a registered builder and ``arch_args`` its keyword arguments.
+    ``patch_size`` (pixels) and ``mpp`` (um/px) are the input the weights expect;
+    ``code_size`` is the length of a code.  ``mean`` and ``std`` normalise RGB in [0, 1]
+    (per channel) before the network; they belong to the weights and are applied inside
+    :attr:`Encoder.module`, so they can never drift from them.
+    """
+
+    architecture: str
+    code_size: int
+    patch_size: int = 128
+    mpp: float = 0.5
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> EncoderConfig:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d.get("mean", (0.5,) * 3)), tuple(d.get("std", (0.5,) * 3))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Encoder:
+    """A patch encoder: uint8 RGB patches (N, H, W, 3) in, float32 codes (N, C) out.
+
+    ``module`` is a ``torch.nn.Module`` that takes float RGB in [0, 1], shape
+    (N, 3, patch_size, patch_size), and returns (N, code_size); normalisation is inside
+    it.  Training code uses ``module`` directly; compression calls :meth:`embed`.
+    """
+
+    def __init__(
+        self, module: Any, config: EncoderConfig, checksum: str = "", source: dict[str, Any] | None = None
+    ) -> None:
+        self.module = module
+        self.config = config
+        self.checksum = checksum  # sha256 of the weights it was loaded from ("" if none)
+        # Where the weights came from, e.g. {"format": "keras-h5", "file": ..., "sha256": ...};
+        # kept through save/load so converted weights still name their origin.
+        self.source: dict[str, Any] = dict(source or {})
+
+    @property
+    def code_size(self) -> int:
+        return self.config.code_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def mpp(self) -> float:
+        return self.config.mpp
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.config.architecture
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device: Any) -> Encoder:
+        self.module.to(device)
+        return self
+
+    def embed(self, patches: Any) -> np.ndarray:
+        """Codes of uint8 RGB patches (N, H, W, 3) as float32 (N, code_size), in eval mode."""
+        import torch
+
+        x = torch.as_tensor(np.ascontiguousarray(patches) if isinstance(patches, np.ndarray) else patches)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"embed takes uint8 patches of shape (N, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+        self.module.eval()
+        with torch.inference_mode():
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+            x = x.contiguous(memory_format=torch.channels_last)
+            return self.module(x).float().cpu().numpy()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"Encoder({self.name!r}, code {c.code_size}, {c.patch_size} px at {c.mpp} um/px)"

@@ -1,0 +1,73 @@
+"""`nic info` and `nic tissue` through typer's runner, bad input included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from nic.cli import app
+from tests.conftest import WSI
+
+runner = CliRunner()
+
+
+def test_help_on_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    commands = [c for c in app.registered_commands]
+    assert commands
+    for c in commands:
+        name = c.name or c.callback.__name__
+        r = runner.invoke(app, [name, "--help"])
+        assert r.exit_code == 0, name
+        assert "Usage" in r.output
+    for group in app.registered_groups:
+        r = runner.invoke(app, [group.name, "--help"])
+        assert r.exit_code == 0, group.name
+
+
+def test_info_json_reports_svs(shared):
+    r = runner.invoke(app, ["info", str(WSI / "CMU-1-Small-Region.svs"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert (d["width"], d["height"]) == (2220, 2967)
+    assert d["mpp_x"] == 0.499 and d["vendor"] == "aperio"
+
+
+def test_info_refuses_unknown_mpp_then_accepts_flag(shared):
+    path = str(WSI / "CropBreastSlide_pyramid.tiff")
+    r = runner.invoke(app, ["info", path])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CropBreastSlide_pyramid.tiff" in lines[0] and "--mpp" in lines[0]
+    assert "Traceback" not in r.output
+    r = runner.invoke(app, ["info", path, "--mpp", "0.5", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["mpp_x"] == 0.5
+
+
+def test_bad_paths_exit_2_with_one_line(tmp_path):
+    empty = tmp_path / "empty.svs"
+    empty.touch()
+    for arg in [tmp_path / "missing.svs", tmp_path, empty]:
+        r = runner.invoke(app, ["info", str(arg)])
+        assert r.exit_code == 2, arg
+        assert len(r.stderr.strip().splitlines()) == 1 and str(arg) in r.stderr
+
+
+def test_debug_shows_the_exception(tmp_path):
+    r = runner.invoke(app, ["--debug", "info", str(tmp_path / "missing.svs")])
+    assert r.exit_code != 0 and r.exception is not None
+
+
+def test_tissue_writes_mask_and_overlay(shared, tmp_path):
+    out = tmp_path / "sub" / "mask.png"
+    r = runner.invoke(app, ["tissue", str(WSI / "CMU-1-Small-Region.svs"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    mask = np.asarray(Image.open(out))
+    overlay = np.asarray(Image.open(tmp_path / "sub" / "mask_overlay.png"))
+    assert mask.shape == (370 // 2, 276 // 2) and set(np.unique(mask)) <= {0, 255}
+    assert overlay.shape[0] == mask.shape[0] and overlay.shape[1] > 2 * mask.shape[1]
+    assert "% tissue" in r.output

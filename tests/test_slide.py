@@ -1,0 +1,177 @@
+"""Slide access on the real slides in ../shared/data/wsi and on small files made here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+import nic
+from nic.errors import MppError, SlideError
+from nic.slide._mpp import mpp_from_resolution
+from tests.conftest import WSI
+
+SVS = WSI / "CMU-1-Small-Region.svs"
+PYRAMID = WSI / "CropBreastSlide_pyramid.tiff"
+DICOM = WSI / "camelyon_lowres_wsi.dcm"
+
+
+def test_svs_metadata(shared):
+    with nic.open_slide(SVS) as s:
+        assert s.dimensions == (2220, 2967)
+        assert s.mpp == pytest.approx((0.499, 0.499))
+        assert s.vendor == "aperio"
+        assert s.backend == "tiff"
+        assert s.mpp_source == "aperio metadata"
+
+
+def test_bogus_96_dpi_is_refused_and_user_mpp_wins(shared):
+    with pytest.raises(MppError, match=r"CropBreastSlide_pyramid.tiff.*96 dpi.*--mpp"):
+        nic.open_slide(PYRAMID)
+    with nic.open_slide(PYRAMID, mpp=0.5) as s:
+        assert s.mpp == (0.5, 0.5)
+        assert len(s.levels) == 6
+        assert s.levels[1].downsample == pytest.approx(2.0, abs=0.01)
+
+
+def test_dicom_opens_through_openslide(shared):
+    with nic.open_slide(DICOM) as s:
+        assert s.vendor == "dicom"
+        assert s.dimensions == (1152, 700)
+        assert s.mpp[0] == pytest.approx(28.969, abs=1e-3)
+        region = s.read_region((100, 100), (64, 32))
+        assert region.shape == (32, 64, 3) and region.dtype == np.uint8
+
+
+@pytest.mark.parametrize("path,mpp", [(SVS, None), (PYRAMID, 0.5)])
+def test_fast_path_matches_openslide(shared, path, mpp):
+    fast = nic.open_slide(path, mpp=mpp)
+    ref = nic.open_slide(path, mpp=mpp, backend="openslide")
+    assert fast.backend == "tiff" and ref.backend == "openslide"
+    for level, lv in enumerate(fast.levels):
+        a = fast._reader.read(level, 0, 0, lv.width, lv.height).astype(int)
+        b = ref._reader.read(level, 0, 0, lv.width, lv.height).astype(int)
+        assert np.abs(a - b).mean() < 1.0, level
+    # an unaligned region that runs off the slide: same pixels, white outside
+    w, h = fast.dimensions
+    a = fast.read_region((w - 100, 37), (300, 200))
+    b = ref.read_region((w - 100, 37), (300, 200))
+    assert np.abs(a.astype(int) - b).mean() < 1.0
+    assert (a[:, 120:] == 255).all()
+    fast.close()
+    ref.close()
+
+
+def test_read_region_resamples_by_area(shared):
+    with nic.open_slide(PYRAMID, mpp=0.5) as s:
+        full = s.read_region((0, 0), (400, 400)).astype(np.float64)
+        half = s.read_region((0, 0), (200, 200), mpp=1.0)
+        # level 1 is the scanner's own 2x downsample, so compare loosely to the block mean
+        block = full.reshape(200, 2, 200, 2, 3).mean(axis=(1, 3))
+        assert np.abs(half - block).mean() < 6
+        assert s.best_level(1.0) == 1 and s.best_level(0.9) == 0 and s.best_level(100) == 5
+        # a non-integer factor from level 0: each output pixel is the mean of its box
+        small = s.read_region((10, 20), (10, 10), mpp=0.75)
+        ref = np.empty((10, 10, 3))
+        for i in range(10):
+            for j in range(10):
+                y0, x0 = 20 + 1.5 * i, 10 + 1.5 * j
+                # weights of the 1.5 x 1.5 box over level-0 pixels
+                wy = _weights(y0, 1.5)
+                wx = _weights(x0, 1.5)
+                region = s.read_region((int(x0), int(y0)), (2, 2)).astype(np.float64)
+                ref[i, j] = np.einsum("i,j,ijc->c", wy, wx, region) / (1.5 * 1.5)
+        assert np.abs(small - ref).max() <= 1.0
+
+
+def _weights(start: float, length: float) -> np.ndarray:
+    """Overlap of [start, start+length) with the two pixels [floor(start), +1), [+1, +2)."""
+    p = np.floor(start)
+    return np.array([min(p + 1, start + length) - start, max(0.0, start + length - (p + 1))])
+
+
+def test_thumbnail_in_strips_equals_one_read(shared, monkeypatch):
+    import nic.slide._slide as slide_mod
+
+    with nic.open_slide(SVS) as s:
+        whole = s.thumbnail(4.0)
+        monkeypatch.setattr(slide_mod, "MAX_READ_PIXELS", 50_000)
+        strips = s.thumbnail(4.0)
+    assert whole.shape == (370, 276, 3)  # floor(2220 * 0.499 / 4)
+    assert np.array_equal(whole, strips)
+
+
+def test_plain_image_and_strip_tiff(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    png = tmp_path / "crop.png"
+    Image.fromarray(rgb).save(png)
+    with pytest.raises(MppError, match="crop.png.*--mpp"):
+        nic.open_slide(png)
+    with nic.open_slide(png, mpp=0.5) as s:
+        assert s.dimensions == (80, 60)
+        assert np.array_equal(s.read_region((0, 0), (80, 60)), rgb)
+    tif = tmp_path / "strip.tif"
+    tifffile.imwrite(tif, rgb, resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    with nic.open_slide(tif) as s:
+        assert s.mpp == pytest.approx((0.5, 0.5))
+        assert np.array_equal(s.read_region((0, 0), (80, 60)), rgb)
+
+
+def test_ome_tiff_pyramid_read_by_tile_path(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 255, (512, 768, 3), dtype=np.uint8)
+    p = tmp_path / "s.ome.tiff"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        meta = {"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "axes": "YXS"}
+        tw.write(rgb, tile=(256, 256), subifds=1, metadata=meta, photometric="rgb")
+        tw.write(rgb[::2, ::2], tile=(256, 256), subfiletype=1, photometric="rgb")
+    with nic.open_slide(p) as s:
+        assert s.backend == "tiff" and s.vendor == "ome-tiff"
+        assert s.mpp == pytest.approx((0.25, 0.25))
+        assert len(s.levels) == 2
+        assert np.array_equal(s.read_region((100, 50), (300, 200)), rgb[50:250, 100:400])
+
+
+@pytest.mark.parametrize(
+    "value,unit,expected",
+    [(20000, 3, 0.5), (40000, "CENTIMETER", 0.25), (96, 2, None), (72, 3, None), (37.795275, 3, None), (1e9, 3, None), (5000, 1, None)],
+)
+def test_resolution_tag_rules(value, unit, expected):
+    mpp, reason = mpp_from_resolution(value, unit)
+    assert mpp == (pytest.approx(expected) if expected else None), reason
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(SlideError, match="no such file"):
+        nic.open_slide(tmp_path / "missing.svs")
+    with pytest.raises(SlideError, match="is a directory"):
+        nic.open_slide(tmp_path)
+    empty = tmp_path / "empty.svs"
+    empty.touch()
+    with pytest.raises(SlideError, match="empty"):
+        nic.open_slide(empty)
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide at all\n" * 20)
+    with pytest.raises(SlideError, match="not a slide"):
+        nic.open_slide(text)
+
+
+def test_truncated_slide_is_refused(shared, tmp_path):
+    data = SVS.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match="cut.svs.*truncated"):
+        s = nic.open_slide(cut)
+        s.read_region((0, 0), (2220, 2967))
+
+
+def test_tile_data_cut_off_is_refused(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    p = tmp_path / "short.tiff"
+    tifffile.imwrite(p, rgb, tile=(256, 256), compression="jpeg", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    data = p.read_bytes()
+    # keep the header and IFD (tifffile writes them first) but lose the last tile's bytes
+    p.write_bytes(data[:-2000])
+    with pytest.raises(SlideError, match="short.tiff.*truncated"):
+        nic.open_slide(p)
