@@ -25,6 +25,11 @@ _LAZY = {
     "patch_grid": "nic.grid",
     "PatchGrid": "nic.grid",
     "NicError": "nic.errors",
+    "load_encoder": "nic.encoders",
+    "save_encoder": "nic.encoders",
+    "create_encoder": "nic.encoders",
+    "list_encoders": "nic.encoders",
+    "Encoder": "nic.encoders",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -86,11 +86,29 @@ class Encoder:
         self.module.to(device)
         return self
 
+    def for_inference(self) -> Encoder:
+        """An encoder for embedding only: same config, checksum and codes (to ~1e-6).
+
+        Where the architecture allows it (``module.fused_for_inference()``, e.g. nic-cnn
+        folds its batch norms into the next layer), the module is a fused, frozen copy that
+        is faster on a CPU; otherwise it is this encoder's module in eval mode.  Call it
+        once before encoding many patches; train :attr:`module`, never the fused copy.
+        """
+        module = self.module
+        fuse = getattr(module, "fused_for_inference", None)
+        if callable(fuse):
+            module = fuse()
+        module.eval()
+        return Encoder(module, self.config, self.checksum, self.source)
+
     def embed(self, patches: Any) -> np.ndarray:
         """Codes of uint8 RGB patches (N, H, W, 3) as float32 (N, code_size), in eval mode."""
         import torch
 
-        x = torch.as_tensor(np.ascontiguousarray(patches) if isinstance(patches, np.ndarray) else patches)
+        if isinstance(patches, np.ndarray):
+            # torch warns on read-only arrays (e.g. np.asarray of a PIL image); copy those.
+            patches = np.ascontiguousarray(patches) if patches.flags.writeable else np.array(patches)
+        x = torch.as_tensor(patches)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"embed takes uint8 patches of shape (N, H, W, 3), got {tuple(x.shape)} {x.dtype}")
         self.module.eval()

@@ -1,0 +1,374 @@
+"""Loading encoders from a spec, and the project's weight format.
+
+The project's format is a safetensors file (the module's state dict) whose header
+metadata holds ``{"nic_encoder": JSON}`` with the :class:`EncoderConfig`, the software
+version and the weights' source; :func:`save_encoder` also writes that JSON beside it
+(``<stem>.json``) for people to read.  Given a directory, the files are
+``encoder.safetensors`` and ``encoder.json`` inside it.  When a safetensors file has no
+embedded metadata (weights from elsewhere), the sidecar JSON is used.
+
+Pickled checkpoints (.pt, .pth, .ckpt, .bin, .pkl) can run code when loaded; they are
+refused unless the caller passes ``unsafe=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from nic.encoders._base import Encoder, EncoderConfig
+from nic.encoders._registry import create_encoder, list_encoders
+from nic.errors import EncoderError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_encoder", "save_encoder", "file_sha256", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_META_KEY = "nic_encoder"
+_WEIGHTS_NAME = "encoder.safetensors"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+_KERAS_SUFFIXES = (".h5", ".hdf5")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_value(text: str) -> Any:
+    """Query-string value: JSON where it parses (numbers, true/false, lists), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.lower()
+        if low in ("true", "yes", "on"):
+            return True
+        if low in ("false", "no", "off"):
+            return False
+        return text
+
+
+def _split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name?key=value&...`` -> (name, {key: value})."""
+    base, sep, query = spec.partition("?")
+    if not sep:
+        return spec, {}
+    return base, {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+
+
+def _version() -> str:
+    import nic
+
+    return str(getattr(nic, "__version__", ""))
+
+
+def _weight_files(path: Path) -> tuple[Path, Path]:
+    """(safetensors file, sidecar json) of a saved encoder file or directory."""
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    return path / _WEIGHTS_NAME, path / "encoder.json"
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_encoder(encoder: Encoder, path: str | Path) -> Path:
+    """Write ``encoder`` in the project's format and return the safetensors path.
+
+    ``path`` ending in ``.safetensors`` writes that file and ``<stem>.json`` beside it;
+    any other path is a directory that receives ``encoder.safetensors`` and
+    ``encoder.json``.  Existing files are replaced.
+    """
+    from safetensors.torch import save_file
+
+    if getattr(encoder.module, "inference_only", False):
+        raise EncoderError(
+            f"cannot save {encoder.name}: its module is the fused copy from for_inference(); save the encoder "
+            "it came from"
+        )
+    path = Path(path)
+    weights, sidecar = _weight_files(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    tensors = {
+        k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        for k, v in encoder.module.state_dict().items()
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": encoder.config.to_json(),
+        "nic_version": _version(),
+        "source": encoder.source or ({"sha256": encoder.checksum} if encoder.checksum else {}),
+    }
+    try:
+        text = json.dumps(meta, sort_keys=True)
+    except TypeError as e:
+        raise EncoderError(
+            f"cannot save {encoder.name}: its config is not JSON ({e}); give arch_args as numbers, strings or lists"
+        ) from e
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: text})
+    tmp.replace(weights)
+    sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    logger.info("saved encoder %s to %s", encoder.name, weights)
+    return weights
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_meta(weights: Path, sidecar: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            embedded = (f.metadata() or {}).get(_META_KEY)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise EncoderError(f"{weights}: not a readable safetensors file ({e}); save it again with save_encoder") from e
+    try:
+        if embedded:
+            meta = json.loads(embedded)
+        elif sidecar.is_file():
+            meta = json.loads(sidecar.read_text())
+        else:
+            raise EncoderError(
+                f"{weights}: no encoder metadata (embedded or {sidecar.name}); use "
+                f"'timm:<model>?weights={weights}' or a registry name with weights="
+            )
+    except json.JSONDecodeError as e:
+        raise EncoderError(f"{weights}: encoder metadata is not valid JSON ({e})") from e
+    if "config" not in meta or "architecture" not in meta.get("config", {}):
+        raise EncoderError(f"{weights}: encoder metadata lacks config.architecture; save it again with save_encoder")
+    return meta
+
+
+def _read_state_dict(path: Path, unsafe: bool) -> dict[str, Any]:
+    """Tensors of a .safetensors file, or (unsafe only) of a pickled checkpoint."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise EncoderError(f"{path}: not a readable safetensors file ({e})") from e
+    if path.suffix in _PICKLE_SUFFIXES:
+        if not unsafe:
+            raise EncoderError(
+                f"{path}: pickled checkpoints can run code when loaded and are refused; convert it to "
+                ".safetensors, or pass unsafe=True (--unsafe) if you trust the file"
+            )
+        import torch
+
+        logger.warning("unpickling %s (unsafe=True)", path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if hasattr(obj, "state_dict") and not isinstance(obj, dict):
+            obj = obj.state_dict()
+        if not isinstance(obj, dict):
+            raise EncoderError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        return obj
+    raise EncoderError(
+        f"{path}: unknown weight format {path.suffix!r}; give .safetensors (or .pth/.pt with unsafe=True)"
+    )
+
+
+def _load_weights_into(encoder: Encoder, path: Path, unsafe: bool) -> None:
+    """Load a plain state dict (timm or project keys) into ``encoder.module``."""
+    import torch
+
+    if not path.is_file():
+        raise EncoderError(f"weights file {path} does not exist")
+    state = {k: v for k, v in _read_state_dict(path, unsafe).items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "model.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    module = encoder.module
+    own = module.state_dict()
+    # timm weights carry backbone keys; our timm module nests the backbone under ``body``.
+    if not set(state) & set(own) and hasattr(module, "body"):
+        state = {f"body.{k}": v for k, v in state.items()}
+    dropped = sorted(k for k in state if k not in own)
+    if dropped:
+        logger.info("ignoring %d keys of %s not in the encoder (e.g. heads): %s", len(dropped), path, dropped[:5])
+    state = {k: v for k, v in state.items() if k in own}
+    missing = sorted(k for k in own if k not in state)
+    if missing:
+        raise EncoderError(
+            f"{path}: weights lack {len(missing)} of the encoder's tensors (e.g. {', '.join(missing[:3])}); "
+            f"they are not weights for {encoder.name}"
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise EncoderError(
+            f"{path}: tensor {k} has shape {tuple(state[k].shape)}, {encoder.name} needs {tuple(own[k].shape)}; "
+            "check the architecture arguments"
+        )
+    module.load_state_dict(state, strict=True)
+    encoder.checksum = file_sha256(path)
+    encoder.source = {"format": path.suffix.lstrip("."), "file": path.name, "sha256": encoder.checksum}
+
+
+def _load_saved(path: Path) -> Encoder:
+    """An encoder saved by :func:`save_encoder` (directory or .safetensors file)."""
+    weights, sidecar = _weight_files(path)
+    if not weights.is_file():
+        raise EncoderError(f"{path}: no {weights.name} inside; expected a directory written by save_encoder")
+    meta = _read_meta(weights, sidecar)
+    fmt = int(meta.get("format_version", 1))
+    if fmt > FORMAT_VERSION:
+        raise EncoderError(
+            f"{weights}: format_version {fmt} is newer than this nic supports ({FORMAT_VERSION}); upgrade nic"
+        )
+    try:
+        config = EncoderConfig.from_json(meta["config"])
+    except TypeError as e:
+        raise EncoderError(f"{weights}: bad config in metadata ({e})") from e
+    encoder = create_encoder(
+        config.architecture,
+        mean=config.mean,
+        std=config.std,
+        mpp=config.mpp,
+        encoder_name=config.name or None,
+        **config.arch_args,
+    )
+    for field in ("code_size", "patch_size"):
+        if getattr(encoder.config, field) != getattr(config, field):
+            raise EncoderError(
+                f"{weights}: metadata says {field}={getattr(config, field)} but {config.architecture} with "
+                f"its arch_args builds {getattr(encoder.config, field)}; fix the metadata"
+            )
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights), device="cpu")
+    try:
+        encoder.module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise EncoderError(
+            f"{weights}: weights do not fit {config.architecture} {config.arch_args}: {first[-1].strip()}"
+        ) from e
+    encoder.config = config
+    encoder.checksum = file_sha256(weights)
+    encoder.source = dict(meta.get("source") or {})
+    return encoder
+
+
+def load_encoder(
+    spec: str | Path,
+    device: Any = "cpu",
+    *,
+    unsafe: bool = False,
+    weights: str | Path | None = None,
+    **arch_args: Any,
+) -> Encoder:
+    """Load an encoder from ``spec``; the result is in eval mode on ``device``.
+
+    ``spec`` is one of:
+
+    - a registry name (``nic-cnn``; see :func:`list_encoders`), random init unless
+      ``weights`` is given; ``name?key=value&...`` passes architecture arguments;
+    - ``timm:<model>[?weights=FILE&patch_size=224&mpp=0.5&pretrained=false&...]``: a timm
+      backbone with pooled features; nothing is downloaded unless ``pretrained=true``;
+    - a Keras ``.h5`` file of the published NIC encoders;
+    - a directory or ``.safetensors`` file written by :func:`save_encoder`;
+    - a pickled checkpoint (.pt/.pth/.ckpt) with a sidecar JSON, only with ``unsafe=True``.
+
+    ``weights`` (a .safetensors, or with ``unsafe`` a .pth/.pt state dict) loads into a
+    registry or timm encoder; extra keyword arguments are architecture arguments (plus
+    ``mean``, ``std``, ``mpp``).  Errors are :class:`EncoderError` naming the fix.
+    """
+    import torch
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise EncoderError(f"bad device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from e
+    text = str(spec)
+    path = Path(text).expanduser()
+    if text.startswith("timm:") or (not path.exists() and _split_spec(text)[0] in list_encoders()):
+        if text.startswith("timm:"):
+            model, query = _split_spec(text[len("timm:") :])
+            if not model:
+                raise EncoderError("empty timm model name; write 'timm:<model>', e.g. 'timm:resnet18'")
+            name, query = "timm", {"model_name": model, **query}
+        else:
+            name, query = _split_spec(text)
+        kwargs = {**query, **arch_args}
+        file = weights if weights is not None else kwargs.pop("weights", None)
+        kwargs.pop("weights", None)
+        encoder = create_encoder(name, **kwargs)
+        if file not in (None, ""):
+            _load_weights_into(encoder, Path(str(file)).expanduser(), unsafe)
+    elif path.exists():
+        if arch_args or weights is not None:
+            extra = sorted(arch_args) + (["weights"] if weights is not None else [])
+            raise EncoderError(f"{path}: a weight file fixes its architecture; drop the extra arguments {extra}")
+        suffix = path.suffix.lower()
+        if path.is_dir() or suffix == ".safetensors":
+            encoder = _load_saved(path)
+        elif suffix in _KERAS_SUFFIXES:
+            from nic.encoders._keras import load_keras_encoder
+
+            encoder = load_keras_encoder(path)
+        elif suffix in _PICKLE_SUFFIXES:
+            encoder = _load_pickled(path, unsafe)
+        else:
+            raise EncoderError(
+                f"{path}: unknown encoder file type {suffix!r}; give a Keras .h5, a .safetensors or a "
+                "directory written by save_encoder"
+            )
+    else:
+        base = _split_spec(text)[0]
+        looks_like_path = any(c in base for c in "/\\") or Path(base).suffix != ""
+        what = f"no file at {path}" if looks_like_path else f"unknown encoder {base!r}"
+        raise EncoderError(
+            f"{what}; registered encoders: {', '.join(list_encoders())}; or 'timm:<model>', a Keras .h5 "
+            "file, or a directory/.safetensors written by save_encoder"
+        )
+    encoder.module.eval()
+    return encoder.to(device)
+
+
+def _load_pickled(path: Path, unsafe: bool) -> Encoder:
+    """A pickled state dict with a project sidecar JSON (``<stem>.json``); unsafe only."""
+    if not unsafe:
+        _read_state_dict(path, unsafe)  # raises the refusal
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise EncoderError(
+            f"{path}: a pickled state dict says nothing about its architecture; add {sidecar.name} "
+            "(as written by save_encoder) or use 'timm:<model>?weights=FILE' / load_encoder(name, weights=FILE)"
+        )
+    try:
+        meta = json.loads(sidecar.read_text())
+        config = EncoderConfig.from_json(meta["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise EncoderError(f"{sidecar}: not encoder metadata ({e}); write it with save_encoder") from e
+    encoder = create_encoder(
+        config.architecture,
+        mean=config.mean,
+        std=config.std,
+        mpp=config.mpp,
+        encoder_name=config.name or None,
+        **config.arch_args,
+    )
+    _load_weights_into(encoder, path, unsafe=True)
+    encoder.config = config
+    return encoder
