@@ -1,0 +1,119 @@
+"""Labelled patch datasets from the slide drawing code, for encoder training.
+
+Three datasets, each labelling only its own task (patches at 0.5 um/px, 128 px = 64 um,
+each with its own random staining):
+
+- ``tissue_type/<class>/*.png``: one folder per tissue class (tumour, stroma, normal,
+  lymphocytes, fat, necrosis);
+- ``nuclei_density/*.png`` + ``nuclei_density.csv`` (``path,label``): label = number of
+  nuclei drawn with their centre inside the patch (mitotic figures count as nuclei);
+- ``mitosis/*.png`` + ``mitosis.csv`` (``path,label``): 1 when a mitosis-like figure was
+  drawn (whole, inside the patch), else 0; negatives are mostly tumour, with some
+  lymphocytes and necrosis (dark dots that are not mitoses).
+
+CSV paths are relative to the CSV's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nic.errors import DataError
+from nic.synth._textures import TISSUE_CLASSES, draw_tile, random_stain
+
+__all__ = ["PatchDatasets", "make_patch_datasets"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchDatasets:
+    """Where :func:`make_patch_datasets` wrote each dataset and how many patches."""
+
+    out: Path
+    tissue_type: Path  # folder of class folders
+    nuclei_density: Path  # CSV
+    mitosis: Path  # CSV
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _save(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, compress_level=1)
+
+
+def _write_csv(path: Path, rows: list[tuple[str, float | int]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+
+
+def make_patch_datasets(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 128,
+                        overwrite: bool = False) -> PatchDatasets:
+    """Write the tissue-type, nuclei-density and mitosis datasets under ``out``.
+
+    ``n`` patches per tissue class for tissue type, ``n`` patches for nuclei density and
+    ``n`` for mitosis (half positive); patches are ``size`` x ``size`` px at 0.5 um/px.
+    """
+    t0 = time.perf_counter()
+    if n < 1:
+        raise DataError(f"--n must be at least 1 patch, got {n}")
+    if size < 64 or size % 2:
+        raise DataError(f"patch size must be an even number of pixels >= 64, got {size}")
+    out = Path(out)
+    tt, nd, mi = out / "tissue_type", out / "nuclei_density", out / "mitosis"
+    if any(d.is_dir() and any(d.iterdir()) for d in (tt, nd, mi)) and not overwrite:
+        raise DataError(f"{out}: already holds patch datasets; choose an empty folder or pass --overwrite")
+    for d in (nd, mi, *(tt / c for c in TISSUE_CLASSES)):
+        d.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for f in d.glob("*.png"):
+                f.unlink()
+    counts: dict[str, int] = {}
+
+    def patch(rng: np.random.Generator, cls: str, mitoses: int = 0) -> tuple[np.ndarray, int]:
+        d = draw_tile(cls, rng, size, mitoses=mitoses, margin=20)
+        return random_stain(rng).to_rgb(d.h, d.e), d.nuclei
+
+    # (a) tissue type
+    for ci, cls in enumerate(TISSUE_CLASSES):
+        rng = np.random.default_rng([seed, 10, ci])
+        for i in range(n):
+            m = int(cls == "tumour" and rng.random() < 0.2)
+            _save(tt / cls / f"{i:05d}.png", patch(rng, cls, m)[0])
+        counts[f"tissue_type/{cls}"] = n
+    # (b) nuclei density
+    rng = np.random.default_rng([seed, 11])
+    rows: list[tuple[str, float | int]] = []
+    for i in range(n):
+        cls = TISSUE_CLASSES[int(rng.integers(len(TISSUE_CLASSES)))]
+        rgb, nuclei = patch(rng, cls, int(cls == "tumour" and rng.random() < 0.2))
+        name = f"nuclei_density/{i:05d}.png"
+        _save(out / name, rgb)
+        rows.append((name, int(nuclei)))
+    _write_csv(out / "nuclei_density.csv", rows)
+    counts["nuclei_density"] = n
+    # (c) mitosis present
+    rng = np.random.default_rng([seed, 12])
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        cls = "tumour" if positive or rng.random() < 0.75 else ("lymphocytes", "necrosis")[int(rng.integers(2))]
+        rgb, _ = patch(rng, cls, int(positive))
+        name = f"mitosis/{i:05d}.png"
+        _save(out / name, rgb)
+        rows.append((name, int(positive)))
+    _write_csv(out / "mitosis.csv", rows)
+    counts["mitosis"] = n
+    seconds = time.perf_counter() - t0
+    logger.info("patch datasets in %s (%.1f s)", out, seconds)
+    return PatchDatasets(out, tt, out / "nuclei_density.csv", out / "mitosis.csv", counts, seconds)
