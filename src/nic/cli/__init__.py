@@ -12,7 +12,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from nic.cli import _compress, _encoders, _learn, _slides, _synth, _train_encoder
+from nic.cli import _compress, _demo, _encoders, _learn, _slides, _synth, _train_encoder
 from nic.cli._common import state
 
 class _Group(TyperGroup):
@@ -52,7 +52,7 @@ def _root(
     state.debug = debug
 
 
-for _module in (_slides, _synth, _encoders, _compress, _train_encoder, _learn):
+for _module in (_slides, _synth, _encoders, _compress, _train_encoder, _learn, _demo):
     _module.register(app)
 
 

@@ -1,0 +1,23 @@
+"""``nic demo``: the whole pipeline on a generated cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+
+
+def demo(
+    out: Path = typer.Option(Path("nic-demo"), "--out", "-o", help="Folder for every output (must be new or empty)."),
+    slides: int = typer.Option(36, "--slides", help="Slides in the generated cohort."),
+    size: int = typer.Option(4096, "--size", help="Side of each slide in level-0 pixels (0.5 um/px)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of every training run."),
+) -> None:
+    """Generate a cohort and run every stage of the pipeline on it, printing where outputs go."""
+    from nic.demo import DemoConfig, run_demo
+
+    run_demo(out, DemoConfig(slides=slides, size=size, seed=seed), say=typer.echo)
