@@ -175,3 +175,18 @@ def test_tile_data_cut_off_is_refused(tmp_path):
     p.write_bytes(data[:-2000])
     with pytest.raises(SlideError, match="short.tiff.*truncated"):
         nic.open_slide(p)
+
+
+def test_block_mean_is_the_rounded_mean_of_each_block():
+    from nic.slide._slide import _block_mean
+
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for k in (2, 3, 16):
+        got = _block_mean(src, k)
+        h, w = 48 // k, 64 // k
+        want = src[: h * k, : w * k].reshape(h, k, w, k, 3).astype(np.float64).mean(axis=(1, 3))
+        assert got.shape == (h, w, 3)
+        # exact rounding for powers of two; PIL's fixed-point division may be off by
+        # a fraction more for other k, never by a whole grey level
+        assert np.abs(got - want).max() <= (0.5 + 1e-9 if k in (2, 16) else 0.6), k

@@ -79,6 +79,7 @@ class CohortConfig:
     censoring: float = 0.3  # expected censored fraction
     stain_jitter: float = 1.0  # 0: every slide stained alike
     coverage: tuple[float, float] = (0.45, 0.68)  # tissue share of the slide area
+    pyramid: bool = True  # False: level 0 only, like the huge single-level scans some labs have
 
 
 @dataclass
@@ -307,7 +308,8 @@ def _render(out: Path, sp: SlidePlan, seed: int, cfg: CohortConfig,
     entries = _entry_map(rng, sp.layout, groups)
     path = out / "slides" / f"{sp.slide_id}.tiff"
     desc = f"nic.synth procedural slide {sp.slide_id}; patient {sp.patient_id}; seed {seed}; mpp {MPP}"
-    stats = write_pyramid(path, entries, lib, mpp=MPP, quality=cfg.quality, description=desc)
+    min_size = 1024 if cfg.pyramid else 2**62
+    stats = write_pyramid(path, entries, lib, mpp=MPP, quality=cfg.quality, min_size=min_size, description=desc)
     _write_truth(out / "truth", sp.slide_id, sp.layout)
     return path, stats.seconds
 
