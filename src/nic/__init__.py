@@ -30,6 +30,7 @@ _LAZY = {
     "create_encoder": "nic.encoders",
     "list_encoders": "nic.encoders",
     "Encoder": "nic.encoders",
+    "compress_slide": "nic.compress",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_png", "tissue_overlay", "side_by_side"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_png", "tissue_overlay", "side_by_side", "pca_rgb", "store_picture"]
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
@@ -50,3 +53,57 @@ def side_by_side(images: list[np.ndarray], gap: int = 8) -> np.ndarray:
         out[: rgb.shape[0], x : x + rgb.shape[1]] = rgb
         x += rgb.shape[1] + gap
     return out
+
+
+def pca_rgb(features: np.ndarray, tissue: np.ndarray, background: int = 255) -> np.ndarray:
+    """The first three principal components of the tissue codes as RGB, uint8 (H, W, 3).
+
+    ``features`` is (C, H, W), ``tissue`` (H, W) bool.  Each component is stretched
+    between its 1st and 99th percentile over the tissue cells; its sign is fixed so that
+    its largest loading is positive (the same store always gives the same picture).
+    Background cells are ``background`` (white).
+    """
+    c, h, w = features.shape
+    out = np.full((h, w, 3), background, np.uint8)
+    x = features[:, tissue].T.astype(np.float64)  # (n, C)
+    if len(x) < 2:
+        return out
+    x -= x.mean(axis=0)
+    vals, vecs = np.linalg.eigh(x.T @ x / (len(x) - 1))
+    vecs = vecs[:, np.argsort(vals)[::-1][:3]]
+    vecs *= np.where(vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])] < 0, -1.0, 1.0)
+    pcs = x @ vecs  # (n, k), k = min(3, C)
+    lo, hi = np.percentile(pcs, 1, axis=0), np.percentile(pcs, 99, axis=0)
+    scaled = np.clip((pcs - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
+    rgb = np.zeros((len(x), 3))
+    rgb[:, : scaled.shape[1]] = scaled
+    out[tissue] = np.rint(rgb * 255).astype(np.uint8)
+    return out
+
+
+def store_picture(store: str | Path, max_side: int = 1024) -> np.ndarray:
+    """A compressed slide's codes (:func:`pca_rgb`, variant 0) beside the slide's thumbnail.
+
+    Each grid cell becomes an ``f`` x ``f`` block, ``f`` chosen so the longer side is at
+    most ``max_side`` pixels; the thumbnail is read at the matching um/px (cell um / f), so
+    both pictures have the same scale.  The thumbnail is left out (with a log message)
+    when the slide file named in the store's attributes is gone.
+    """
+    from nic.store import open_store
+
+    s = open_store(store)
+    feats = s.load(0)
+    h, w = s.grid_shape
+    f = max(1, min(32, max_side // max(h, w, 1)))
+    pic = np.repeat(np.repeat(pca_rgb(feats, s.tissue), f, axis=0), f, axis=1)
+    slide_path = Path(str(s.attrs.get("slide_path", "")))
+    if not slide_path.is_file():
+        logger.info("%s: slide %s not found; showing the codes only", store, slide_path)
+        return pic
+    from nic.slide import open_slide
+
+    cell_um = float(s.attrs["stride"]) * float(s.attrs["mpp"])
+    mpp = s.attrs.get("slide_mpp")
+    with open_slide(slide_path, mpp=tuple(mpp) if mpp else None) as slide:
+        thumb = slide.thumbnail(cell_um / f)
+    return side_by_side([thumb, pic])

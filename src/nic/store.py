@@ -8,6 +8,22 @@
   step, x and y), encoder name and weight checksum, software version, and ``complete``,
   written last.  A store without ``complete: true`` is unfinished: it is rebuilt, never
   read as a result.
+
+Attributes written by ``nic compress`` (:func:`nic.compress.compress_slide`):
+``slide_path`` (absolute), ``slide_size_bytes``, ``slide_checksum`` with
+``slide_checksum_method`` ("sha256" of the whole file up to 64 MiB, else
+"sha256-sampled": size + 16 evenly spaced 1 MiB blocks), ``slide_mpp`` (x, y um/px of
+level 0), ``slide_mpp_source``, ``slide_dimensions`` (level-0 width, height);
+``mpp`` (um/px of the grid), ``patch`` and ``stride`` (pixels at ``mpp``), ``origin``,
+``step`` (= ``cell_size``) and ``patch_level0`` (level-0 pixels, x, y), ``grid_shape``
+(rows, cols), ``min_tissue``, ``tissue_threshold``, ``n_tissue``; ``code_size``,
+``variants`` (1 or 8) and ``variant_order`` (how variant k was made: a left-right flip
+when k >= 4, then ``k % 4`` quarter turns counter-clockwise, as ``np.rot90``),
+``encoder_name``, ``encoder_checksum`` (sha256 of the weights, "" for random init),
+``encoder_config``; ``nic_version``, ``created``; at completion ``seconds``,
+``patches``, ``patches_per_s`` and ``complete``.  The code of cell (row, col) is that of
+the ``patch`` x ``patch`` pixels at ``mpp`` whose top-left corner is level-0
+``origin + (col, row) * step``.
 """
 
 from __future__ import annotations

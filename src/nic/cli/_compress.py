@@ -1,9 +1,81 @@
-"""Commands of this group (filled in as the capability lands)."""
+"""``nic compress`` (slides to compressed slides) and ``nic show`` (a picture of one)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import typer
+
+from nic.cli._common import MppOption
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("compress")(compress)
+    app.command("show")(show)
+
+
+def compress(
+    slides: list[Path] = typer.Argument(
+        ..., help="Slide files, folders of slides, or CSV files with a 'slide' or 'path' column."
+    ),
+    encoder: str = typer.Option(
+        ..., "--encoder", "-e", help="Encoder: a registered name (nic encoders), timm:<name>, a Keras .h5 or a saved encoder."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the stores (<out>/<slide_id>.zarr)."),
+    mpp: float | None = MppOption,
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Patches per encoder batch."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Reader processes (0: read in the main process)."),
+    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+    dihedral: bool = typer.Option(False, "--dihedral", help="Also store the 8 rotations/flips of every patch: (8, C, H, W)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides whose store is already complete."),
+    skip_errors: bool = typer.Option(False, "--skip-errors", help="Go on with the other slides when one fails."),
+    min_tissue: float = typer.Option(0.1, "--min-tissue", min=0.0, max=1.0, help="Share of a cell that must be tissue."),
+    progress: bool | None = typer.Option(
+        None, "--progress/--no-progress", help="Progress bars on stderr (default: when stderr is a terminal)."
+    ),
+) -> None:
+    """Compress slides into grids of codes, one zarr store per slide.
+
+    Complete stores are skipped (unless --overwrite); unfinished ones (an interrupted
+    run) are rebuilt; slides another process is working on are left to it.  Exit code 1
+    when any slide failed.
+    """
+    from rich.console import Console
+
+    from nic.compress import CompressOptions, collect_slides, compress_slides, summary_table
+    from nic.errors import DataError
+
+    files = collect_slides(slides)
+    if not files:
+        raise DataError(f"no slides found in {', '.join(map(str, slides))}; give slide files, a folder or a CSV")
+    options = CompressOptions(
+        mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
+        overwrite=overwrite, min_tissue=min_tissue,
+    )  # fmt: skip
+    show_bars = sys.stderr.isatty() if progress is None else progress
+    results = compress_slides(files, encoder, out, options, skip_errors=skip_errors, progress=show_bars)
+    Console(width=160).print(summary_table(results))
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        typer.echo(f"error: {r.error}" if str(r.slide) in r.error else f"error: {r.slide}: {r.error}", err=True)
+    if failed:
+        not_run = sum(r.status == "not run" for r in results)
+        hint = f"; {not_run} slide(s) not run (use --skip-errors to go on past a failure)" if not_run else ""
+        typer.echo(f"{len(failed)} of {len(results)} slide(s) failed{hint}", err=True)
+        raise typer.Exit(1)
+
+
+def show(
+    store: Path = typer.Argument(..., help="A compressed slide (<out>/<slide_id>.zarr)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
+    max_side: int = typer.Option(1024, "--max-side", min=16, help="Longest side of the codes picture (pixels)."),
+) -> None:
+    """Picture a compressed slide: its first 3 principal components as RGB beside the thumbnail."""
+    from nic.explain import save_png, store_picture
+
+    pic = store_picture(store, max_side=max_side)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(out, pic)
+    typer.echo(f"{store} -> {out} ({pic.shape[1]} x {pic.shape[0]} px)")

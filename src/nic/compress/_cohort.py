@@ -1,0 +1,406 @@
+"""Many slides into one output folder: inputs, per-slide locks, skip/resume, the summary.
+
+For each slide ``S`` the store is ``<out>/<id>.zarr`` (:func:`nic.store.store_path`):
+
+- a complete store is skipped unless ``overwrite``;
+- otherwise the slide's lock ``<out>/<id>.zarr.lock`` is taken (``flock``, not
+  blocking).  The kernel drops the lock when its holder dies, even by ``kill -9``, so a
+  lock file left by a dead process is simply taken over; a live holder makes the slide
+  ``busy`` (another process is compressing it) and it is left to that process;
+- an unfinished store (interrupted run) is rebuilt from scratch, which gives exactly the
+  result of a clean run.
+
+One encoder, one :class:`BatchEncoder` and one pool of reader processes serve the whole
+cohort.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from nic.compress._encode import BatchEncoder
+from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide, task_shape
+from nic.compress._workers import ReaderPool
+from nic.errors import DataError, StoreError
+from nic.store import is_complete, slide_id_for, store_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SlideResult", "SlideLock", "collect_slides", "compress_slides", "compress_slide", "summary_table", "SLIDE_SUFFIXES"]
+
+Status = Literal["done", "skipped", "busy", "failed", "not run"]
+
+#: File suffixes taken as slides when a folder is given.
+SLIDE_SUFFIXES = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+    ".png", ".jpg", ".jpeg",
+}  # fmt: skip
+
+
+@dataclass
+class SlideResult:
+    """What happened to one slide; ``seconds`` is wall time, ``patches`` the cells encoded."""
+
+    slide: Path
+    store: Path
+    status: Status
+    patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    exception: BaseException | None = field(default=None, repr=False)
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds if self.seconds > 0 else 0.0
+
+
+class SlideLock:
+    """An exclusive, non-blocking lock file ``<store>.lock`` held with ``flock``.
+
+    The file holds the holder's pid and host for people to read.  A lock file whose
+    holder died is free (the kernel releases ``flock`` locks with the process).
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = store.with_name(store.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False when another live process holds it."""
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:  # the holder before us may have unlinked the file between open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} host {os.uname().nodename}\n".encode())
+                self._fd = fd
+                return True
+            os.close(fd)
+        return False
+
+    def holder(self) -> str:
+        """The lock file's text ("pid N host H"), or "" when there is none."""
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:  # pragma: no cover
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+
+    def __enter__(self) -> SlideLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
+    """Slide files from paths, folders (their slide files, sorted) and CSV files.
+
+    A CSV needs a ``slide`` or ``path`` column; relative paths in it are taken from the
+    CSV's folder.  Duplicates are dropped; two different files with one slide id are a
+    :class:`DataError` (they would share a store).
+    """
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found += sorted(
+                f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith(".")
+            )
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            found += _from_csv(p)
+        else:
+            found.append(p)
+    out: list[Path] = []
+    seen: dict[str, Path] = {}
+    for f in found:
+        sid = slide_id_for(f)
+        if sid in seen:
+            if seen[sid].resolve() != f.resolve():
+                raise DataError(
+                    f"{f} and {seen[sid]} share the slide id {sid!r} and would write one store; "
+                    "rename one or compress them into different --out folders"
+                )
+            continue
+        seen[sid] = f
+        out.append(f)
+    return out
+
+
+def _from_csv(path: Path) -> list[Path]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+        col = cols.get("slide") or cols.get("path")
+        if col is None:
+            raise DataError(f"{path}: no 'slide' or 'path' column (columns: {reader.fieldnames}); add one with the slide files")
+        rows = [(r.get(col) or "").strip() for r in reader]
+    return [p if p.is_absolute() else path.parent / p for p in (Path(r).expanduser() for r in rows if r)]
+
+
+class _Bars:
+    """rich progress bars for the cohort (slides) and the current slide (patches/s)."""
+
+    def __init__(self, enabled: bool, n_slides: int) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._cohort: Any = None
+        self._slide: Any = None
+        self.n_slides = n_slides
+
+    @contextmanager
+    def running(self) -> Iterator[_Bars]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        with self._progress:
+            self._cohort = self._progress.add_task("slides", total=self.n_slides, rate="")
+            yield self
+        self._progress = None
+
+    def start_slide(self, name: str, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._slide is not None:
+            self._progress.remove_task(self._slide)
+        self._slide = self._progress.add_task(name, total=total, rate="")
+
+    def patches(self, n: int) -> None:
+        if self._progress is None or self._slide is None:
+            return
+        self._progress.advance(self._slide, n)
+        speed = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._slide)].speed
+        if speed:
+            self._progress.update(self._slide, rate=f"{speed:,.0f} patches/s")
+
+    def slide_done(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._cohort, 1)
+
+
+class _Cohort:
+    """Shared state of one cohort run: encoder, batch runner, reader pool."""
+
+    def __init__(self, encoder: Any, out_dir: Path, options: CompressOptions, bars: _Bars) -> None:
+        self.encoder, self.out_dir, self.options, self.bars = encoder, out_dir, options, bars
+        self.runner: BatchEncoder | None = None
+        self.pool: ReaderPool | None = None
+
+    def get_pool(self) -> ReaderPool | None:
+        o = self.options
+        if o.workers == 0:
+            return None
+        if self.pool is None:
+            slots = 2 * o.workers + 2
+            patch = int(self.encoder.patch_size)
+            rows, cols = task_shape(patch)
+            self.pool = ReaderPool(o.workers, patch, rows * cols, slots, o.transport)
+        return self.pool
+
+    def drop_pool(self) -> None:
+        """Stop the readers (after a failure their queued reads are stale)."""
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            pool.close(cancel=True)
+
+    def _skip(self, slide: Path, store: Path) -> SlideResult:
+        """A complete store is kept only when it was made the way this run would make it."""
+        attrs = dict(_open_attrs(store))
+        e, o = self.encoder, self.options
+        want = {
+            "encoder_name": e.name, "encoder_checksum": e.checksum, "code_size": int(e.code_size),
+            "mpp": float(e.mpp), "patch": int(e.patch_size), "variants": 8 if o.dihedral else 1,
+        }  # fmt: skip
+        diff = [f"{k} {attrs.get(k)!r} (this run: {v!r})" for k, v in want.items() if attrs.get(k) != v]
+        if diff:
+            err = StoreError(
+                f"{store}: a complete store made differently ({'; '.join(diff)}); "
+                "pass --overwrite to redo it, or use another --out folder"
+            )
+            return SlideResult(slide, store, "failed", error=str(err), exception=err)
+        logger.info("%s: complete, skipped (use overwrite to redo it)", store)
+        return SlideResult(slide, store, "skipped")
+
+    def run(self, slide: Path) -> SlideResult:
+        from nic.slide import open_slide
+
+        o = self.options
+        store = store_path(self.out_dir, slide_id_for(slide))
+        if not o.overwrite and is_complete(store):
+            return self._skip(slide, store)
+        lock = SlideLock(store)
+        if not lock.acquire():
+            return SlideResult(slide, store, "busy", error=f"locked by {lock.holder() or 'another process'}")
+        t0 = time.perf_counter()
+        reading = False
+        try:
+            if not o.overwrite and is_complete(store):  # finished by another process meanwhile
+                return self._skip(slide, store)
+            pool = self.get_pool()  # started before planning: worker start-up overlaps the tissue mask
+            with open_slide(slide, mpp=o.mpp) as s:
+                plan = plan_slide(s, int(self.encoder.patch_size), float(self.encoder.mpp), o.min_tissue, o.mpp)
+                if self.runner is None:
+                    self.runner = BatchEncoder(self.encoder, o.batch_size, o.device, o.dihedral, o.precision)
+                self.bars.start_slide(slide.name, plan.n_patches)
+                reading = True
+                n = compress_planned(plan, self.runner, self.encoder, store, o, pool, self.bars.patches)
+            return SlideResult(slide, store, "done", n, time.perf_counter() - t0)
+        except Exception as e:
+            if reading:  # reads of this slide may still be queued or running: start afresh
+                self.drop_pool()
+            logger.info("%s failed: %s", slide, e)
+            return SlideResult(slide, store, "failed", seconds=time.perf_counter() - t0, error=str(e), exception=e)
+        finally:
+            lock.release()
+
+
+def _open_attrs(store: Path) -> dict[str, object]:
+    import zarr
+
+    return dict(zarr.open_group(str(store), mode="r").attrs)
+
+
+def compress_slides(
+    slides: Sequence[str | Path],
+    encoder: Any,
+    out_dir: str | Path,
+    options: CompressOptions | None = None,
+    *,
+    skip_errors: bool = False,
+    progress: bool = False,
+) -> list[SlideResult]:
+    """Compress ``slides`` (paths, folders or CSVs, see :func:`collect_slides`) into ``out_dir``.
+
+    ``encoder`` is an :class:`nic.encoders.Encoder` or a spec for
+    :func:`nic.encoders.load_encoder`.  A failing slide is recorded as ``failed``; without
+    ``skip_errors`` the slides after it are ``not run``.  Returns one result per slide, in
+    order.  KeyboardInterrupt stops at once and leaves the current store unfinished.
+
+    Reader processes are started with ``spawn``, which imports the calling script again:
+    a script that calls this with ``workers > 0`` needs the usual
+    ``if __name__ == "__main__":`` guard, and should import torch inside it.
+    """
+    from nic.encoders import Encoder, load_encoder
+
+    options = options or CompressOptions()
+    files = collect_slides(slides)
+    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=options.device)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a folder; give a folder for the compressed slides")
+    out.mkdir(parents=True, exist_ok=True)
+    bars = _Bars(progress, len(files))
+    cohort = _Cohort(enc, out, options, bars)
+    results: list[SlideResult] = []
+    try:
+        with bars.running():
+            for f in files:
+                if results and results[-1].status == "failed" and not skip_errors:
+                    results.append(SlideResult(f, store_path(out, slide_id_for(f)), "not run"))
+                    continue
+                results.append(cohort.run(f))
+                bars.slide_done()
+    finally:
+        cohort.drop_pool()
+    return results
+
+
+def compress_slide(
+    slide_path: str | Path,
+    encoder: Any,
+    out_dir: str | Path,
+    *,
+    mpp: float | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "cpu",
+    dihedral: bool = False,
+    overwrite: bool = False,
+    min_tissue: float = 0.1,
+    progress: bool = False,
+) -> Path:
+    """Compress one slide into ``<out_dir>/<slide_id>.zarr`` and return the store's path.
+
+    The grid lies at the encoder's um/px and patch size (stride = patch) over the
+    slide's tissue; ``mpp`` overrides the slide's level-0 um/px.  A complete store is
+    kept unless ``overwrite``; an unfinished one is rebuilt.  ``dihedral`` stores the 8
+    rotations/flips of every patch as (8, C, H, W).  Errors: :class:`nic.errors.NicError`
+    (e.g. :class:`~nic.errors.MppError` for a scan much coarser than the encoder's um/px,
+    :class:`~nic.errors.StoreError` when another process holds the slide's lock).
+    """
+    options = CompressOptions(
+        mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
+        overwrite=overwrite, min_tissue=min_tissue,
+    )  # fmt: skip
+    [result] = compress_slides([slide_path], encoder, out_dir, options, progress=progress)
+    if result.exception is not None:
+        raise result.exception
+    if result.status == "busy":
+        raise StoreError(
+            f"{result.store}: another process ({result.error}) is compressing this slide now; wait for it or use another out_dir"
+        )
+    return result.store
+
+
+def summary_table(results: Sequence[SlideResult]) -> Any:
+    """A rich Table: slide, status, patches, seconds, patches/s, store or error."""
+    from rich.table import Table
+
+    table = Table("slide", "status", "patches", "seconds", "patches/s", "store / error")
+    colour = {"done": "green", "skipped": "cyan", "busy": "yellow", "failed": "red", "not run": "dim"}
+    for r in results:
+        table.add_row(
+            r.slide.name,
+            f"[{colour[r.status]}]{r.status}[/]",
+            str(r.patches) if r.patches else "",
+            f"{r.seconds:.1f}" if r.seconds else "",
+            f"{r.patches_per_s:,.0f}" if r.patches else "",
+            r.error if r.error else str(r.store),
+        )
+    return table
