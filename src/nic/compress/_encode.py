@@ -79,7 +79,9 @@ class BatchEncoder:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EncoderError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
         self.encoder = encoder
-        self.module = encoder.module.to(self.device).to(memory_format=torch.channels_last).eval()
+        # the fused inference copy (nic-cnn folds its batch norms): same codes, ~1.5x on a CPU
+        module = encoder.for_inference().module
+        self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self.batch_size = int(batch_size)
         self.variants = 8 if dihedral else 1
         self.amp_dtype = self._amp_dtype(precision)
