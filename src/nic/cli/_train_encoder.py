@@ -1,9 +1,184 @@
-"""Commands of this group (filled in as the capability lands)."""
+"""``nic train-encoder``, ``nic probe``, ``nic augment-preview`` and ``nic nuclei-patches``.
+
+Thin commands over :mod:`nic.encoder_training` and :mod:`nic.patches`; heavy imports stay
+inside the functions.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+_DATASET_HELP = (
+    "Dataset: [class:|regr:]PATH[?mpp=UM_PX&group=COL&label=COL]. PATH is a folder of class folders "
+    "or a CSV path,label[,group] (paths relative to the CSV). Without a prefix the kind is inferred "
+    "(float labels = regression)."
+)
+
+_TASK_HELP = (
+    "A task, repeatable: NAME=KIND:PATH[?mpp=UM_PX&group=COL&label=COL&weight=W]. KIND is 'class' "
+    "(folder of class folders, or CSV path,label[,group]) or 'regr' (CSV with a float label). "
+    "mpp: the patches' um/px (they are resampled to the encoder's); without it they are resized to "
+    "the patch size. group: column that keeps related patches on one side of the split "
+    "(default: a 'group' or 'source_group' column if present). weight: loss weight (default 1). "
+    "Example: --task lung=class:lc25000/labels.csv --task nuclei=regr:nuclei/nuclei.csv?mpp=0.5"
+)
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def train_encoder_cmd(
+    task: list[str] = typer.Option(..., "--task", "-t", help=_TASK_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (config, checkpoints, logs, encoder/)."),
+    encoder: str = typer.Option("nic-cnn", "--encoder", "-e", help="Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune)."),
+    epochs: int = typer.Option(20, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Patches per batch, all tasks mixed."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate; divided by 10 on a validation plateau."),
+    aug_strength: float = typer.Option(1.0, "--aug-strength", help="Colour/geometry augmentation strength (0 = none, 1 = default heavy)."),
+    sampling: str = typer.Option("proportional", "--sampling", help="'proportional' (by dataset size) or 'balanced' (tasks equally often)."),
+    samples_per_epoch: int = typer.Option(0, "--samples-per-epoch", help="Epoch length in patches (0 = all training patches)."),
+    max_per_task: int = typer.Option(0, "--max-per-task", help="Use at most this many training patches per task (0 = all)."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of each task's groups held out for validation."),
+    patience: int = typer.Option(6, "--patience", help="Early stopping: epochs without val_loss improvement."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (splits, sampling, augmentation, init)."),
+    workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch default)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a multitask patch encoder (shared encoder, one linear head per task) and export it.
+
+    Each dataset labels only its own task; each patch adds only its own task's loss. The
+    encoder without heads is written to OUT/encoder (use it with 'nic compress --encoder OUT/encoder').
+    """
+    from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
+    from nic.patches.augment import AugmentConfig
+
+    _threads(threads)
+    config = TrainConfig(
+        tasks=tuple(parse_task_spec(t) for t in task),
+        encoder=encoder,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        sampling=sampling,
+        samples_per_epoch=samples_per_epoch or None,
+        max_per_task=max_per_task or None,
+        val_fraction=val_fraction,
+        early_stopping_patience=patience,
+        augment=AugmentConfig(strength=aug_strength),
+        seed=seed,
+        num_workers=workers,
+        progress=progress,
+    )
+    result = train_encoder(config, out)
+    typer.echo(f"encoder: {result.encoder_path.parent}")
+    typer.echo(f"epochs: {result.epochs}, training: {result.patches_per_s:.1f} patches/s")
+    for k, v in sorted(result.metrics.items()):
+        typer.echo(f"{k}: {v:.4f}")
+
+
+def probe_cmd(
+    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder spec: registry name, timm:<model>, Keras .h5, or saved encoder."),
+    data: str = typer.Option(..., "--data", "-d", help=_DATASET_HELP),
+    test: str = typer.Option("", "--test", help="Separate test dataset (same spec form); default: a group-aware split of --data."),
+    group_col: str = typer.Option("", "--group-col", help="Group column of --data (default: 'group' or 'source_group' if present)."),
+    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Fraction of groups held out when there is no --test."),
+    repeats: int = typer.Option(1, "--repeats", help="Number of group-aware splits to average."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the splits."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch default)."),
+) -> None:
+    """Linear probe of a frozen encoder: accuracy and AUC (classes) or Spearman and MAE (regression)."""
+    import dataclasses
+
+    from nic.encoder_training import linear_probe
+    from nic.encoders import load_encoder
+    from nic.patches import parse_dataset_spec, read_patch_table
+
+    _threads(threads)
+    spec = parse_dataset_spec(data)
+    if group_col:
+        spec = dataclasses.replace(spec, group=group_col)
+    table = read_patch_table(spec)
+    test_table = read_patch_table(test) if test else None
+    enc = load_encoder(encoder)
+    result = linear_probe(enc, table, test_table, test_fraction=test_fraction, repeats=repeats, seed=seed)
+    typer.echo(f"{enc.name}: {result.line()}")
+
+
+def augment_preview_cmd(
+    data: str = typer.Argument(..., help=_DATASET_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Output picture (.png or .jpg)."),
+    n: int = typer.Option(6, "--n", help="Number of patches (rows)."),
+    variants: int = typer.Option(7, "--variants", help="Augmented variants per patch (columns after the original)."),
+    strength: float = typer.Option(1.0, "--strength", help="Augmentation strength."),
+    patch_size: int = typer.Option(128, "--patch-size", help="Patch size in pixels."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (patch choice and augmentation)."),
+) -> None:
+    """Draw a grid: each row one patch, first column the original, then augmented variants."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from nic.errors import DataError
+    from nic.patches import PatchDataset, read_patch_table
+    from nic.patches.augment import AugmentConfig, augment
+
+    if n < 1 or variants < 1:
+        raise DataError(f"--n and --variants must be >= 1, got {n} and {variants}")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise DataError(f"{out}: give a .png or .jpg output")
+    table = read_patch_table(data)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(table), size=min(n, len(table)), replace=False)
+    ds = PatchDataset(table.subset(np.sort(idx)), patch_size, None, cache=False)
+    patches = torch.from_numpy(ds.read_all()).permute(0, 3, 1, 2).float() / 255
+    g = torch.Generator()
+    g.manual_seed(seed)
+    cols = [patches] + [augment(patches, AugmentConfig(strength=strength), g) for _ in range(variants)]
+    grid = torch.stack(cols, 1)  # (rows, cols, 3, P, P)
+    r, c, _, p, _ = grid.shape
+    gap = 4
+    canvas = np.full((r * (p + gap) - gap, c * (p + gap) - gap, 3), 255, np.uint8)
+    for i in range(r):
+        for j in range(c):
+            tile = (grid[i, j].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            canvas[i * (p + gap) : i * (p + gap) + p, j * (p + gap) : j * (p + gap) + p] = tile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(out)
+    typer.echo(f"wrote {out} ({r} patches x {c - 1} variants, strength {strength})")
+
+
+def nuclei_patches_cmd(
+    images: Path = typer.Argument(..., help="Folder of images (e.g. MoNuSeg images/)."),
+    annotations: Path = typer.Argument(..., help="Folder of annotations with the same names: Aperio/MoNuSeg .xml(.gz) or binary/instance mask .png/.tif."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: patches/ and nuclei.csv (path,label,group,count)."),
+    patch_size: int = typer.Option(128, "--patch-size", help="Patch size in pixels at --mpp."),
+    mpp: float = typer.Option(0.5, "--mpp", help="um/px of the patches written."),
+    stride: int = typer.Option(0, "--stride", help="Stride in pixels at --mpp (0 = patch size)."),
+    source_mpp: float = typer.Option(0.0, "--source-mpp", help="um/px of the images, overriding the annotation's MicronsPerPixel."),
+    fallback_mpp: float = typer.Option(0.0, "--fallback-mpp", help="um/px of images whose annotation states none (masks never do)."),
+    target: str = typer.Option("density", "--target", help="'density' (nuclei per mm^2) or 'count' (nuclei per patch)."),
+) -> None:
+    """Cut annotated images into patches labelled with their nuclei density (a regression dataset)."""
+    from nic.patches import nuclei_patch_dataset, pair_images_annotations
+
+    pairs = pair_images_annotations(images, annotations)
+    csv_path = nuclei_patch_dataset(
+        pairs, out, patch_size=patch_size, mpp=mpp, stride=stride or None, source_mpp=source_mpp or None,
+        target=target, fallback_mpp=fallback_mpp or None,  # type: ignore[arg-type]
+    )
+    typer.echo(f"wrote {csv_path}; train with --task nuclei=regr:{csv_path}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("train-encoder")(train_encoder_cmd)
+    app.command("probe")(probe_cmd)
+    app.command("augment-preview")(augment_preview_cmd)
+    app.command("nuclei-patches")(nuclei_patches_cmd)

@@ -1,0 +1,47 @@
+"""Supervised multitask training of patch encoders, and the linear probe that compares encoders.
+
+- ``_config``  :class:`TaskSpec` (``NAME=KIND:PATH``) and :class:`TrainConfig`
+- ``_losses``  the masked multitask loss and per-task metrics, as plain functions
+- ``_module``  :class:`MultitaskModule`: shared encoder + one linear head per task (Lightning)
+- ``_train``   :func:`train_encoder`: run folder, checkpoints, early stopping, export
+- ``_probe``   :func:`linear_probe`: frozen codes -> logistic / ridge regression
+
+Lightning is imported on first use of the training names, so the probe stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TaskSpec": "nic.encoder_training._config",
+    "TrainConfig": "nic.encoder_training._config",
+    "parse_task_spec": "nic.encoder_training._config",
+    "masked_multitask_loss": "nic.encoder_training._losses",
+    "task_metrics": "nic.encoder_training._losses",
+    "MultitaskModule": "nic.encoder_training._module",
+    "TaskHead": "nic.encoder_training._module",
+    "TrainResult": "nic.encoder_training._train",
+    "train_encoder": "nic.encoder_training._train",
+    "prepare_tasks": "nic.encoder_training._train",
+    "ProbeResult": "nic.encoder_training._probe",
+    "embed_table": "nic.encoder_training._probe",
+    "linear_probe": "nic.encoder_training._probe",
+    "probe_codes": "nic.encoder_training._probe",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nic.encoder_training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

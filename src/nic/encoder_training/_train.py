@@ -1,0 +1,253 @@
+"""Train a multitask encoder with Lightning and export it without its heads.
+
+A run folder holds::
+
+    config.json        the full TrainConfig, the encoder's config, tasks, classes, target scaling
+    splits.csv         task, split (train/val), path of every patch used
+    checkpoints/       Lightning checkpoints (best by val_loss, and last)
+    logs/              CSV logs (and TensorBoard, when the tensorboard package is installed)
+    encoder/           the trained encoder (safetensors + JSON), ready for ``nic compress``
+    metrics.json       best validation metrics, epochs, training patches/s
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nic.encoder_training._config import TrainConfig
+from nic.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "train_encoder", "prepare_tasks"]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its folder, the exported encoder and the best validation metrics."""
+
+    run_dir: Path
+    encoder_path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    patches_per_s: float = float("nan")
+    epochs: int = 0
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def prepare_tasks(config: TrainConfig, patch_size: int, mpp: float) -> tuple[list[Any], list[Any], list[Any]]:
+    """Read every task's dataset and split it by group.
+
+    Returns ``(heads, train_datasets, val_datasets)``: one :class:`TaskHead` and one
+    :class:`~nic.patches.PatchDataset` pair per task, at ``patch_size`` px and ``mpp`` um/px.
+    """
+    from nic.encoder_training._module import TaskHead
+    from nic.patches import PatchDataset, group_split, read_patch_table
+
+    heads, train_sets, val_sets = [], [], []
+    for i, task in enumerate(config.tasks):
+        table = read_patch_table(task.dataset)
+        labels = table.labels if table.kind == "class" else None
+        try:
+            tr, va = group_split(len(table), config.val_fraction, table.groups, labels, seed=config.seed + i)
+        except DataError as e:
+            raise DataError(f"task {task.name!r}: {e}") from None
+        if table.groups is None:
+            logger.warning("task %s: no group column; validation patches may share a source with training ones", task.name)
+        if config.max_per_task and len(tr) > config.max_per_task:
+            rng = np.random.default_rng(config.seed + 100 + i)
+            tr = np.sort(rng.choice(tr, config.max_per_task, replace=False))
+        train, val = table.subset(tr), table.subset(va)
+        if table.kind == "regr":
+            mean, std = float(train.labels.mean()), float(train.labels.std()) or 1.0
+        else:
+            mean, std = 0.0, 1.0
+        heads.append(TaskHead(task.name, table.kind, table.num_outputs, task.weight, mean, std, table.classes))
+        train_sets.append(PatchDataset(train, patch_size, mpp))
+        val_sets.append(PatchDataset(val, patch_size, mpp))
+        logger.info("task %s: train %s; val %s", task.name, train.describe(), val.describe())
+    return heads, train_sets, val_sets
+
+
+def _write_splits(path: Path, heads: list[Any], train_sets: list[Any], val_sets: list[Any]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "split", "path"])
+        for h, tr, va in zip(heads, train_sets, val_sets):
+            for split, ds in (("train", tr), ("val", va)):
+                for p in ds.table.paths:
+                    w.writerow([h.name, split, str(p)])
+
+
+def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
+    """Train a multitask encoder as ``config`` says, in the run folder ``out``.
+
+    Returns a :class:`TrainResult`; the encoder (without heads) is saved with
+    :func:`nic.encoders.save_encoder` in ``out/encoder``.  Raises :class:`DataError` or
+    :class:`~nic.errors.EncoderError` for bad input before any training starts, and
+    :class:`DataError` when ``out`` already holds a run.
+    """
+    import dataclasses
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from nic.encoder_training._module import MultitaskModule
+    from nic.encoders import load_encoder, save_encoder
+    from nic.patches import MultitaskDataset, multitask_sampler
+
+    out = Path(out)
+    if (out / "config.json").exists() or (out / "checkpoints").exists():
+        raise DataError(f"{out}: already holds a training run; give a new --out folder (runs are never overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    encoder = load_encoder(config.encoder)
+    heads, train_sets, val_sets = prepare_tasks(config, encoder.patch_size, encoder.mpp)
+    _write_splits(out / "splits.csv", heads, train_sets, val_sets)
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "train": config.to_json(),
+                "encoder": encoder.config.to_json(),
+                "encoder_source": encoder.source,
+                "heads": [dataclasses.asdict(h) for h in heads],
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+
+    train_ds, val_ds = MultitaskDataset(train_sets), MultitaskDataset(val_sets)
+    sampler = multitask_sampler(train_ds.sizes, config.sampling, config.samples_per_epoch, seed=config.seed)  # type: ignore[arg-type]
+    loader_args: dict[str, Any] = {"batch_size": config.batch_size, "num_workers": config.num_workers}
+    if config.num_workers > 0:
+        loader_args["persistent_workers"] = True
+    train_loader = DataLoader(train_ds, sampler=sampler, drop_last=len(sampler) > config.batch_size, **loader_args)
+    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
+
+    encoder.module.train()
+    module = MultitaskModule(
+        encoder.module,
+        encoder.code_size,
+        heads,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        plateau_patience=config.plateau_patience,
+        min_lr=config.min_lr,
+        augment=config.augment,
+        seed=config.seed,
+    )
+
+    class _Speed(Callback):
+        """Training patches/s over the training epochs (data loading, augmentation, step)."""
+
+        def __init__(self) -> None:
+            self.samples, self.seconds, self._t0, self.last = 0, 0.0, 0.0, float("nan")
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._t0 = time.perf_counter()
+            self._n = 0
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self._n += int(batch[0].shape[0])
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            dt = time.perf_counter() - self._t0
+            self.seconds += dt
+            self.samples += self._n
+            self.last = self._n / dt if dt > 0 else float("nan")
+
+    speed = _Speed()
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-{epoch:03d}", monitor="val_loss", mode="min", save_last=True)
+    callbacks: list[Any] = [
+        ckpt,
+        EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience),
+        LearningRateMonitor(logging_interval="epoch"),
+        speed,
+    ]
+    if config.progress:
+        callbacks.append(RichProgressBar(leave=True))
+    loggers: list[Any] = [CSVLogger(out / "logs", name="", version="")]
+    if _tensorboard_available():
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out / "logs", name="tensorboard", version=""))
+    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    precision = config.precision or ("16-mixed" if gpu else "32-true")
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=1,
+        precision=precision,  # type: ignore[arg-type]
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=out,
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, len(train_loader) // 2)),
+        num_sanity_val_steps=0,
+    )
+    logger.info("training %s on %d patches (%s), %d tasks, precision %s", encoder.name, len(train_ds), config.sampling, len(heads), precision)
+    trainer.fit(module, train_loader, val_loader)
+
+    best = ckpt.best_model_path
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+    if best:
+        # Metrics of the best epoch, read back from the CSV log.
+        metrics = _best_epoch_metrics(out / "logs" / "metrics.csv", ckpt.best_model_score) or metrics
+    module.encoder.eval()
+    encoder.module = module.encoder.cpu()
+    encoder.config = dataclasses.replace(encoder.config, name=f"multitask-{'-'.join(h.name for h in heads)}")
+    encoder.source = {"format": "nic-train-encoder", "run": str(out.resolve()), "tasks": [h.name for h in heads]}
+    path = save_encoder(encoder, out / "encoder")
+    # The last epoch's rate: patches are cached in memory after the first epoch.
+    pps = speed.last
+    mean_pps = speed.samples / speed.seconds if speed.seconds > 0 else float("nan")
+    result = TrainResult(out, path, metrics, pps, int(trainer.current_epoch))
+    (out / "metrics.json").write_text(
+        json.dumps(
+            {
+                "best_checkpoint": best,
+                "epochs": result.epochs,
+                "train_patches_per_s_last_epoch": pps,
+                "train_patches_per_s_mean": mean_pps,
+                "train_seconds": speed.seconds,
+                "val": metrics,
+            },
+            indent=2,
+        ) + "\n"
+    )
+    logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, pps, path)
+    return result
+
+
+def _best_epoch_metrics(csv_path: Path, best_score: Any) -> dict[str, float]:
+    """Validation metrics of the epoch whose val_loss equals ``best_score`` in Lightning's CSV log."""
+    if best_score is None or not csv_path.is_file():
+        return {}
+    best = float(best_score)
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            v = row.get("val_loss", "")
+            if v and abs(float(v) - best) <= 1e-6 * max(1.0, abs(best)):
+                return {k: float(x) for k, x in row.items() if k.startswith("val") and x != ""}
+    return {}
