@@ -1,0 +1,375 @@
+"""Labels, stores and crops: everything the slide-level learner reads.
+
+- :class:`LabelSpec` names the labels CSV and its columns; :func:`load_cohort` joins it
+  with a folder of compressed slides into a :class:`Cohort` (one row per patient, several
+  slides per patient allowed).
+- :class:`SlideSource` reads crops of one compressed slide (grid cells, zero-padded).
+- :func:`crop_weights` / :func:`sample_crop_origin`: crops sampled in proportion to the
+  distance from background; :func:`dihedral`: the 8 rotations/flips of a grid.
+
+Grid coordinates are cells of the compressed grid (row ``y``, column ``x``), never pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from nic.errors import DataError
+from nic.store import list_stores, open_store, slide_id_for
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "LabelSpec",
+    "Cohort",
+    "SlideSource",
+    "load_cohort",
+    "open_sources",
+    "read_labels",
+    "crop_weights",
+    "sample_crop_origin",
+    "dihedral",
+]
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["regression", "binary", "multiclass", "survival"]
+TASKS: tuple[str, ...] = ("regression", "binary", "multiclass", "survival")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Where the labels are and which columns to use.
+
+    ``target`` names the label column for regression/binary/multiclass; ``time`` and
+    ``event`` (1 = event observed, 0 = censored) name the survival columns.
+    """
+
+    labels: Path
+    task: Task
+    target: str | None = None
+    time: str | None = None
+    event: str | None = None
+    slide_column: str = "slide"
+    patient_column: str = "patient"
+
+    def check(self) -> None:
+        """Raise :class:`DataError` when the columns do not fit the task."""
+        if self.task not in TASKS:
+            raise DataError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.task == "survival":
+            if not self.time or not self.event:
+                raise DataError("task 'survival' needs --time COL and --event COL (columns of the labels CSV)")
+        elif not self.target:
+            raise DataError(f"task {self.task!r} needs --target COL (a column of the labels CSV)")
+
+
+@dataclass
+class Cohort:
+    """Patients with labels and the stores of their slides.
+
+    ``y``: (P,) float32 targets (regression), int64 class indices (binary/multiclass) or
+    event indicators (survival); ``time``: (P,) float64 survival times (survival only).
+    ``slide_patient[s]`` is the patient index of slide ``s``.
+    """
+
+    task: Task
+    patients: list[str]
+    y: np.ndarray
+    slide_ids: list[str]
+    store_paths: list[Path]
+    slide_patient: np.ndarray
+    time: np.ndarray | None = None
+    classes: list[str] | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        """Model outputs: one, or one per class for multiclass."""
+        return len(self.classes) if self.task == "multiclass" and self.classes else 1
+
+    def strata(self) -> np.ndarray:
+        """(P,) int labels to stratify folds by: class, event, or quintile of the target."""
+        if self.task == "regression":
+            qs = np.quantile(self.y, [0.2, 0.4, 0.6, 0.8])
+            return np.searchsorted(qs, self.y, side="right").astype(np.int64)
+        return self.y.astype(np.int64)
+
+    def slides_of(self, patient_idx: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Slide indices of the given patients (in slide order)."""
+        return np.flatnonzero(np.isin(self.slide_patient, np.asarray(patient_idx)))
+
+
+def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
+    """Read the labels CSV, check its columns, drop (and count) rows with missing labels.
+
+    Returns a frame with the columns ``slide``, ``patient`` and the label columns, as strings
+    for ids and numbers for survival/regression labels.
+    """
+    import pandas as pd
+
+    spec.check()
+    path = Path(spec.labels)
+    if not path.is_file():
+        raise DataError(f"{path}: no such labels file; pass a CSV with columns {spec.slide_column},{spec.patient_column},...")
+    try:
+        dtypes = {spec.slide_column: str, spec.patient_column: str}
+        if spec.task in ("binary", "multiclass") and spec.target:
+            dtypes[spec.target] = str  # class names as written ("1", not "1.0")
+        df = pd.read_csv(path, dtype=dtypes)
+    except Exception as e:  # pandas raises several parser errors
+        raise DataError(f"{path}: not a readable CSV ({e})") from e
+    label_cols = [spec.time, spec.event] if spec.task == "survival" else [spec.target]
+    wanted = [spec.slide_column, spec.patient_column, *label_cols]
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(str, df.columns))}"
+            " (name them with --slide-column/--patient-column/--target/--time/--event)"
+        )
+    df = df[wanted].rename(columns={spec.slide_column: "slide", spec.patient_column: "patient"})
+    if df["slide"].isna().any() or df["patient"].isna().any():
+        raise DataError(f"{path}: empty slide or patient cell in rows {list(np.flatnonzero(df['slide'].isna() | df['patient'].isna()) + 2)[:10]}")
+    dup = df["slide"][df["slide"].duplicated()].unique()
+    if len(dup):
+        raise DataError(f"{path}: slide(s) listed more than once: {', '.join(map(str, dup[:10]))}")
+    numeric = label_cols if spec.task in ("survival", "regression") else []
+    for c in numeric:
+        conv = pd.to_numeric(df[c], errors="coerce")
+        bad = df[c].notna() & conv.isna()
+        if bad.any():
+            raise DataError(f"{path}: column {c!r} must be numeric; found {df[c][bad].iloc[0]!r} in row {int(np.flatnonzero(bad)[0]) + 2}")
+        df[c] = conv
+    na = df[label_cols].isna().any(axis=1)
+    if na.any():
+        warnings.warn(
+            f"{path}: {int(na.sum())} of {len(df)} rows have a missing label and are left out",
+            UserWarning,
+            stacklevel=3,
+        )
+        df = df[~na].reset_index(drop=True)
+    if spec.task == "survival":
+        ev = df[spec.event]
+        if not ev.isin([0, 1]).all():
+            raise DataError(f"{path}: event column {spec.event!r} must hold 0 (censored) or 1 (event)")
+        if (df[spec.time] < 0).any():
+            raise DataError(f"{path}: time column {spec.time!r} has negative values")
+    if df.empty:
+        raise DataError(f"{path}: no rows with labels left")
+    return df
+
+
+def _resolve_ids(values: Sequence[str], store_ids: set[str]) -> list[str]:
+    """Slide column entries (ids, slide paths or store paths) -> slide ids."""
+    out = []
+    for v in values:
+        v = str(v).strip()
+        out.append(v if v in store_ids else slide_id_for(v))
+    return out
+
+
+def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: bool = True) -> Cohort:
+    """Join the labels CSV with the stores in ``compressed`` (one ``<slide_id>.zarr`` each).
+
+    A CSV slide without a store is a :class:`DataError`, and so is a store without a CSV row
+    when ``require_all_stores``; both list the offending slides.  Labels must agree across the
+    slides of one patient.
+    """
+    df = read_labels(spec)
+    stores = {p.name[: -len(".zarr")]: p for p in list_stores(compressed)}
+    df["slide_id"] = _resolve_ids(df["slide"].tolist(), set(stores))
+    no_store = sorted(set(df["slide_id"]) - set(stores))
+    if no_store:
+        raise DataError(
+            f"{len(no_store)} slide(s) in {spec.labels} have no store in {compressed}: "
+            f"{', '.join(no_store[:10])}{' ...' if len(no_store) > 10 else ''}; compress them or drop their rows"
+        )
+    if require_all_stores:
+        import pandas as pd
+
+        all_ids = set(_resolve_ids(pd.read_csv(spec.labels, dtype=str)[spec.slide_column].dropna().tolist(), set(stores)))
+        extra = sorted(set(stores) - all_ids)
+        if extra:
+            raise DataError(
+                f"{len(extra)} store(s) in {compressed} have no row in {spec.labels}: "
+                f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}; add their labels or move them out"
+            )
+    label_cols = [spec.time, spec.event] if spec.task == "survival" else [spec.target]
+    per_patient = df.groupby("patient", sort=True)[label_cols].nunique()
+    conflict = per_patient.index[(per_patient > 1).any(axis=1)].tolist()
+    if conflict:
+        raise DataError(f"{spec.labels}: patient(s) with different labels on their slides: {', '.join(conflict[:10])}")
+    first = df.groupby("patient", sort=True)[label_cols].first()
+    patients = [str(p) for p in first.index]
+    pindex = {p: i for i, p in enumerate(patients)}
+    classes: list[str] | None = None
+    time = None
+    if spec.task == "regression":
+        y = first[spec.target].to_numpy(np.float32)
+    elif spec.task == "survival":
+        y = first[spec.event].to_numpy(np.int64)
+        time = first[spec.time].to_numpy(np.float64)
+        if y.sum() < 2:
+            raise DataError(f"{spec.labels}: fewer than 2 events in column {spec.event!r}; survival needs events")
+    else:
+        raw = first[spec.target].astype(str).to_numpy()
+        classes = sorted(set(raw), key=_class_key)
+        if spec.task == "binary" and len(classes) != 2:
+            raise DataError(f"{spec.labels}: binary target {spec.target!r} must have 2 values; found {classes[:10]}")
+        if len(classes) < 2:
+            raise DataError(f"{spec.labels}: target {spec.target!r} has a single class {classes}")
+        cidx = {c: i for i, c in enumerate(classes)}
+        y = np.array([cidx[v] for v in raw], dtype=np.int64)
+    df = df.sort_values("slide_id").reset_index(drop=True)
+    logger.info("cohort: %d patients, %d slides, task %s", len(patients), len(df), spec.task)
+    return Cohort(
+        task=spec.task,
+        patients=patients,
+        y=y,
+        slide_ids=df["slide_id"].tolist(),
+        store_paths=[stores[s] for s in df["slide_id"]],
+        slide_patient=np.array([pindex[p] for p in df["patient"]], dtype=np.int64),
+        time=time,
+        classes=classes,
+    )
+
+
+def _class_key(v: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(v))
+    except ValueError:
+        return (1, v)
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def crop_weights(tissue: np.ndarray) -> np.ndarray:
+    """(H, W) float64 probabilities of each cell as a crop centre.
+
+    Proportional to the Euclidean distance (in cells) from the nearest background cell,
+    the grid border counting as background; uniform over the grid when there is no tissue.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    t = np.asarray(tissue, dtype=bool)
+    if not t.any():
+        return np.full(t.shape, 1.0 / t.size)
+    d = distance_transform_edt(np.pad(t, 1))[1:-1, 1:-1]
+    return d / d.sum()
+
+
+def _origin_1d(center: int, crop: int, extent: int, rng: np.random.Generator | None) -> int:
+    if extent >= crop:
+        return int(np.clip(center - crop // 2, 0, extent - crop))
+    slack = crop - extent  # the slide is padded: it sits at a random or centred offset
+    return -int(rng.integers(0, slack + 1)) if rng is not None else -(slack // 2)
+
+
+def sample_crop_origin(
+    weights: np.ndarray, crop: int, rng: np.random.Generator | None, center: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Top-left cell ``(y0, x0)`` of a ``crop`` x ``crop`` window.
+
+    The centre is drawn from ``weights`` (see :func:`crop_weights`) unless given; the window
+    is shifted to lie inside the grid along every axis the grid is at least ``crop`` long.
+    Along a shorter axis the origin is negative: the slide is zero-padded, placed at a
+    random offset (``rng`` given) or centred (``rng`` None).
+    """
+    h, w = weights.shape
+    if center is None:
+        if rng is None:
+            raise ValueError("either rng or center is needed")
+        flat = int(rng.choice(weights.size, p=weights.ravel()))
+        center = divmod(flat, w)
+    return _origin_1d(center[0], crop, h, rng), _origin_1d(center[1], crop, w, rng)
+
+
+def dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    """The k-th (0-7) rotation/flip of ``a`` over its last two axes (rows, columns).
+
+    ``k % 4`` quarter turns counter-clockwise (``np.rot90``), applied after a left-right
+    flip when ``k >= 4``.  Variant ``k`` of a dihedral store is expected to hold the code
+    of ``dihedral(patch, k)`` at the patch's own cell; applying ``dihedral(grid, k)`` to
+    that variant then gives the compressed image of the transformed slide.
+    """
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral index must be 0..7, got {k}")
+    if k >= 4:
+        a = a[..., ::-1]
+    return np.rot90(a, k % 4, axes=(-2, -1))
+
+
+@dataclass
+class SlideSource:
+    """Reads crops of one compressed slide; features are cached in memory once read.
+
+    ``weights``: the crop-centre probabilities, (H, W).
+    """
+
+    path: Path
+    tissue: np.ndarray
+    variants: int
+    code_size: int
+    grid_shape: tuple[int, int]
+    weights: np.ndarray
+    cache: bool = True
+    _features: object = field(default=None, repr=False)
+    _array: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, cache: bool = True) -> SlideSource:
+        s = open_store(path)
+        return cls(Path(path), s.tissue, s.variants, s.code_size, s.grid_shape, crop_weights(s.tissue), cache, s.features)
+
+    def _read(self, variant: int, ys: slice, xs: slice) -> np.ndarray:
+        if self.cache and self._array is None:
+            a = np.asarray(self._features[...])  # type: ignore[index]
+            self._array = a if a.ndim == 4 else a[None]  # float16 in memory, float32 per crop
+        if self._array is not None:
+            return self._array[variant, :, ys, xs]
+        f = self._features
+        return np.asarray(f[variant, :, ys, xs] if f.ndim == 4 else f[:, ys, xs])  # type: ignore[union-attr,index]
+
+    def crop(self, y0: int, x0: int, size: int, variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Features (C, size, size) float32 and tissue (size, size) bool of a window.
+
+        The window starts at cell ``(y0, x0)`` (may be negative); cells outside the grid are 0.
+        """
+        h, w = self.grid_shape
+        feats = np.zeros((self.code_size, size, size), np.float32)
+        mask = np.zeros((size, size), bool)
+        ya, yb = max(y0, 0), min(y0 + size, h)
+        xa, xb = max(x0, 0), min(x0 + size, w)
+        if ya < yb and xa < xb:
+            feats[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = self._read(variant, slice(ya, yb), slice(xa, xb))
+            mask[ya - y0 : yb - y0, xa - x0 : xb - x0] = self.tissue[ya:yb, xa:xb]
+        return feats, mask
+
+
+#: keep every slide's codes in memory when they fit in this many bytes (float16 on disk)
+CACHE_BYTES = 4 << 30
+
+
+def open_sources(paths: Sequence[Path], cache_bytes: int = CACHE_BYTES) -> list[SlideSource]:
+    """Open every store (see :class:`SlideSource`); the codes must have one size.
+
+    The codes are cached in memory after the first read when all stores together hold at
+    most ``cache_bytes`` (float16); otherwise every crop is read from disk (zarr chunks).
+    """
+    srcs = [SlideSource.open(p) for p in paths]
+    total = sum(int(np.prod(s._features.shape)) * 2 for s in srcs)  # type: ignore[attr-defined]
+    if total > cache_bytes:
+        logger.info("codes take %.1f GB > %.1f GB: reading crops from disk", total / 1e9, cache_bytes / 1e9)
+        for s in srcs:
+            s.cache = False
+    sizes = {s.code_size for s in srcs}
+    if len(sizes) > 1:
+        raise DataError(f"stores have different code sizes {sorted(sizes)}; compress every slide with one encoder")
+    return srcs

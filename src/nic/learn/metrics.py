@@ -1,0 +1,152 @@
+"""Patient-level metrics as pure functions of numpy arrays, and bootstrap CIs.
+
+All take ``(y, pred)`` with ``y`` (N,) targets / class indices / events and ``pred`` (N,)
+values, probabilities or log-risks (or (N, K) class probabilities for multiclass); the
+c-index also takes ``time`` (N,).  Risk convention: higher ``pred`` = higher risk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = [
+    "TASK_METRICS",
+    "spearman",
+    "pearson",
+    "mae",
+    "auc",
+    "balanced_accuracy",
+    "c_index",
+    "compute_metric",
+    "bootstrap_ci",
+]
+
+
+def spearman(y: np.ndarray, pred: np.ndarray) -> float:
+    """Spearman rank correlation (NaN when either side is constant)."""
+    from scipy.stats import spearmanr
+
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    if np.ptp(y) == 0 or np.ptp(pred) == 0:
+        return float("nan")
+    return float(spearmanr(y, pred).statistic)
+
+
+def pearson(y: np.ndarray, pred: np.ndarray) -> float:
+    """Pearson correlation (NaN when either side is constant)."""
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    if np.ptp(y) == 0 or np.ptp(pred) == 0:
+        return float("nan")
+    return float(np.corrcoef(y, pred)[0, 1])
+
+
+def mae(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean absolute error, in the target's unit."""
+    return float(np.mean(np.abs(np.asarray(y, float) - np.asarray(pred, float))))
+
+
+def _binary_auc(y: np.ndarray, score: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc(y: np.ndarray, pred: np.ndarray) -> float:
+    """ROC AUC; (N, K) class probabilities give the macro one-vs-rest mean over classes present."""
+    pred = np.asarray(pred, float)
+    y = np.asarray(y).astype(np.int64)
+    if pred.ndim == 1:
+        return _binary_auc(y, pred)
+    vals = [_binary_auc(y == k, pred[:, k]) for k in range(pred.shape[1]) if 0 < (y == k).sum() < len(y)]
+    return float(np.mean(vals)) if len(vals) == pred.shape[1] else float("nan")
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean per-class recall; binary ``pred`` are probabilities (threshold 0.5), (N, K) uses argmax."""
+    pred = np.asarray(pred, float)
+    y = np.asarray(y).astype(np.int64)
+    hard = (pred >= 0.5).astype(np.int64) if pred.ndim == 1 else pred.argmax(1)
+    return float(np.mean([np.mean(hard[y == k] == k) for k in np.unique(y)]))
+
+
+def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance index; higher ``risk`` should mean an earlier event.
+
+    Comparable pairs (i, j): i had the event and ``t_i < t_j``, or ``t_i == t_j`` with j
+    censored (lifelines' rule).  Concordant when ``risk_i > risk_j``; tied risks count 1/2.
+    Equals ``lifelines.utils.concordance_index(time, -risk, event)``.  NaN without pairs.
+    """
+    t = np.asarray(time, float)
+    e = np.asarray(event).astype(bool)
+    r = np.asarray(risk, float)
+    num, den = 0.0, 0
+    for i in np.flatnonzero(e):  # O(N^2) in chunks of one row: fine for patient cohorts
+        comp = (t > t[i]) | ((t == t[i]) & ~e)
+        if not comp.any():
+            continue
+        rj = r[comp]
+        num += float((r[i] > rj).sum() + 0.5 * (r[i] == rj).sum())
+        den += int(comp.sum())
+    return num / den if den else float("nan")
+
+
+#: metric names computed for each task (keys of ``metrics.json``)
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "regression": ("spearman", "pearson", "mae"),
+    "binary": ("auc", "balanced_accuracy"),
+    "multiclass": ("auc", "balanced_accuracy"),
+    "survival": ("c_index",),
+}
+
+_FUNCS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "spearman": spearman,
+    "pearson": pearson,
+    "mae": mae,
+    "auc": auc,
+    "balanced_accuracy": balanced_accuracy,
+}
+
+
+def compute_metric(name: str, y: np.ndarray, pred: np.ndarray, time: np.ndarray | None = None) -> float:
+    """Metric ``name`` (a value of :data:`TASK_METRICS`); survival passes ``y`` = events."""
+    if name == "c_index":
+        if time is None:
+            raise ValueError("c_index needs times")
+        return c_index(time, y, pred)
+    return _FUNCS[name](y, pred)
+
+
+def bootstrap_ci(
+    name: str,
+    y: np.ndarray,
+    pred: np.ndarray,
+    time: np.ndarray | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of metric ``name``, resampling rows (patients) with replacement.
+
+    Resamples where the metric is undefined (e.g. one class only) are skipped.
+    """
+    rng = np.random.default_rng(seed)
+    y, pred = np.asarray(y), np.asarray(pred)
+    n = len(y)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        v = compute_metric(name, y[idx], pred[idx], None if time is None else np.asarray(time)[idx])
+        if np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(vals, [a, 1 - a])
+    return float(lo), float(hi)

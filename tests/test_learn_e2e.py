@@ -1,0 +1,169 @@
+"""End to end: nic-cnn learns planted signals; the CLI trains, predicts and reports bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nic.learn import FitConfig, LabelSpec, auc, c_index, fit_model, load_cohort, spearman
+from nic.learn._planted import PlantedCohort, make_planted_cohort
+from nic.learn.data import open_sources
+from nic.learn import patient_mean
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: 1 thread is ~10x faster than 2 on busy shared cores
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> PlantedCohort:
+    """64 patients (every third with 2 slides), 16 x 16 grids, 8 channels; read-only."""
+    return make_planted_cohort(tmp_path_factory.mktemp("planted"), 64, slides_per_patient=(1, 1, 2), n_pairs=8, noise=0.3, seed=1)
+
+
+_TASKS = {
+    "regression": {"target": "proliferation"},
+    "binary": {"target": "growth_pattern"},
+    "survival": {"time": "survival_time", "event": "survival_event"},
+}
+
+
+def _fit_and_score(planted: PlantedCohort, task: str, model: str = "nic-cnn") -> float:
+    """Train on patients 0-31, score the patient-level predictions of patients 32-63."""
+    co = load_cohort(planted.stores, LabelSpec(planted.labels, task, **_TASKS[task]))  # type: ignore[arg-type]
+    src = open_sources(co.store_paths)
+    train_p, test_p = np.arange(32), np.arange(32, 64)
+    m, hist = fit_model(co, src, train_p, test_p[:0], FitConfig(model=model, epochs=30, width=32, batch_size=8), seed=1)
+    assert np.isfinite(hist.train_loss).all()
+    test_s = co.slides_of(test_p)
+    raw = m.predict_raw([src[i] for i in test_s], n_crops=1, variants=True)
+    pred = m.to_prediction(patient_mean(raw, co.slide_patient[test_s], test_p))
+    if task == "regression":
+        return spearman(co.y[test_p], pred)
+    if task == "binary":
+        return auc(co.y[test_p], pred)
+    return c_index(co.time[test_p], co.y[test_p], pred)  # type: ignore[index]
+
+
+def test_nic_cnn_learns_a_level_signal(planted: PlantedCohort) -> None:
+    assert _fit_and_score(planted, "regression") > 0.8
+
+
+def test_nic_cnn_learns_a_spatial_label(planted: PlantedCohort) -> None:
+    # the A and B cells have equal counts in both classes: only their layout differs
+    assert _fit_and_score(planted, "binary") > 0.85
+
+
+def test_nic_cnn_learns_survival_with_the_right_sign(planted: PlantedCohort) -> None:
+    assert _fit_and_score(planted, "survival") > 0.7
+
+
+@pytest.mark.slow
+def test_meanpool_cannot_see_the_spatial_label(planted: PlantedCohort) -> None:
+    assert _fit_and_score(planted, "binary", "meanpool") < 0.75
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> PlantedCohort:
+    """12 patients, 8 x 8 grids, 4 channels: enough for the plumbing; read-only."""
+    return make_planted_cohort(tmp_path_factory.mktemp("small"), 12, grid=(8, 8), code_size=4, slides_per_patient=(1, 2), n_pairs=2, seed=3)
+
+
+def _run(args: list[str]):  # -> click.testing.Result
+    from nic.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _one_error_line(res) -> str:  # type: ignore[no-untyped-def]
+    text = (res.stderr if hasattr(res, "stderr") and res.stderr else res.output).strip()
+    assert res.exit_code == 2, res.output
+    assert len(text.splitlines()) == 1 and text.startswith("error:"), text
+    return text
+
+
+def test_cli_train_and_predict(small: PlantedCohort, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--compressed", str(small.stores), "--labels", str(small.labels), "--task", "regression",
+            "--target", "proliferation", "--folds", "2", "--epochs", "2", "--width", "8", "--batch-size", "4", "--out", str(run)]
+    res = _run(args)
+    assert res.exit_code == 0, res.output
+    assert "spearman:" in res.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"spearman", "pearson", "mae"}
+    for m in metrics.values():
+        assert len(m["folds"]) == 2 and len(m["ci95"]) == 2
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1] or not np.isfinite(m["value"])
+    preds = pd.read_csv(run / "predictions.csv")
+    assert len(preds) == 12 and preds["patient"].is_unique and set(preds["fold"]) == {0, 1}
+    assert preds["n_slides"].sum() == 18
+    labels = pd.read_csv(small.labels).groupby("patient")["proliferation"].first()
+    assert np.allclose(preds.set_index("patient")["target"], labels.loc[preds["patient"]])
+    assert (run / "fold_1" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())["folds"] == 2
+    # the run folder is never overwritten silently
+    assert "--overwrite" in _one_error_line(_run(args))
+    # predict: one row per slide, or per patient with --labels
+    out = tmp_path / "p.csv"
+    res = _run(["predict", "--model", str(run), "--compressed", str(small.stores), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    per_slide = pd.read_csv(out)
+    assert len(per_slide) == 18 and np.isfinite(per_slide["prediction"]).all()
+    res = _run(["predict", "--model", str(run), "--compressed", str(small.stores), "--labels", str(small.labels),
+                "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(out)) == 12
+
+
+def test_cli_survival_and_binary_outputs(small: PlantedCohort, tmp_path: Path) -> None:
+    base = ["train", "--compressed", str(small.stores), "--labels", str(small.labels), "--folds", "2", "--epochs", "1", "--width", "8"]
+    res = _run([*base, "--task", "survival", "--time", "survival_time", "--event", "survival_event", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((tmp_path / "s" / "metrics.json").read_text())) == {"c_index"}
+    assert {"time", "event", "risk"} <= set(pd.read_csv(tmp_path / "s" / "predictions.csv").columns)
+    res = _run([*base, "--task", "binary", "--target", "growth_pattern", "--model", "abmil", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((tmp_path / "b" / "metrics.json").read_text())) == {"auc", "balanced_accuracy"}
+    p = pd.read_csv(tmp_path / "b" / "predictions.csv")
+    assert p["probability"].between(0, 1).all() and set(p["target"]) == {0, 1}
+
+
+def test_cli_bad_input_is_one_line_exit_2(small: PlantedCohort, tmp_path: Path) -> None:
+    base = ["train", "--compressed", str(small.stores), "--task", "regression", "--folds", "2", "--epochs", "1"]
+    msg = _one_error_line(_run([*base, "--labels", str(small.labels), "--target", "ki67", "--out", str(tmp_path / "a")]))
+    assert "'ki67'" in msg
+    bad = tmp_path / "labels.csv"
+    df = pd.read_csv(small.labels)
+    pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "slide": "ghost", "patient": "px"}])]).to_csv(bad, index=False)
+    msg = _one_error_line(_run([*base, "--labels", str(bad), "--target", "proliferation", "--out", str(tmp_path / "b")]))
+    assert "ghost" in msg and "no store" in msg
+    msg = _one_error_line(_run([*base, "--labels", str(small.labels), "--target", "proliferation", "--model", "vit", "--out", str(tmp_path / "c")]))
+    assert "nic-cnn" in msg
+    msg = _one_error_line(_run(["predict", "--model", str(tmp_path), "--compressed", str(small.stores), "--out", str(tmp_path / "x.csv")]))
+    assert "not a nic run folder" in msg
+
+
+def test_cli_multiclass_outputs(small: PlantedCohort, tmp_path: Path) -> None:
+    df = pd.read_csv(small.labels)
+    df["grade"] = pd.cut(df["proliferation"], 3, labels=["low", "mid", "high"]).astype(str)
+    csv = tmp_path / "labels.csv"
+    df.to_csv(csv, index=False)
+    res = _run(["train", "--compressed", str(small.stores), "--labels", str(csv), "--task", "multiclass", "--target", "grade",
+                "--model", "meanpool", "--folds", "2", "--epochs", "1", "--width", "8", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    p = pd.read_csv(tmp_path / "m" / "predictions.csv")
+    probs = p[["prob_high", "prob_low", "prob_mid"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-6) and set(p["prediction"]) <= {"low", "mid", "high"}
+    assert set(json.loads((tmp_path / "m" / "metrics.json").read_text())) == {"auc", "balanced_accuracy"}

@@ -1,0 +1,90 @@
+"""Contract tests over the slide-model registry, and saving/loading a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nic.errors import DataError
+from nic.learn import ModelSpec, SlideModel, create_model, list_models
+from nic.learn.models import nic_cnn_strides
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: more threads only add contention on 2 shared cores
+    yield
+    torch.set_num_threads(before)
+
+
+def test_registry_lists_the_three_models() -> None:
+    assert {"nic-cnn", "meanpool", "abmil"} <= set(list_models())
+    with pytest.raises(DataError, match="abmil, meanpool, nic-cnn"):
+        create_model("resnet", ModelSpec(4))
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize(("h", "w", "n_out"), [(1, 1, 1), (5, 7, 3), (16, 16, 1), (33, 20, 2)])
+def test_every_model_forward_backward(name: str, h: int, w: int, n_out: int) -> None:
+    torch.manual_seed(0)
+    net = create_model(name, ModelSpec(6, n_out, width=16, input_size=max(h, w)))
+    x = torch.randn(3, 6, h, w)
+    mask = torch.rand(3, h, w) > 0.3
+    mask[2] = False  # an all-background crop must not give NaN
+    x = x * mask[:, None]
+    out = net(x, mask)
+    assert out.shape == (3, n_out) and torch.isfinite(out).all()
+    out.sum().backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    net.eval()
+    with torch.no_grad():
+        assert torch.isfinite(net(x[:1], mask[:1])).all()  # batch of one in eval mode
+
+
+@pytest.mark.parametrize("name", ["meanpool", "abmil"])
+def test_bag_models_ignore_background_cells(name: str) -> None:
+    torch.manual_seed(1)
+    net = create_model(name, ModelSpec(4, 1, width=8)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[:, 1:4, 2:5] = True
+    y = x.clone()
+    y[:, :, ~mask[0]] = 99.0
+    with torch.no_grad():
+        assert torch.allclose(net(x, mask), net(y, mask), atol=1e-6)
+
+
+def test_nic_cnn_strides_keep_the_reference_at_its_scale() -> None:
+    assert nic_cnn_strides(None) == (2, 2, 2, 2, 2, 2, 1, 1)
+    assert nic_cnn_strides(400) == (2, 2, 2, 2, 2, 2, 1, 1)
+    assert nic_cnn_strides(1000) == (2, 2, 2, 2, 2, 2, 1, 1)
+    assert nic_cnn_strides(64) == (2, 2, 2, 1, 1, 1, 1, 1)  # ends at 8 x 8
+    assert nic_cnn_strides(16) == (1,) * 8
+    assert nic_cnn_strides(4) == (1,) * 8
+    net = create_model("nic-cnn", ModelSpec(3, input_size=400))
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in net.modules()) == 8  # 8 depthwise layers
+    assert sum(isinstance(m, torch.nn.Dropout2d) for m in net.modules()) == 8
+
+
+def test_slide_model_save_load_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    spec = ModelSpec(4, 1, width=8, input_size=8)
+    net = create_model("nic-cnn", spec)
+    net.train()
+    net(torch.randn(4, 4, 8, 8), torch.ones(4, 8, 8, dtype=torch.bool)).sum().backward()  # move BN stats
+    net.eval()
+    m = SlideModel("nic-cnn", spec, "regression", 8, net, target_mean=2.0, target_std=3.0)
+    m.save(tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.pt")) and (tmp_path / "m" / "model.safetensors").is_file()
+    back = SlideModel.load(tmp_path / "m")
+    x, mk = torch.randn(2, 4, 8, 8), torch.ones(2, 8, 8, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(back.net(x, mk), net(x, mk))
+    assert np.allclose(back.to_prediction(np.array([[1.0]])), [5.0])
+    with pytest.raises(DataError, match="not a saved nic slide model"):
+        SlideModel.load(tmp_path)
