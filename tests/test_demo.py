@@ -1,4 +1,4 @@
-"""`nic demo` end to end on a tiny cohort, through the CLI runner."""
+"""`nic demo` end to end on a tiny cohort."""
 
 from __future__ import annotations
 
@@ -7,19 +7,31 @@ import json
 from typer.testing import CliRunner
 
 from nic.cli import app
+from nic.demo import DemoConfig, run_demo
 
 runner = CliRunner()
 
 
-def test_demo_runs_every_stage_and_refuses_to_overwrite(tmp_path):
+def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--slides", "4", "--size", "4096", "--seed", "3"])
-    assert r.exit_code == 0, r.output
-    summary = json.loads((out / "summary.json").read_text())
+    lines: list[str] = []
+    cfg = DemoConfig(slides=10, size=4096, seed=3, patches_per_class=16, encoder_epochs=1, slide_epochs=2, folds=2, workers=1)
+    summary = run_demo(out, cfg, say=lines.append)
     stages = summary["stages"]
-    assert len(stages["cohort"]["slides"]) == 4
+    assert list(stages) == ["cohort", "inspect", "grid", "encoder", "compress", "learn"]
+    assert len(stages["cohort"]["slides"]) == 10
     assert stages["grid"]["grid_shape"] == [32, 32]
-    assert (out / "tissue_overlay.png").is_file()
-    assert "summary:" in r.output
-    again = runner.invoke(app, ["demo", "--out", str(out)])
-    assert again.exit_code == 2 and "not empty" in again.stderr
+    assert (out / "tissue_overlay.png").is_file() and (out / "compressed_slide.png").is_file()
+    assert len(stages["compress"]["stores"]) == 10
+    assert set(stages["learn"]) - {"seconds"} == {"proliferation", "growth_pattern", "survival"}
+    assert "spearman" in stages["learn"]["proliferation"] and "c_index" in stages["learn"]["survival"]
+    for task in ("proliferation", "growth_pattern", "survival"):
+        assert (out / "runs" / task / "metrics.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["stages"]["grid"]["grid_shape"] == [32, 32]
+    assert any("summary:" in line for line in lines)
+
+
+def test_demo_refuses_a_folder_with_results(tmp_path):
+    (tmp_path / "old.txt").write_text("results\\n")
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "not empty" in r.stderr

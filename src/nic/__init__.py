@@ -5,7 +5,15 @@ Modules, data flowing down:
 - ``nic.slide``     open any whole-slide image; read regions at a target um/px
 - ``nic.tissue``    low-resolution tissue masks
 - ``nic.grid``      the patch grid at a target um/px, with tissue fractions
+- ``nic.encoders``  the encoder registry (NIC CNN, timm, published Keras weights), weights I/O
+- ``nic.store``     the compressed-slide format (zarr): one group per slide
+- ``nic.compress``  slide -> compressed slide: parallel reading, batched encoding, resumable
+- ``nic.patches``   labelled patch datasets, nuclei annotations, colour augmentation
+- ``nic.encoder_training``  supervised multitask encoder training and the linear probe
+- ``nic.learn``     slide-level models, losses, metrics and cross-validation on stores
+- ``nic.explain``   pictures: tissue overlays, code maps
 - ``nic.synth``     generated slides, cohorts and patch datasets for demos, tests, benchmarks
+- ``nic.demo``      the whole pipeline on a generated cohort
 - ``nic.cli``       the ``nic`` command, thin over the library
 
 Heavy modules are imported on first use, so ``import nic`` and ``nic --help`` stay fast.

@@ -1,8 +1,11 @@
 """``nic demo``: the whole pipeline on a generated cohort, in a few minutes on 2 cores.
 
 Stages: generate a cohort of slides with known labels; inspect one slide (info, tissue);
-lay the patch grids; then the learning stages.  Each stage writes under ``out`` and
-reports what it made through ``say`` (one line per result).
+lay the patch grids; generate labelled patch datasets and train a small supervised
+multitask encoder on them; compress every slide with that encoder and draw one
+compressed slide; train and cross-validate slide-level models for the three label kinds
+(regression, binary, survival).  Each stage writes under ``out`` and reports what it
+made through ``say`` (one line per result).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     cohort = stage("cohort", lambda: _cohort(out, config, say))
     stage("inspect", lambda: _inspect(out, Path(cohort["slides"][0]), say))
     stage("grid", lambda: _grids([Path(p) for p in cohort["slides"]], say))
+    enc = stage("encoder", lambda: _encoder(out, config, say))
+    stage("compress", lambda: _compress(out, cohort["slides"], enc["encoder"], config, say))
+    stage("learn", lambda: _learn(out, Path(cohort["labels"]), config, say))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(f"summary: {out / 'summary.json'}")
     return summary
@@ -99,3 +105,63 @@ def _grids(paths: list[Path], say: Callable[[str], None]) -> dict[str, Any]:
     say(f"  grids of {g.shape[0]} x {g.shape[1]} cells (128 px at 0.5 um/px); tissue cells per slide "
         f"{min(cells)}-{max(cells)}, {sum(cells)} in all")
     return {"grid_shape": list(g.shape), "tissue_cells": cells}
+
+
+def _encoder(out: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
+    from nic.synth import make_patch_datasets
+
+    ds = make_patch_datasets(out / "patches", n=config.patches_per_class, seed=config.seed)
+    say(f"  patch datasets (tissue type, nuclei density, mitosis): {ds.out}")
+    tasks = (
+        parse_task_spec(f"tissue=class:{ds.tissue_type}"),
+        parse_task_spec(f"nuclei=regr:{ds.nuclei_density}"),
+        parse_task_spec(f"mitosis=class:{ds.mitosis}"),
+    )
+    cfg = TrainConfig(tasks=tasks, encoder="nic-cnn", epochs=config.encoder_epochs, seed=config.seed, progress=False)
+    result = train_encoder(cfg, out / "encoder_run")
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()) if k.startswith("val"))
+    say(f"  multitask nic-cnn, {result.epochs} epochs at {result.patches_per_s:.0f} patches/s; {shown}")
+    say(f"  encoder (without heads): {result.encoder_path}")
+    return {"encoder": str(result.encoder_path), "metrics": result.metrics}
+
+
+def _compress(out: Path, slides: list[str], encoder: str, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    from nic.compress import CompressOptions, compress_slides
+    from nic.explain import save_png, store_picture
+
+    results = compress_slides(slides, encoder, out / "compressed", CompressOptions(workers=config.workers))
+    failed = [r for r in results if r.status != "done"]
+    if failed:
+        raise DataError(f"{failed[0].slide}: compression failed ({failed[0].error})")
+    patches = sum(r.patches for r in results)
+    seconds = sum(r.seconds for r in results)
+    say(f"  {len(results)} slides, {patches} tissue patches at {patches / max(seconds, 1e-9):.0f} patches/s: {out / 'compressed'}")
+    pic = save_png(out / "compressed_slide.png", store_picture(results[0].store))
+    say(f"  codes of {results[0].store.name} as colour beside the slide: {pic}")
+    return {"stores": [str(r.store) for r in results], "patches": patches}
+
+
+def _learn(out: Path, labels: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    from nic.learn import FitConfig, LabelSpec, TrainConfig, train_cv
+
+    jobs = {
+        "proliferation": LabelSpec(labels, "regression", target="proliferation"),
+        "growth_pattern": LabelSpec(labels, "binary", target="growth_pattern"),
+        "survival": LabelSpec(labels, "survival", time="survival_time", event="survival_event"),
+    }
+    fit = FitConfig(epochs=config.slide_epochs, seed=config.seed)
+    results: dict[str, Any] = {}
+    for name, spec in jobs.items():
+        run = out / "runs" / name
+        res = train_cv(TrainConfig(out / "compressed", spec, fit, folds=config.folds, out=run, n_bootstrap=200))
+        shown = []
+        for metric, v in res.metrics.items():
+            if v.get("value") is None:
+                continue
+            lo, hi = v.get("ci95") or (float("nan"), float("nan"))
+            shown.append(f"{metric} {v['value']:.2f} [{lo:.2f}, {hi:.2f}]")
+        say(f"  {name} ({spec.task}, nic-cnn, {config.folds}-fold CV, out of fold): {'; '.join(shown)}")
+        say(f"    {run / 'metrics.json'}, {run / 'predictions.csv'}")
+        results[name] = res.metrics
+    return results

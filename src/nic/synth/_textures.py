@@ -347,7 +347,7 @@ def _fat(rng: np.random.Generator, size: int) -> Drawing:
     count = 0
     edge_pixels = np.argwhere(mem > 0.8)
     if len(edge_pixels):
-        for _ in range(int(rng.integers(0, 4 * (size // 128)))):
+        for _ in range(int(rng.integers(0, max(1, 4 * (size // 128))))):
             py, px = edge_pixels[rng.integers(len(edge_pixels))]
             _nucleus(h, e, rng, float(px), float(py), rng.uniform(5, 7), 1.8, rng.uniform(0, math.pi),
                      0.9, 0.0, np.ones_like(h))
