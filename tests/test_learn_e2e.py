@@ -132,7 +132,14 @@ def test_cli_survival_and_binary_outputs(small: PlantedCohort, tmp_path: Path) -
     res = _run([*base, "--task", "survival", "--time", "survival_time", "--event", "survival_event", "--out", str(tmp_path / "s")])
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "s" / "metrics.json").read_text())) == {"c_index"}
-    assert {"time", "event", "risk"} <= set(pd.read_csv(tmp_path / "s" / "predictions.csv").columns)
+    surv = pd.read_csv(tmp_path / "s" / "predictions.csv")
+    assert {"time", "event", "risk"} <= set(surv.columns)
+    # out-of-fold risks are z-scored within each fold, so the per-fold c-index is unchanged
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    for k, fold in surv.groupby("fold"):
+        assert fold["risk"].mean() == pytest.approx(0.0, abs=1e-6) and fold["risk"].std(ddof=0) == pytest.approx(1.0, abs=1e-3)
+        got = c_index(fold["time"].to_numpy(), fold["event"].to_numpy(), fold["risk"].to_numpy())
+        assert got == pytest.approx(metrics["c_index"]["folds"][int(k)], abs=1e-9)
     res = _run([*base, "--task", "binary", "--target", "growth_pattern", "--model", "abmil", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "b" / "metrics.json").read_text())) == {"auc", "balanced_accuracy"}

@@ -163,6 +163,13 @@ def _train_cv(config: TrainConfig) -> CVResult:
         if config.out is not None:
             model.save(Path(config.out) / f"fold_{k}")
     allp = np.arange(n_p)
+    if cohort.task == "survival":
+        # the Cox partial likelihood fixes no offset and each fold's model has its own
+        # scale: z-score the out-of-fold log-risks within each fold before pooling them
+        for k in range(len(folds)):
+            sel = fold_of == k
+            r = oof_raw[sel]
+            oof_raw[sel] = (r - r.mean(axis=0)) / (r.std(axis=0) + 1e-12)
     pred = models[0].to_prediction(oof_raw)
     pooled = _metrics(cohort, allp, pred)
     t = cohort.time if cohort.time is not None else None
