@@ -291,3 +291,13 @@ def test_cli_nuclei_patches(tmp_path: Path) -> None:
 
     t = read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}")
     assert len(t) == 9 and t.labels.sum() <= 335  # 3 x 3 patches of 254 px; 335 mask components in all
+    # a second run never replaces the dataset silently
+    args = ["nuclei-patches", str(tmp_path / "img"), str(tmp_path / "ann"), "--out", str(tmp_path / "out"),
+            "--fallback-mpp", "0.252", "--target", "density"]
+    r = _run(args)
+    assert r.exit_code == 2 and "already holds" in r.output
+    assert read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}").labels.sum() == t.labels.sum()
+    r = _run([*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    t2 = read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}")
+    assert len(t2) == 9 and t2.labels.sum() > t.labels.sum()  # densities per mm^2 now

@@ -164,6 +164,7 @@ def nuclei_patches_cmd(
     source_mpp: float = typer.Option(0.0, "--source-mpp", help="um/px of the images, overriding the annotation's MicronsPerPixel."),
     fallback_mpp: float = typer.Option(0.0, "--fallback-mpp", help="um/px of images whose annotation states none (masks never do)."),
     target: str = typer.Option("density", "--target", help="'density' (nuclei per mm^2) or 'count' (nuclei per patch)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out."),
 ) -> None:
     """Cut annotated images into patches labelled with their nuclei density (a regression dataset)."""
     from nic.patches import nuclei_patch_dataset, pair_images_annotations
@@ -171,7 +172,7 @@ def nuclei_patches_cmd(
     pairs = pair_images_annotations(images, annotations)
     csv_path = nuclei_patch_dataset(
         pairs, out, patch_size=patch_size, mpp=mpp, stride=stride or None, source_mpp=source_mpp or None,
-        target=target, fallback_mpp=fallback_mpp or None,  # type: ignore[arg-type]
+        target=target, fallback_mpp=fallback_mpp or None, overwrite=overwrite,  # type: ignore[arg-type]
     )
     typer.echo(f"wrote {csv_path}; train with --task nuclei=regr:{csv_path}")
 

@@ -198,6 +198,7 @@ def nuclei_patch_dataset(
     source_mpp: float | None = None,
     target: Literal["count", "density"] = "density",
     fallback_mpp: float | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Cut annotated images into patches and write a regression dataset; returns the CSV.
 
@@ -207,12 +208,20 @@ def nuclei_patch_dataset(
     ``out/patches/<image>_<y>_<x>.png``.  ``source_mpp`` (um/px of the images) overrides
     the annotation's ``MicronsPerPixel``; ``fallback_mpp`` is used where a file states none.  The CSV ``out/nuclei.csv`` has columns
     ``path,label,group,count``: ``label`` is the count or the density (nuclei per mm^2).
+    It is written last (through a temporary file), so a folder without it is unfinished.
+    An existing dataset in ``out`` is a :class:`DataError` unless ``overwrite``, which
+    removes its patches first.
     """
     from PIL import Image
 
     if target not in ("count", "density"):
         raise DataError(f"target must be 'count' or 'density', got {target!r}")
     out = Path(out)
+    old = sorted((out / "patches").glob("*.png")) if (out / "patches").is_dir() else []
+    if ((out / "nuclei.csv").exists() or old) and not overwrite:
+        raise DataError(f"{out}: already holds a nuclei dataset; choose a new folder or pass --overwrite")
+    for f in old:
+        f.unlink()
     (out / "patches").mkdir(parents=True, exist_ok=True)
     stride = int(stride or patch_size)
     rows: list[tuple[str, float, str, int]] = []
@@ -248,10 +257,12 @@ def nuclei_patch_dataset(
             rows.append((name, label, stem, int(n)))
         logger.info("%s: %d nuclei, %d patches", image_path.name, len(ann), len(counts))
     csv_path = out / "nuclei.csv"
-    with open(csv_path, "w", newline="") as f:
+    tmp = csv_path.with_name(csv_path.name + ".part")
+    with open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["path", "label", "group", "count"])
         for name, label, group, n in rows:
             wr.writerow([name, f"{label:.6g}", group, n])
+    tmp.replace(csv_path)
     logger.info("wrote %d patches to %s", len(rows), csv_path)
     return csv_path
