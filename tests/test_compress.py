@@ -524,3 +524,124 @@ def test_a_slide_failing_mid_read_does_not_stop_the_cohort(slides, encoder, tmp_
     assert [r.status for r in results] == ["failed", "done"]
     assert "damaged.tif" in results[0].error
     assert not is_complete(results[0].store) and is_complete(results[1].store)
+
+
+# -- review fixes: skip checks, runner reset, shm clean-up, busy exit code ---------------------
+
+
+def test_complete_store_of_another_slide_file_or_settings_is_not_kept(slides, encoder, tmp_path):
+    import shutil
+
+    src = tmp_path / "in" / "b.tif"
+    src.parent.mkdir()
+    shutil.copy(slides["b"], src)
+    out = tmp_path / "out"
+    store = compress_slide(src, encoder, out, workers=0, mpp=0.5)
+    assert compress_slide(src, encoder, out, workers=0, mpp=0.5) == store  # same everything: kept
+    with pytest.raises(StoreError, match=r"made differently.*min_tissue 0\.1 \(this run: 0\.3\)"):
+        compress_slide(src, encoder, out, workers=0, mpp=0.5, min_tissue=0.3)
+    with pytest.raises(StoreError, match=r"made differently.*slide_mpp \[0\.5, 0\.5\] \(this run: \[0\.45, 0\.45\]\)"):
+        compress_slide(src, encoder, out, workers=0, mpp=0.45)
+    data = bytearray(src.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    src.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="made differently.*slide_checksum") as info:
+        compress_slide(src, encoder, out, workers=0, mpp=0.5)
+    assert "slide_size_bytes" not in str(info.value)
+    with open(src, "ab") as f:  # another size
+        f.write(b"\0" * 10)
+    with pytest.raises(StoreError, match="made differently.*slide_size_bytes"):
+        compress_slide(src, encoder, out, workers=0, mpp=0.5)
+
+
+def test_random_init_encoder_never_matches_a_complete_store(slides, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    enc = nic.create_encoder("nic-cnn")  # no weights: checksum ""
+    assert enc.checksum == ""
+    compress_slide(slides["b"], enc, tmp_path, workers=0)
+    with pytest.raises(StoreError, match="random-initialised encoder.*--overwrite or use saved weights"):
+        compress_slide(slides["b"], enc, tmp_path, workers=0)
+
+
+class _Event:
+    def synchronize(self) -> None:
+        pass
+
+
+def _deferred_encoder():
+    """A BatchEncoder that keeps the last batch pending, as it does on CUDA."""
+    from nic.compress._encode import BatchEncoder
+
+    class Deferred(BatchEncoder):
+        def submit(self, n, cells):
+            import torch
+
+            if n == 0:
+                return
+            with torch.inference_mode():
+                out = self._forward(n).clone()
+            yield from self.flush()
+            self._pending = (out, _Event(), cells.copy())
+            self._current ^= 1
+
+    return Deferred
+
+
+def test_a_failed_slide_leaves_no_pending_batch_for_the_next(slides, encoder, tmp_path, monkeypatch):
+    """A slide failing with a batch pending (CUDA) must not put its codes into the next store."""
+    import shutil
+
+    import tifffile
+
+    from nic.compress import _cohort
+
+    monkeypatch.setattr(_cohort, "BatchEncoder", _deferred_encoder())
+    bad = tmp_path / "damaged.tif"
+    shutil.copy(slides["b"], bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        index = (page.imagelength // 256 // 2) * (-(-page.imagewidth // 256)) + (page.imagewidth // 256 // 2)
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+    with open(bad, "r+b") as f:  # a tissue tile in the middle of level 0
+        f.seek(offset + 2)
+        f.write(b"\x00" * (count - 2))
+    opts = CompressOptions(workers=0, batch_size=8)
+    results = compress_slides([bad, slides["c"]], encoder, tmp_path / "out", opts, skip_errors=True)
+    assert [r.status for r in results] == ["failed", "done"], [r.error for r in results]
+    [clean] = compress_slides([slides["c"]], encoder, tmp_path / "clean", opts)
+    np.testing.assert_array_equal(_features(results[1].store), _features(clean.store))
+
+
+def test_reader_pool_frees_slots_when_creating_them_fails(monkeypatch):
+    from multiprocessing import shared_memory
+
+    from nic.compress._workers import ReaderPool
+
+    real = shared_memory.SharedMemory
+    made: list[str] = []
+
+    def flaky(*args, **kwargs):
+        if len(made) == 2:
+            raise OSError("no space left on /dev/shm")
+        shm = real(*args, **kwargs)
+        made.append(shm.name.lstrip("/"))
+        return shm
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", flaky)
+    with pytest.raises(OSError, match="no space"):
+        ReaderPool(1, 16, 4, 4, "shm")
+    assert len(made) == 2 and not set(made) & _shm_segments()
+
+
+def test_cli_busy_slides_give_exit_code_1(slides, encoder_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with SlideLock(store_path(out, "b")) as lock:
+        assert lock.acquire()
+        res = CliRunner().invoke(app, ["compress", str(slides["b"]), str(slides["c"]), "--encoder", str(encoder_dir),
+                                       "--out", str(out), "--workers", "0"])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "1 of 2 slide(s) busy (locked by another process): b.tif" in res.output
+    assert is_complete(store_path(out, "c")) and not is_complete(store_path(out, "b"))

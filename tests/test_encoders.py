@@ -365,3 +365,20 @@ def test_cli_list_and_info() -> None:
     bad = runner.invoke(app, ["encoders", "info", "no-such-encoder"])
     assert bad.exit_code == 2
     assert bad.output.strip().startswith("error: unknown encoder") and len(bad.output.strip().splitlines()) == 1
+
+
+def test_cuda_device_without_cuda_is_an_encoder_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EncoderError, match="no CUDA device; use --device cpu") as info:
+        load_encoder("nic-cnn", device="cuda")
+    assert "\n" not in str(info.value)
+
+
+def test_failed_move_to_device_is_an_encoder_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, device):
+        raise RuntimeError("device-side failure\nmore detail")
+
+    monkeypatch.setattr(Encoder, "to", broken)
+    with pytest.raises(EncoderError, match=r"device 'cpu' \(device-side failure\); try --device cpu") as info:
+        load_encoder("nic-cnn", device="cpu")
+    assert "\n" not in str(info.value)

@@ -40,7 +40,7 @@ def compress(
 
     Complete stores are skipped (unless --overwrite); unfinished ones (an interrupted
     run) are rebuilt; slides another process is working on are left to it.  Exit code 1
-    when any slide failed.
+    when any slide failed or was left busy (locked by another process).
     """
     from rich.console import Console
 
@@ -60,10 +60,17 @@ def compress(
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         typer.echo(f"error: {r.error}" if str(r.slide) in r.error else f"error: {r.slide}: {r.error}", err=True)
+    busy = [r for r in results if r.status == "busy"]
+    for r in busy:
+        typer.echo(f"busy: {r.slide}: not compressed, {r.error}; run again once that process is done", err=True)
     if failed:
         not_run = sum(r.status == "not run" for r in results)
         hint = f"; {not_run} slide(s) not run (use --skip-errors to go on past a failure)" if not_run else ""
         typer.echo(f"{len(failed)} of {len(results)} slide(s) failed{hint}", err=True)
+    if busy:
+        names = ", ".join(r.slide.name for r in busy)
+        typer.echo(f"{len(busy)} of {len(results)} slide(s) busy (locked by another process): {names}", err=True)
+    if failed or busy:
         raise typer.Exit(1)
 
 

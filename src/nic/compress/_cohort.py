@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nic.compress._encode import BatchEncoder
-from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide, task_shape
+from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide, slide_checksum, task_shape
 from nic.compress._workers import ReaderPool
 from nic.errors import DataError, StoreError
 from nic.store import is_complete, slide_id_for, store_path
@@ -250,14 +250,34 @@ class _Cohort:
             pool.close(cancel=True)
 
     def _skip(self, slide: Path, store: Path) -> SlideResult:
-        """A complete store is kept only when it was made the way this run would make it."""
+        """A complete store is kept only when it was made the way this run would make it:
+        same encoder (with saved weights), settings and slide file (size and checksum)."""
         attrs = dict(_open_attrs(store))
         e, o = self.encoder, self.options
-        want = {
+        want: dict[str, Any] = {
             "encoder_name": e.name, "encoder_checksum": e.checksum, "code_size": int(e.code_size),
             "mpp": float(e.mpp), "patch": int(e.patch_size), "variants": 8 if o.dihedral else 1,
+            "min_tissue": float(o.min_tissue),
         }  # fmt: skip
+        if o.mpp is not None:  # the slide's level-0 um/px given by the user
+            mx, my = (o.mpp, o.mpp) if isinstance(o.mpp, int | float) else o.mpp
+            want["slide_mpp"] = [float(mx), float(my)]
+        try:
+            path = slide.resolve()
+            want["slide_size_bytes"] = path.stat().st_size
+            want["slide_checksum"] = slide_checksum(path)[1]
+        except OSError as ex:
+            err = StoreError(f"{store}: a complete store, but its slide {slide} cannot be read to check it ({ex})")
+            return SlideResult(slide, store, "failed", error=str(err), exception=err)
         diff = [f"{k} {attrs.get(k)!r} (this run: {v!r})" for k, v in want.items() if attrs.get(k) != v]
+        if o.mpp is None and attrs.get("slide_mpp_source") == "given by the user":
+            diff.append(f"slide_mpp {attrs.get('slide_mpp')!r} given by the user (this run: the file's)")
+        if not e.checksum or not attrs.get("encoder_checksum"):
+            diff.insert(
+                0,
+                "random-initialised encoder: its codes cannot be resumed or matched; "
+                "pass --overwrite or use saved weights",
+            )
         if diff:
             err = StoreError(
                 f"{store}: a complete store made differently ({'; '.join(diff)}); "

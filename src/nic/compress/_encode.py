@@ -106,6 +106,11 @@ class BatchEncoder:
         # auto: half precision on accelerators; fp32 on CPU (bf16 autocast is far slower there)
         return torch.float16 if self.device.type in ("cuda", "mps") else None
 
+    def reset(self) -> None:
+        """Forget any pending batch (e.g. left by a slide that failed mid-way); call before each slide."""
+        self._pending = None
+        self._current = 0
+
     def buffer(self) -> np.ndarray:
         """The uint8 (batch_size, P, P, 3) array to fill with the next batch."""
         return self._views[self._current]

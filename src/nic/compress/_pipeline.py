@@ -280,6 +280,7 @@ def encode_slide(
     With a ``pool``, up to ``pool.capacity`` read tasks are in flight while the current
     batch is encoded; results are taken in task order.
     """
+    runner.reset()  # a slide that failed before may have left a batch pending
     tissue = plan.grid.tissue
     blocks = _Blocks(features, tissue, runner.variants, int(runner.encoder.code_size))
     batch = runner.batch_size

@@ -162,18 +162,18 @@ class ReaderPool:
         self.slots: list[np.ndarray] = []
         self.free: list[int] = []
         names: list[str] = []
-        if transport == "shm":
-            from multiprocessing import shared_memory
-
-            nbytes = int(np.prod(self.slot_shape))
-            for _ in range(slots):
-                shm = shared_memory.SharedMemory(create=True, size=nbytes)
-                self._shms.append(shm)
-                self.slots.append(np.ndarray(self.slot_shape, np.uint8, buffer=shm.buf))
-                names.append(shm.name)
-            self.free = list(range(slots))
         self.capacity = slots
         try:
+            if transport == "shm":
+                from multiprocessing import shared_memory
+
+                nbytes = int(np.prod(self.slot_shape))
+                for _ in range(slots):
+                    shm = shared_memory.SharedMemory(create=True, size=nbytes)
+                    self._shms.append(shm)
+                    self.slots.append(np.ndarray(self.slot_shape, np.uint8, buffer=shm.buf))
+                    names.append(shm.name)
+                self.free = list(range(slots))
             self._pool = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=mp.get_context("spawn"),

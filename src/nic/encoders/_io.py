@@ -300,6 +300,8 @@ def load_encoder(
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise EncoderError(f"bad device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EncoderError(f"device {str(device)!r} asked for, but torch sees no CUDA device; use --device cpu")
     text = str(spec)
     path = Path(text).expanduser()
     if text.startswith("timm:") or (not path.exists() and _split_spec(text)[0] in list_encoders()):
@@ -343,7 +345,11 @@ def load_encoder(
             "file, or a directory/.safetensors written by save_encoder"
         )
     encoder.module.eval()
-    return encoder.to(device)
+    try:
+        return encoder.to(device)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EncoderError(f"cannot move the encoder to device {str(device)!r} ({first}); try --device cpu") from e
 
 
 def _load_pickled(path: Path, unsafe: bool) -> Encoder:
