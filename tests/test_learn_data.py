@@ -269,3 +269,47 @@ def test_dihedral_matches_the_compressor_variant_order() -> None:
     for k in range(8):
         chw = dihedral(img.transpose(2, 0, 1), k)
         assert np.array_equal(dihedral_patch(img, k), chw.transpose(1, 2, 0)), k
+
+
+def test_inner_split_puts_an_event_in_survival_validation() -> None:
+    from nic.learn.data import Cohort
+
+    n = 20
+    for seed in range(10):
+        for n_ev in (1, 2, 3):
+            ev = np.zeros(n, np.int64)
+            ev[np.random.default_rng(seed).choice(n, n_ev, replace=False)] = 1
+            co = Cohort("survival", [f"p{i}" for i in range(n)], ev, [f"s{i}" for i in range(n)], [], np.arange(n),
+                        time=np.linspace(1, 2, n))
+            fit, val = inner_split(co, np.arange(n), 0.2, seed=seed)
+            assert sorted(np.concatenate([fit, val])) == list(range(n)) and len(val) == 4
+            assert ev[fit].sum() >= 1  # the fit part keeps an event
+            if n_ev >= 2:
+                assert ev[val].sum() >= 1, (seed, n_ev)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"batch_size": 0}, "--batch-size.*at least 2"),
+        ({"batch_size": 1}, "--batch-size.*at least 2"),
+        ({"epochs": 0}, "--epochs.*at least 1"),
+        ({"lr": -1.0}, "--lr.*greater than 0"),
+        ({"lr": 0.0}, "--lr.*greater than 0"),
+        ({"lr": float("nan")}, "--lr.*greater than 0"),
+    ],
+)
+def test_fit_config_checks_its_numbers(kw: dict, match: str) -> None:
+    from nic.learn import FitConfig
+
+    with pytest.raises(DataError, match=match):
+        FitConfig(**kw)
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"folds": 1}, "--folds.*at least 2"), ({"threads": -1}, "--threads.*at least 1"),
+                                           ({"threads": 0}, "--threads.*at least 1")])
+def test_train_config_checks_its_numbers(tmp_path: Path, kw: dict, match: str) -> None:
+    from nic.learn import TrainConfig
+
+    with pytest.raises(DataError, match=match):
+        TrainConfig(tmp_path, LabelSpec(tmp_path / "l.csv", "regression", target="y"), **kw)

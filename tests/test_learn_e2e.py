@@ -174,3 +174,72 @@ def test_cli_multiclass_outputs(small: PlantedCohort, tmp_path: Path) -> None:
     probs = p[["prob_high", "prob_low", "prob_mid"]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-6) and set(p["prediction"]) <= {"low", "mid", "high"}
     assert set(json.loads((tmp_path / "m" / "metrics.json").read_text())) == {"auc", "balanced_accuracy"}
+
+
+def test_survival_validation_without_events_keeps_the_last_epoch(small: PlantedCohort, caplog: pytest.LogCaptureFixture) -> None:
+    co = load_cohort(small.stores, LabelSpec(small.labels, "survival", time="survival_time", event="survival_event"))
+    src = open_sources(co.store_paths)
+    censored = np.flatnonzero(co.y == 0)
+    fit_p = np.setdiff1d(np.arange(len(co.patients)), censored[:3])
+    with caplog.at_level("WARNING", logger="nic.learn.train"):
+        _, hist = fit_model(co, src, fit_p, censored[:3], FitConfig(epochs=3, width=8, batch_size=4), seed=0)
+    assert hist.best_epoch == 2 and len(hist.train_loss) == 3  # not the epoch-0 weights of a constant loss 0
+    assert "no events" in caplog.text
+
+
+def _train_args(small: PlantedCohort, out: Path, *extra: str) -> list[str]:
+    return ["train", "--compressed", str(small.stores), "--labels", str(small.labels), "--task", "regression",
+            "--target", "proliferation", "--folds", "2", "--epochs", "1", "--width", "8", "--batch-size", "4",
+            "--out", str(out), *extra]
+
+
+def test_cli_overwrite_checks_inputs_first_and_cleans_a_crashed_run(small: PlantedCohort, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import nic.learn.run as run_mod
+    from nic.learn import TrainConfig, train_cv
+
+    run = tmp_path / "run"
+    assert _run(_train_args(small, run)).exit_code == 0
+    # a typo in --target with --overwrite fails before the good run is deleted
+    args = _train_args(small, run, "--overwrite")
+    args[args.index("proliferation")] = "ki67"
+    assert "'ki67'" in _one_error_line(_run(args))
+    assert (run / "metrics.json").is_file() and (run / "fold_1" / "model.json").is_file()
+    # a run that crashes after its first fold: config.json marks the folder, metrics.json is missing
+    real_fit, calls = run_mod.fit_model, []
+
+    def crash_on_second_fold(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_fit(*a, **kw)
+
+    monkeypatch.setattr(run_mod, "fit_model", crash_on_second_fold)
+    crashed = tmp_path / "crashed"
+    spec = LabelSpec(small.labels, "regression", target="proliferation")
+    with pytest.raises(RuntimeError, match="killed"):
+        train_cv(TrainConfig(small.stores, spec, FitConfig(epochs=1, width=8, batch_size=4), folds=2, out=crashed))
+    monkeypatch.undo()
+    assert (crashed / "config.json").is_file() and (crashed / "fold_0").is_dir() and not (crashed / "metrics.json").exists()
+    msg = _one_error_line(_run(["predict", "--model", str(crashed), "--compressed", str(small.stores), "--out", str(tmp_path / "p.csv")]))
+    assert "did not finish" in msg
+    res = _run(_train_args(small, crashed, "--overwrite"))
+    assert res.exit_code == 0, res.output
+    assert (crashed / "metrics.json").is_file()
+    # --out naming a file is a one-line error
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert "not a folder" in _one_error_line(_run(_train_args(small, f, "--overwrite")))
+    assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize(("opt", "value"), [("--batch-size", "0"), ("--batch-size", "1"), ("--threads", "-1"), ("--lr", "-1"),
+                                            ("--epochs", "0"), ("--folds", "1")])
+def test_cli_numeric_options_are_checked(small: PlantedCohort, tmp_path: Path, opt: str, value: str) -> None:
+    args = _train_args(small, tmp_path / "r")
+    if opt in args:
+        args[args.index(opt) + 1] = value
+    else:
+        args += [opt, value]
+    assert opt in _one_error_line(_run(args))
+    assert not (tmp_path / "r").exists()

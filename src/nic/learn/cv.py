@@ -69,11 +69,22 @@ def inner_split(cohort: Cohort, patients: np.ndarray, fraction: float = 0.2, see
     """Split ``patients`` (indices) into (fit, validation) for early stopping.
 
     About ``fraction`` of them go to validation, stratified and grouped like
-    :func:`patient_folds`; with fewer than 5 patients there is no validation part.
+    :func:`patient_folds`; with fewer than 5 patients there is no validation part.  For
+    survival the validation part holds at least one event when ``patients`` hold two.
     """
     patients = np.asarray(patients)
     if len(patients) < 5 or fraction <= 0:
         return patients, patients[:0]
     k = max(2, int(round(1 / fraction)))
     fit, val = _safe_split(_strata(cohort, patients, k), np.arange(len(patients)), k, seed)[0]
-    return patients[fit], patients[val]
+    fit, val = patients[fit], patients[val]
+    if cohort.task == "survival" and len(val) and not cohort.y[val].any() and cohort.y[fit].sum() >= 2:
+        # a validation part without events has a constant Cox loss: swap an event patient
+        # of the fit part with a censored one of the validation part (fit keeps >= 1 event)
+        rng = np.random.default_rng(seed)
+        i = int(rng.choice(np.flatnonzero(cohort.y[fit] > 0)))
+        j = int(rng.integers(len(val)))
+        fit, val = fit.copy(), val.copy()
+        fit[i], val[j] = val[j], fit[i]
+        fit, val = np.sort(fit), np.sort(val)
+    return fit, val

@@ -1,9 +1,10 @@
 """Cross-validated training runs and prediction with a saved run.
 
-A run folder holds ``config.json``, ``metrics.json`` (pooled out-of-fold value, 95%
-bootstrap CI by patient, per-fold values, for each metric of the task),
-``predictions.csv`` (out-of-fold, one row per patient), ``folds.json`` (which patients
-were tested in which fold, and the training histories) and ``fold_<k>/model.*``.
+A run folder holds ``config.json`` (written first: it marks the folder as a run),
+``metrics.json`` (written last: pooled out-of-fold value, 95% bootstrap CI by patient,
+per-fold values, for each metric of the task), ``predictions.csv`` (out-of-fold, one row
+per patient), ``folds.json`` (which patients were tested in which fold, and the training
+histories) and ``fold_<k>/model.*``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nic.errors import DataError
 from nic.learn.cv import inner_split, patient_folds
 from nic.learn.data import Cohort, LabelSpec, SlideSource, load_cohort, open_sources
 from nic.learn.metrics import TASK_METRICS, bootstrap_ci, compute_metric
-from nic.learn.train import FitConfig, FitHistory, SlideModel, patient_mean, default_crop, fit_model
+from nic.learn.train import FitConfig, FitHistory, SlideModel, _check_int, patient_mean, default_crop, fit_model
 
 __all__ = ["TrainConfig", "CVResult", "train_cv", "predict_run"]
 
@@ -40,6 +41,11 @@ class TrainConfig:
     overwrite: bool = False
     n_bootstrap: int = 1000
     threads: int | None = None  #: torch CPU threads during the run (restored after); None: leave as is
+
+    def __post_init__(self) -> None:
+        _check_int("--folds", self.folds, 2)
+        if self.threads is not None:
+            _check_int("--threads", self.threads, 1)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,13 +67,18 @@ class CVResult:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; --out must be a run folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out}: the run folder exists; pass --overwrite to replace it or choose another --out")
         if not (out / "config.json").is_file():
             raise DataError(f"{out}: not a nic run folder (no config.json); refusing to delete it, choose another --out")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the run folder ({e.strerror or e})") from e
 
 
 def _finite_or_none(obj: Any) -> Any:
@@ -124,23 +135,30 @@ def train_cv(config: TrainConfig) -> CVResult:
     config.labels.check()
     if config.fit.model not in list_models():
         raise DataError(f"unknown model {config.fit.model!r}; choose one of {', '.join(list_models())}")
+    # check every input before touching the run folder: a typo must not delete a good run
+    cohort = load_cohort(config.compressed, config.labels)
+    sources = open_sources(cohort.store_paths)
+    crop = default_crop(sources, config.fit.crop)
+    folds = patient_folds(cohort, config.folds, config.fit.seed)
     if config.out is not None:
-        _prepare_out(Path(config.out), config.overwrite)
+        out = Path(config.out)
+        _prepare_out(out, config.overwrite)
+        # config.json first (it marks the folder as a nic run, so --overwrite can clean a
+        # crashed run); metrics.json last (an unfinished run never looks complete)
+        (out / "config.json").write_text(json.dumps({**config.to_json(), "crop": crop, "classes": cohort.classes,
+                                                      "code_size": sources[0].code_size}, indent=2))
     before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train_cv(config)
+        return _train_cv(config, cohort, sources, crop, folds)
     finally:
         torch.set_num_threads(before)
 
 
-def _train_cv(config: TrainConfig) -> CVResult:
-    cohort = load_cohort(config.compressed, config.labels)
-    sources = open_sources(cohort.store_paths)
+def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], crop: int,
+              folds: list[tuple[np.ndarray, np.ndarray]]) -> CVResult:
     cfg = config.fit
-    crop = default_crop(sources, cfg.crop)
-    folds = patient_folds(cohort, config.folds, cfg.seed)
     n_p = len(cohort.patients)
     oof_raw = np.full((n_p, cohort.n_outputs), np.nan)
     fold_of = np.full(n_p, -1)
@@ -180,13 +198,11 @@ def _train_cv(config: TrainConfig) -> CVResult:
     frame = _prediction_frame(cohort, allp, pred, fold_of)
     if config.out is not None:
         out = Path(config.out)
-        (out / "config.json").write_text(json.dumps({**config.to_json(), "crop": crop, "classes": cohort.classes,
-                                                      "code_size": sources[0].code_size}, indent=2))
-        (out / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))
         frame.to_csv(out / "predictions.csv", index=False)
         (out / "folds.json").write_text(json.dumps(
             [{"fold": k, "test_patients": [cohort.patients[i] for i in te], "history": asdict(h)}
              for k, ((_, te), h) in enumerate(zip(folds, hists))], indent=2))
+        (out / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))  # last: the run is complete
     return CVResult(metrics, frame, models, hists, folds)
 
 
@@ -208,8 +224,8 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
         raise DataError(f"{run}: not a nic run folder (no config.json); pass the --out folder of `nic train`")
     cfg = json.loads(cfg_path.read_text())
     fold_dirs = sorted(p for p in run.glob("fold_*") if (p / "model.json").is_file())
-    if not fold_dirs:
-        raise DataError(f"{run}: no fold models (fold_*/model.json); the training run did not finish")
+    if not fold_dirs or not (run / "metrics.json").is_file():
+        raise DataError(f"{run}: no metrics.json or fold models (fold_*/model.json); the training run did not finish")
     models = [SlideModel.load(p) for p in fold_dirs]
     paths = list_stores(compressed)
     if not paths:

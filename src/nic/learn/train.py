@@ -62,6 +62,18 @@ class FitConfig:
     pool: str = "maxmean"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_int("--batch-size", self.batch_size, 2)  # BatchNorm needs 2 samples per batch
+        _check_int("--epochs", self.epochs, 1)
+        if not (isinstance(self.lr, (int, float, np.floating)) and math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(f"--lr must be a number greater than 0 (got {self.lr!r})")
+
+
+def _check_int(option: str, value: Any, lowest: int) -> None:
+    """Raise a one-line :class:`DataError` unless ``value`` is an integer >= ``lowest``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
+        raise DataError(f"{option} must be an integer of at least {lowest} (got {value!r})")
+
 
 def default_crop(sources: list[SlideSource], crop: int | None) -> int:
     """The crop side: ``crop`` if given, else min(400, largest grid side of the cohort)."""
@@ -270,6 +282,12 @@ def fit_model(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.lr_patience, min_lr=cfg.min_lr)
     hist = FitHistory()
     best, best_state, stale = math.inf, None, 0
+    if task == "survival" and len(val_slides) and not cohort.y[val_patients].any():
+        # the Cox loss of a validation part without events is a constant 0: selecting on it
+        # would silently keep the epoch-0 weights, so train all epochs and keep the last
+        logger.warning("no events among the %d validation patients; no early stopping, keeping the last epoch",
+                       len(val_patients))
+        val_patients, val_slides = val_patients[:0], val_slides[:0]
     val_sources = [sources[i] for i in val_slides]
     for epoch in range(cfg.epochs):
         net.train()
