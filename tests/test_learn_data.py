@@ -313,3 +313,12 @@ def test_train_config_checks_its_numbers(tmp_path: Path, kw: dict, match: str) -
 
     with pytest.raises(DataError, match=match):
         TrainConfig(tmp_path, LabelSpec(tmp_path / "l.csv", "regression", target="y"), **kw)
+
+
+@pytest.mark.parametrize("n,batch", [(17, 16), (33, 16), (16, 16), (3, 2), (2, 16)])
+def test_plain_batches_cover_every_slide_once_with_no_single_slide_batch(n, batch):
+    from nic.learn.train import _plain_batches
+
+    out = _plain_batches(n, batch, np.random.default_rng(0))
+    assert sorted(np.concatenate(out).tolist()) == list(range(n))
+    assert all(len(b) >= 2 for b in out)

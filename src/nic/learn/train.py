@@ -123,7 +123,8 @@ def _plain_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np
     order = rng.permutation(n)
     out = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(out) > 1 and len(out[-1]) < 2:  # BatchNorm needs 2 samples
-        out[-2] = np.concatenate([out[-2], out.pop()])
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
     return out
 
 
