@@ -240,14 +240,7 @@ def _load_saved(path: Path) -> Encoder:
         config = EncoderConfig.from_json(meta["config"])
     except TypeError as e:
         raise EncoderError(f"{weights}: bad config in metadata ({e})") from e
-    encoder = create_encoder(
-        config.architecture,
-        mean=config.mean,
-        std=config.std,
-        mpp=config.mpp,
-        encoder_name=config.name or None,
-        **config.arch_args,
-    )
+    encoder = _build(config)
     for field in ("code_size", "patch_size"):
         if getattr(encoder.config, field) != getattr(config, field):
             raise EncoderError(
@@ -367,7 +360,15 @@ def _load_pickled(path: Path, unsafe: bool) -> Encoder:
         config = EncoderConfig.from_json(meta["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise EncoderError(f"{sidecar}: not encoder metadata ({e}); write it with save_encoder") from e
-    encoder = create_encoder(
+    encoder = _build(config)
+    _load_weights_into(encoder, path, unsafe=True)
+    encoder.config = config
+    return encoder
+
+
+def _build(config: EncoderConfig) -> Encoder:
+    """A randomly initialised encoder of the architecture and settings that ``config`` names."""
+    return create_encoder(
         config.architecture,
         mean=config.mean,
         std=config.std,
@@ -375,6 +376,3 @@ def _load_pickled(path: Path, unsafe: bool) -> Encoder:
         encoder_name=config.name or None,
         **config.arch_args,
     )
-    _load_weights_into(encoder, path, unsafe=True)
-    encoder.config = config
-    return encoder
