@@ -14,7 +14,7 @@ Rows of the table:
     the default memory format, one batch encoded at a time, no overlap (on the first
     ``--naive-patches`` tissue patches, row-major).
 
-Targets (issue 3): (b) >= 0.85 x (a); (b) >= 1.5 x (c).  Also printed: the peak RSS of
+Targets: (b) >= 0.85 x (a); (b) >= 1.5 x (c).  Also printed: the peak RSS of
 the compressing process tree and seconds per gigapixel of tissue (level-0 pixels).
 
 The slide is a tiled pyramidal JPEG TIFF at 0.25 um/px (level 0) with levels down to

@@ -1,6 +1,6 @@
 """Encoder-only throughput: random uint8 patches already in memory -> codes.
 
-This is the ceiling that compression is measured against (issue 3: compression should
+This is the ceiling that compression is measured against (the target: compression should
 reach at least 0.85x of it with the same threads and batch size).
 
     python benchmarks/bench_encoders.py                       # nic-cnn, batch 64, 2 threads

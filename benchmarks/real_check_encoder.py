@@ -1,4 +1,4 @@
-"""Real check of supervised multitask encoder training (issue 4), on the shared real data.
+"""Real check of supervised multitask encoder training on the shared real data.
 
 Trains small nic-cnn encoders on LC25000 lung type and MoNuSeg nuclei density (and the
 generated patch tasks), then probes every encoder on LC25000 with source-group splits.
