@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nic.learn.metrics import binary_auc
+
 __all__ = ["masked_multitask_loss", "accuracy", "auc", "spearman", "mae", "task_metrics"]
 
 
@@ -59,25 +61,14 @@ def accuracy(y: np.ndarray, prob: np.ndarray) -> float:
     return float(np.mean(np.argmax(prob, 1) == np.asarray(y))) if len(y) else float("nan")
 
 
-def _binary_auc(y: np.ndarray, score: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    pos = y.astype(bool)
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(score)
-    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def auc(y: np.ndarray, prob: np.ndarray) -> float:
     """ROC AUC of class indices ``y`` (N,) against ``prob`` (N, K): binary for K == 2,
     else the macro mean of one-vs-rest AUCs over the classes present (Mann-Whitney, ties halved)."""
     y = np.asarray(y).astype(int)
     prob = np.asarray(prob, np.float64)
     if prob.shape[1] == 2:
-        return _binary_auc(y == 1, prob[:, 1])
-    vals = [_binary_auc(y == k, prob[:, k]) for k in range(prob.shape[1]) if 0 < (y == k).sum() < len(y)]
+        return binary_auc(y == 1, prob[:, 1])
+    vals = [binary_auc(y == k, prob[:, k]) for k in range(prob.shape[1]) if 0 < (y == k).sum() < len(y)]
     return float(np.mean(vals)) if vals else float("nan")
 
 

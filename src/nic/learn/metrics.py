@@ -21,6 +21,7 @@ __all__ = [
     "c_index",
     "compute_metric",
     "bootstrap_ci",
+    "binary_auc",
 ]
 
 
@@ -47,7 +48,9 @@ def mae(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(y, float) - np.asarray(pred, float))))
 
 
-def _binary_auc(y: np.ndarray, score: np.ndarray) -> float:
+def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of boolean labels ``y`` (N,) against scores (N,) (Mann-Whitney, ties halved);
+    NaN when one class is absent."""
     from scipy.stats import rankdata
 
     y = np.asarray(y).astype(bool)
@@ -63,8 +66,8 @@ def auc(y: np.ndarray, pred: np.ndarray) -> float:
     pred = np.asarray(pred, float)
     y = np.asarray(y).astype(np.int64)
     if pred.ndim == 1:
-        return _binary_auc(y, pred)
-    vals = [_binary_auc(y == k, pred[:, k]) for k in range(pred.shape[1]) if 0 < (y == k).sum() < len(y)]
+        return binary_auc(y, pred)
+    vals = [binary_auc(y == k, pred[:, k]) for k in range(pred.shape[1]) if 0 < (y == k).sum() < len(y)]
     return float(np.mean(vals)) if len(vals) == pred.shape[1] else float("nan")
 
 
