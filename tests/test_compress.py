@@ -505,28 +505,33 @@ def test_peak_memory_does_not_grow_with_slide_size(encoder_dir, tmp_path):
     assert peaks[8192] - peaks[2048] < 150, f"peak RSS {peaks[2048]:.0f} MiB -> {peaks[8192]:.0f} MiB for 16x the slide"
 
 
-def test_a_slide_failing_mid_read_does_not_stop_the_cohort(slides, encoder, tmp_path):
-    """A damaged tile fails its slide in a reader process; the next slide still compresses."""
+def _damaged_copy(src, dst):
+    """Copy ``src`` to ``dst`` with the bytes of a tissue tile in the middle of level 0 zeroed."""
     import shutil
 
     import tifffile
 
-    bad = tmp_path / "damaged.tif"
-    shutil.copy(slides["b"], bad)
-    with tifffile.TiffFile(bad) as tif:
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
         page = tif.pages[0]
         index = (page.imagelength // 256 // 2) * (-(-page.imagewidth // 256)) + (page.imagewidth // 256 // 2)
         offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
-    with open(bad, "r+b") as f:  # a tissue tile in the middle of level 0
+    with open(dst, "r+b") as f:
         f.seek(offset + 2)
         f.write(b"\x00" * (count - 2))
+    return dst
+
+
+def test_a_slide_failing_mid_read_does_not_stop_the_cohort(slides, encoder, tmp_path):
+    """A damaged tile fails its slide in a reader process; the next slide still compresses."""
+    bad = _damaged_copy(slides["b"], tmp_path / "damaged.tif")
     results = compress_slides([bad, slides["c"]], encoder, tmp_path / "out", CompressOptions(workers=1), skip_errors=True)
     assert [r.status for r in results] == ["failed", "done"]
     assert "damaged.tif" in results[0].error
     assert not is_complete(results[0].store) and is_complete(results[1].store)
 
 
-# -- review fixes: skip checks, runner reset, shm clean-up, busy exit code ---------------------
+# -- resume checks, runner reset, shm clean-up, busy exit code ---------------------------------
 
 
 def test_complete_store_of_another_slide_file_or_settings_is_not_kept(slides, encoder, tmp_path):
@@ -591,22 +596,10 @@ def _deferred_encoder():
 
 def test_a_failed_slide_leaves_no_pending_batch_for_the_next(slides, encoder, tmp_path, monkeypatch):
     """A slide failing with a batch pending (CUDA) must not put its codes into the next store."""
-    import shutil
-
-    import tifffile
-
     from nic.compress import _cohort
 
     monkeypatch.setattr(_cohort, "BatchEncoder", _deferred_encoder())
-    bad = tmp_path / "damaged.tif"
-    shutil.copy(slides["b"], bad)
-    with tifffile.TiffFile(bad) as tif:
-        page = tif.pages[0]
-        index = (page.imagelength // 256 // 2) * (-(-page.imagewidth // 256)) + (page.imagewidth // 256 // 2)
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
-    with open(bad, "r+b") as f:  # a tissue tile in the middle of level 0
-        f.seek(offset + 2)
-        f.write(b"\x00" * (count - 2))
+    bad = _damaged_copy(slides["b"], tmp_path / "damaged.tif")
     opts = CompressOptions(workers=0, batch_size=8)
     results = compress_slides([bad, slides["c"]], encoder, tmp_path / "out", opts, skip_errors=True)
     assert [r.status for r in results] == ["failed", "done"], [r.error for r in results]
