@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Slide-level learning on a generated cohort, from the command line only:
-# 120 slides (seed 2026, not used while building), compressed with the published
+# 120 slides (seed 2028, not used while building), compressed with the published
 # multitask-4 NIC encoder, then 5-fold patient-grouped cross-validation of
 #   growth_pattern (binary, spatial context only): nic-cnn against meanpool,
 #   proliferation (regression) and survival (Cox) with nic-cnn.
@@ -10,7 +10,7 @@ work=${1:?usage: acceptance_learn.sh WORKDIR [ENCODER]}
 here=$(cd "$(dirname "$0")/.." && pwd)
 encoder=${2:-$here/../shared/weights/nic-keras/encoder_multitask-4.h5}
 mkdir -p "$work" && cd "$work"
-[ -f cohort/labels.csv ] || nic synth cohort cohort --slides 120 --size 4096 --seed 2026
+[ -f cohort/labels.csv ] || nic synth cohort cohort --slides 120 --size 4096 --seed 2028
 time nic compress cohort/slides --encoder "$encoder" --out compressed --no-progress
 L=cohort/labels.csv
 train() { time nic train --compressed compressed --labels $L --folds 5 --threads 1 --overwrite "$@"; }

@@ -46,10 +46,21 @@ def test_every_model_forward_backward(name: str, h: int, w: int, n_out: int) -> 
         assert torch.isfinite(net(x[:1], mask[:1])).all()  # batch of one in eval mode
 
 
-@pytest.mark.parametrize("name", ["meanpool", "abmil"])
-def test_bag_models_ignore_background_cells(name: str) -> None:
+@pytest.mark.parametrize("pool", ["max", "mean", "maxmean", "attention"])
+def test_nic_cnn_pooling_choices(pool: str) -> None:
+    torch.manual_seed(0)
+    net = create_model("nic-cnn", ModelSpec(5, 2, width=8, pool=pool, input_size=12))
+    mask = torch.rand(4, 12, 12) > 0.4
+    out = net(torch.randn(4, 5, 12, 12) * mask[:, None], mask)
+    assert out.shape == (4, 2) and torch.isfinite(out).all()
+    with pytest.raises(DataError, match="unknown pooling"):
+        create_model("nic-cnn", ModelSpec(5, pool="sum"))
+
+
+@pytest.mark.parametrize("name", ["meanpool", "abmil", "nic-cnn"])
+def test_models_ignore_background_cells(name: str) -> None:
     torch.manual_seed(1)
-    net = create_model(name, ModelSpec(4, 1, width=8)).eval()
+    net = create_model(name, ModelSpec(4, 1, width=8, input_size=6)).eval()
     x = torch.randn(2, 4, 6, 6)
     mask = torch.zeros(2, 6, 6, dtype=torch.bool)
     mask[:, 1:4, 2:5] = True
@@ -71,10 +82,40 @@ def test_nic_cnn_strides_keep_the_reference_at_its_scale() -> None:
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in net.modules()) == 8
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_code_standardisation_makes_models_blind_to_code_scale(name: str) -> None:
+    """Codes a*x+b with statistics a*mean+b, a*std give the outputs of x with (mean, std)."""
+    torch.manual_seed(3)
+    net = create_model(name, ModelSpec(4, 1, width=8, input_size=6)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    mask = torch.rand(2, 6, 6) > 0.3
+    mean, std = np.array([0.5, -1.0, 2.0, 0.0]), np.array([1.0, 2.0, 0.5, 3.0])
+    a, b = torch.tensor([3.0, 0.1, 10.0, 1.0]), torch.tensor([-4.0, 7.0, 0.0, 100.0])
+    with torch.no_grad():
+        net.set_code_stats(mean, std)
+        ref = net(x * mask[:, None], mask)
+        net.set_code_stats(a.numpy() * mean + b.numpy(), a.numpy() * std)
+        out = net((a[:, None, None] * x + b[:, None, None]) * mask[:, None], mask)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_code_stats_match_numpy(tmp_path: Path) -> None:
+    from nic.learn._planted import make_planted_cohort
+    from nic.learn.data import code_stats, open_sources
+    from nic.store import open_store
+
+    pc = make_planted_cohort(tmp_path, 4, grid=(10, 12), code_size=5, n_pairs=1, seed=0)
+    paths = sorted(pc.stores.glob("*.zarr"))
+    cells = np.concatenate([s.load(0)[:, s.tissue] for s in map(open_store, paths)], axis=1)
+    mean, std = code_stats(open_sources(paths))
+    assert np.allclose(mean, cells.mean(1), atol=1e-5) and np.allclose(std, cells.std(1), atol=1e-5)
+
+
 def test_slide_model_save_load_roundtrip(tmp_path: Path) -> None:
     torch.manual_seed(2)
     spec = ModelSpec(4, 1, width=8, input_size=8)
     net = create_model("nic-cnn", spec)
+    net.set_code_stats(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 1.0, 2.0, 4.0]))
     net.train()
     net(torch.randn(4, 4, 8, 8), torch.ones(4, 8, 8, dtype=torch.bool)).sum().backward()  # move BN stats
     net.eval()

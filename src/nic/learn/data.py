@@ -353,6 +353,35 @@ class SlideSource:
         return feats, mask
 
 
+def code_stats(sources: Sequence[SlideSource], max_cells_per_slide: int = 4096, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (float64, (C,)) of the tissue codes (variant 0).
+
+    At most ``max_cells_per_slide`` tissue cells per slide (a seeded sample) enter, so huge
+    slides do not dominate and the cost stays bounded.
+    """
+    rng = np.random.default_rng(seed)
+    n = 0
+    s1 = s2 = None
+    for src in sources:
+        ys, xs = np.nonzero(src.tissue)
+        if len(ys) == 0:
+            continue
+        if len(ys) > max_cells_per_slide:
+            pick = rng.choice(len(ys), max_cells_per_slide, replace=False)
+            ys, xs = ys[pick], xs[pick]
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        block = src._read(0, slice(y0, y1), slice(x0, x1)).astype(np.float64)
+        v = block[:, ys - y0, xs - x0]  # (C, n)
+        s1 = v.sum(1) if s1 is None else s1 + v.sum(1)
+        s2 = (v * v).sum(1) if s2 is None else s2 + (v * v).sum(1)
+        n += v.shape[1]
+    if s1 is None or s2 is None:
+        c = sources[0].code_size if sources else 0
+        return np.zeros(c), np.ones(c)
+    mean = s1 / n
+    return mean, np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+
+
 #: keep every slide's codes in memory when they fit in this many bytes (float16 on disk)
 CACHE_BYTES = 4 << 30
 

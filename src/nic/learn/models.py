@@ -32,7 +32,7 @@ class ModelSpec:
     in_channels: int
     n_outputs: int = 1
     width: int = 128
-    dropout: float = 0.2
+    dropout: float = 0.0
     pool: str = "maxmean"
     input_size: int | None = None  #: crop side in cells; sets how many nic-cnn layers stride
 
@@ -72,6 +72,46 @@ def _masked_max(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return v.masked_fill(~keep[:, None], float("-inf")).amax(-1)
 
 
+class SlideNet(nn.Module):
+    """Base of the slide models: tissue codes are standardised per channel with the fit
+    cohort's statistics (buffers saved with the weights); background cells stay 0."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.register_buffer("code_mean", torch.zeros(in_channels))
+        self.register_buffer("code_std", torch.ones(in_channels))
+
+    def zero_last_layer(self, layer: nn.Linear) -> None:
+        """Start from output 0 (the mean target, even odds, log-risk 0): zeroed weights and bias."""
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+    def set_code_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Per-channel mean and standard deviation of the training tissue codes."""
+        self.code_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.code_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
+
+    def standardise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = (x - self.code_mean[:, None, None]) / self.code_std[:, None, None]
+        return z * mask[:, None].to(z.dtype)
+
+
+class _GatedAttention(nn.Module):
+    """Gated attention weights over positions (Ilse et al. 2018): softmax over tissue of
+    ``w^T (tanh(V h) * sigmoid(U h))``; h (B, N, C), mask (B, N) bool -> (B, N)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.v = nn.Linear(width, width // 2)
+        self.u = nn.Linear(width, width // 2)
+        self.w = nn.Linear(width // 2, 1)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a = self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))).squeeze(-1)
+        m = mask | (mask.sum(1, keepdim=True) == 0)  # all-background: every position
+        return torch.softmax(a.masked_fill(~m, float("-inf")), dim=1)
+
+
 class _SepConv(nn.Module):
     """Depthwise 3x3 (stride s) + pointwise 1x1 -> BN -> LeakyReLU -> channel dropout."""
 
@@ -104,7 +144,7 @@ def nic_cnn_strides(input_size: int | None) -> tuple[int, ...]:
     return tuple([2] * n + [1] * (8 - n))
 
 
-class NicCNN(nn.Module):
+class NicCNN(SlideNet):
     """8 depthwise-separable conv layers (stride 2 in the first ones, see :func:`nic_cnn_strides`),
     mask-aware global pooling, dense head.
 
@@ -113,25 +153,34 @@ class NicCNN(nn.Module):
     """
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
-        if spec.pool not in ("max", "mean", "maxmean"):
-            raise DataError(f"unknown pooling {spec.pool!r}; expected max, mean or maxmean")
+        super().__init__(spec.in_channels)
+        if spec.pool not in ("max", "mean", "maxmean", "attention"):
+            raise DataError(f"unknown pooling {spec.pool!r}; expected max, mean, maxmean or attention")
         w = spec.width
         strides = nic_cnn_strides(spec.input_size)
         chans = [spec.in_channels] + [w] * len(strides)
         self.layers = nn.ModuleList(_SepConv(a, b, s, spec.dropout) for a, b, s in zip(chans[:-1], chans[1:], strides))
         self.pool = spec.pool
         feat = 2 * w if spec.pool == "maxmean" else w
-        self.head = nn.Sequential(nn.Linear(feat, w), nn.BatchNorm1d(w), nn.LeakyReLU(0.2), nn.Linear(w, spec.n_outputs))
+        self.attention = _GatedAttention(w) if spec.pool == "attention" else None
+        # no batch norm in the dense head (the reference has one): at batch 16 its running
+        # statistics lag the training batches, and eval-mode outputs of regression models
+        # lost the ranking the training batches had (train Spearman 0.16 vs 0.83 without)
+        self.head = nn.Sequential(nn.Linear(feat, w), nn.LeakyReLU(0.2), nn.Linear(w, spec.n_outputs))
+        self.zero_last_layer(self.head[-1])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.standardise(x, mask)
         m = mask[:, None].float()
         for layer in self.layers:
             x = layer(x)
             if layer.stride > 1:
                 m = F.max_pool2d(m, 3, layer.stride, 1)
         v, mm = x.flatten(2), m.flatten(1)
-        if self.pool == "max":
+        if self.attention is not None:
+            a = self.attention(v.transpose(1, 2), mm > 0)
+            z = (v * a[:, None]).sum(-1)
+        elif self.pool == "max":
             z = _masked_max(v, mm)
         elif self.pool == "mean":
             z = _masked_mean(v, mm)
@@ -140,38 +189,37 @@ class NicCNN(nn.Module):
         return self.head(z)
 
 
-class MeanPool(nn.Module):
-    """Mean of the tissue codes -> Linear/BN/LeakyReLU/Dropout -> Linear."""
+class MeanPool(SlideNet):
+    """Mean of the tissue codes -> Linear/LeakyReLU/Dropout -> Linear."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
+        super().__init__(spec.in_channels)
         w = spec.width
         self.mlp = nn.Sequential(
-            nn.Linear(spec.in_channels, w), nn.BatchNorm1d(w), nn.LeakyReLU(0.2), nn.Dropout(spec.dropout), nn.Linear(w, spec.n_outputs)
+            nn.Linear(spec.in_channels, w), nn.LeakyReLU(0.2), nn.Dropout(spec.dropout), nn.Linear(w, spec.n_outputs)
         )
+        self.zero_last_layer(self.mlp[-1])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.standardise(x, mask)
         return self.mlp(_masked_mean(x.flatten(2), mask.flatten(1).float()))
 
 
-class ABMIL(nn.Module):
+class ABMIL(SlideNet):
     """Gated attention MIL: h = ReLU(W x); a = softmax_tissue(w^T (tanh(V h) * sigmoid(U h))); out = f(sum a h)."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
+        super().__init__(spec.in_channels)
         w = spec.width
         self.embed = nn.Sequential(nn.Linear(spec.in_channels, w), nn.ReLU(), nn.Dropout(spec.dropout))
-        self.att_v = nn.Linear(w, w // 2)
-        self.att_u = nn.Linear(w, w // 2)
-        self.att_w = nn.Linear(w // 2, 1)
+        self.attention = _GatedAttention(w)
         self.out = nn.Linear(w, spec.n_outputs)
+        self.zero_last_layer(self.out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.standardise(x, mask)
         h = self.embed(x.flatten(2).transpose(1, 2))  # (B, N, w)
-        a = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))).squeeze(-1)  # (B, N)
-        m = mask.flatten(1)
-        m = m | (m.sum(1, keepdim=True) == 0)
-        a = torch.softmax(a.masked_fill(~m, float("-inf")), dim=1)
+        a = self.attention(h, mask.flatten(1))  # (B, N)
         return self.out((a[..., None] * h).sum(1))
 
 

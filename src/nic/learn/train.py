@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nic.errors import DataError
-from nic.learn.data import Cohort, SlideSource, dihedral, sample_crop_origin
+from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_crop_origin
 from nic.learn.losses import task_loss
 from nic.learn.models import ModelSpec, create_model
 
@@ -41,14 +41,18 @@ class FitConfig:
     """Hyper-parameters of one model fit (units: grid cells, epochs, slides)."""
 
     model: str = "nic-cnn"
-    epochs: int = 50
+    epochs: int = 100
     batch_size: int = 16
-    lr: float = 1e-2  #: the reference value; lower rates failed more often on the planted tests
+    #: the reference uses 1e-2; on generated and planted cohorts 3e-3 fitted regression
+    #: targets that 1e-2 did not (and learnt the planted spatial label more reliably than 1e-3)
+    lr: float = 3e-3
     weight_decay: float = 1e-5
     crop: int | None = None  #: crop side in cells; None: min(400, largest grid side)
-    patience: int = 10  #: epochs without validation improvement before stopping
-    min_epochs: int = 10  #: no lr decay or stopping before this epoch (noisy early validation)
-    lr_patience: int = 4  #: epochs without improvement before lr /= 10
+    #: epochs without validation improvement before stopping; attention models sat on a
+    #: plateau for 10-20 epochs before finding the sparse mitosis signal
+    patience: int = 20
+    min_epochs: int = 20  #: no lr decay or stopping before this epoch (noisy early validation)
+    lr_patience: int = 8  #: epochs without improvement before lr /= 10
     min_lr: float = 1e-5
     val_fraction: float = 0.2
     tta_crops: int = 10  #: test crops per slide (1 when the slide fits in a crop)
@@ -58,7 +62,9 @@ class FitConfig:
     augment: bool = True  #: random rotation/flip (variant) per training crop
     ties: str = "efron"
     width: int = 128
-    dropout: float = 0.2
+    #: the reference uses channel dropout 0.2; with ~100 slides even 0.1 kept nic-cnn from
+    #: fitting regression targets (training Spearman 0.2-0.6 against 0.9 without)
+    dropout: float = 0.0
     pool: str = "maxmean"
     seed: int = 0
 
@@ -270,6 +276,8 @@ def fit_model(
     net = create_model(cfg.model, spec)
     task = cohort.task
     fit_slides = cohort.slides_of(fit_patients)
+    if hasattr(net, "set_code_stats"):
+        net.set_code_stats(*code_stats([sources[i] for i in fit_slides], seed=seed))
     val_slides = cohort.slides_of(val_patients)
     y_slide = cohort.y[cohort.slide_patient]
     mean, std = 0.0, 1.0
