@@ -3,7 +3,8 @@
 # 120 slides (seed 2028, not used while building), compressed with the published
 # multitask-4 NIC encoder, then 5-fold patient-grouped cross-validation of
 #   growth_pattern (binary, spatial context only): nic-cnn against meanpool,
-#   proliferation (regression) and survival (Cox) with nic-cnn.
+#   proliferation (regression) with nic-cnn and abmil, survival (Cox) with nic-cnn,
+# and the c-index of the true tumour burden (what a perfect model could reach).
 # Usage: benchmarks/acceptance_learn.sh WORKDIR [ENCODER]
 set -euo pipefail
 work=${1:?usage: acceptance_learn.sh WORKDIR [ENCODER]}
@@ -17,4 +18,11 @@ train() { time nic train --compressed compressed --labels $L --folds 5 --threads
 train --task binary --target growth_pattern --model nic-cnn --out runs/growth_niccnn
 train --task binary --target growth_pattern --model meanpool --out runs/growth_meanpool
 train --task regression --target proliferation --model nic-cnn --out runs/proliferation_niccnn
+train --task regression --target proliferation --model abmil --out runs/proliferation_abmil
 train --task survival --time survival_time --event survival_event --model nic-cnn --out runs/survival_niccnn
+python - <<'PY'
+import pandas as pd
+from nic.learn import c_index
+p = pd.read_csv("cohort/labels.csv").groupby("patient").first()
+print(f"c-index of the true tumour burden: {c_index(p.survival_time.values, p.survival_event.values, p.tumour_burden.values):.3f}")
+PY

@@ -5,7 +5,7 @@ temporary folder, then times full training epochs (one random crop per slide, th
 default crop = the whole 64-cell grid, batch 16, augmentation on) and one test-time pass
 (1 crop x 1 view per slide; the default test-time
 averaging uses 8 views, 8 x that time).  Run: ``python benchmarks/bench_learn.py [--slides 200]
-[--grid 64] [--channels 128] [--threads 2] [--models nic-cnn,meanpool,abmil]``.
+[--grid 64] [--channels 128] [--threads 2] [--models nic-cnn,meanpool,abmil] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--models", default="nic-cnn,meanpool,abmil")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     a = ap.parse_args()
 
     import numpy as np
@@ -45,10 +46,10 @@ def main() -> None:
             s.crop(0, 0, 1)
         t_read = time.perf_counter() - t0
         allp = np.arange(len(co.patients))
-        print(f"{a.slides} slides {a.grid}x{a.grid} C={a.channels}, {a.threads} threads; "
+        print(f"{a.slides} slides {a.grid}x{a.grid} C={a.channels}, {a.threads} threads, device {a.device}; "
               f"generate {t_gen:.1f} s, open+read {t_read:.1f} s")
         for name in a.models.split(","):
-            cfg = FitConfig(model=name, epochs=a.epochs, batch_size=16)
+            cfg = FitConfig(model=name, epochs=a.epochs, batch_size=16, device=a.device)
             m, hist = fit_model(co, src, allp, allp[:0], cfg, seed=0)
             per_epoch = hist.seconds / len(hist.train_loss)
             t0 = time.perf_counter()

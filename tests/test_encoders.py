@@ -89,10 +89,18 @@ def test_fused_inference_module_matches(example: np.ndarray, reference: dict, tm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_keras_port_on_gpu(example: np.ndarray, reference: dict) -> None:
-    for encoder in (load_encoder(KERAS / "encoder_multitask-4.h5", device="cuda"),):
-        for model in (encoder, encoder.for_inference()):
-            codes = model.embed(example)[0]
-            assert np.abs(codes - np.asarray(reference["encoder_multitask-4.h5"])).max() <= 1e-4
+    """Full float32 convolutions reproduce Keras to 1e-4; cuDNN's default TF32 (10-bit
+    mantissa, on by default in torch) to 2e-3 (9e-4 seen on an H200)."""
+    encoder = load_encoder(KERAS / "encoder_multitask-4.h5", device="cuda")
+    ref = np.asarray(reference["encoder_multitask-4.h5"])
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32, tol in ((False, 1e-4), (True, 2e-3)):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+            for model in (encoder, encoder.for_inference()):
+                assert np.abs(model.embed(example)[0] - ref).max() <= tol, (tf32, tol)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_keras_port_by_hand(example: np.ndarray, reference: dict) -> None:

@@ -234,7 +234,8 @@ def test_cli_overwrite_checks_inputs_first_and_cleans_a_crashed_run(small: Plant
 
 
 @pytest.mark.parametrize(("opt", "value"), [("--batch-size", "0"), ("--batch-size", "1"), ("--threads", "-1"), ("--lr", "-1"),
-                                            ("--epochs", "0"), ("--folds", "1")])
+                                            ("--epochs", "0"), ("--folds", "1"), ("--dropout", "1"),
+                                            ("--pool", "sum"), ("--device", "bogus")])
 def test_cli_numeric_options_are_checked(small: PlantedCohort, tmp_path: Path, opt: str, value: str) -> None:
     args = _train_args(small, tmp_path / "r")
     if opt in args:
@@ -243,3 +244,15 @@ def test_cli_numeric_options_are_checked(small: PlantedCohort, tmp_path: Path, o
         args += [opt, value]
     assert opt in _one_error_line(_run(args))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_matches_its_cpu_copy(small: PlantedCohort, tmp_path: Path) -> None:
+    co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
+    src = open_sources(co.store_paths)
+    m, hist = fit_model(co, src, np.arange(8), np.arange(8, 10), FitConfig(epochs=5, width=8, batch_size=4, device="cuda"), seed=0)
+    assert next(m.net.parameters()).is_cuda and np.isfinite(hist.train_loss).all()
+    on_gpu = m.predict_raw(src, n_crops=1, variants=True)
+    m.save(tmp_path / "m")
+    on_cpu = type(m).load(tmp_path / "m").predict_raw(src, n_crops=1, variants=True)
+    assert np.allclose(on_gpu, on_cpu, atol=2e-3)  # cuDNN may use TF32

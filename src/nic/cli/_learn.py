@@ -31,6 +31,7 @@ def train(
     slide_column: str = typer.Option("slide", "--slide-column", help="Slide column of the labels CSV."),
     patient_column: str = typer.Option("patient", "--patient-column", help="Patient column of the labels CSV."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto (cuda when available), cpu, cuda, cuda:1."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
     """Cross-validated training of a slide-level model; prints the pooled out-of-fold metrics."""
@@ -40,7 +41,7 @@ def train(
         compressed=compressed,
         labels=LabelSpec(labels, task, target, time, event, slide_column, patient_column),  # type: ignore[arg-type]
         fit=FitConfig(model=model, epochs=epochs, crop=crop, batch_size=batch_size, lr=lr, patience=patience, width=width,
-                      dropout=dropout, pool=pool, ties=ties, seed=seed),
+                      dropout=dropout, pool=pool, ties=ties, seed=seed, device=device),
         folds=folds,
         out=out,
         overwrite=overwrite,

@@ -28,7 +28,7 @@ from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_cro
 from nic.learn.losses import task_loss
 from nic.learn.models import ModelSpec, create_model
 
-__all__ = ["FitConfig", "FitHistory", "SlideModel", "fit_model", "event_batches", "default_crop", "training_view", "patient_mean"]
+__all__ = ["resolve_device", "FitConfig", "FitHistory", "SlideModel", "fit_model", "event_batches", "default_crop", "training_view", "patient_mean"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,31 @@ class FitConfig:
     dropout: float = 0.0
     pool: str = "maxmean"
     seed: int = 0
+    device: str = "auto"  #: torch device; "auto": the first CUDA device when torch sees one, else cpu
 
     def __post_init__(self) -> None:
         _check_int("--batch-size", self.batch_size, 2)  # BatchNorm needs 2 samples per batch
         _check_int("--epochs", self.epochs, 1)
         if not (isinstance(self.lr, (int, float, np.floating)) and math.isfinite(self.lr) and self.lr > 0):
             raise DataError(f"--lr must be a number greater than 0 (got {self.lr!r})")
+        resolve_device(self.device)  # a bad or unavailable device fails before any work
+        if not (isinstance(self.dropout, (int, float, np.floating)) and 0 <= self.dropout < 1):
+            raise DataError(f"--dropout must be a number in [0, 1) (got {self.dropout!r})")
+        if self.pool not in ("max", "mean", "maxmean", "attention"):
+            raise DataError(f"--pool must be maxmean, max, mean or attention (got {self.pool!r})")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a torch device ("auto": cuda when available); a one-line error otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DataError(f"--device {device!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:0") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return dev
 
 
 def _check_int(option: str, value: Any, lowest: int) -> None:
@@ -163,7 +182,7 @@ class SlideModel:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(folder / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(folder / "model.safetensors"))
         (folder / "model.json").write_text(json.dumps(self.meta(), indent=2))
 
     @classmethod
@@ -201,6 +220,7 @@ class SlideModel:
         variants with their grid transform, or the 8 grid rotations/flips of a 1-variant store.
         """
         self.net.eval()
+        dev = next(self.net.parameters()).device
         out = np.zeros((len(sources), self.spec.n_outputs), np.float64)
         for si, src in enumerate(sources):
             rng = np.random.default_rng([seed, si])
@@ -218,9 +238,9 @@ class SlideModel:
                     f, m = src.crop(y0, x0, self.crop, k if src.variants == 8 else 0)
                     xs.append(dihedral(f, k))
                     ms.append(dihedral(m, k))
-                x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
-                mk = torch.from_numpy(np.ascontiguousarray(np.stack(ms)))
-                acc.append(self.net(x, mk).double().numpy())
+                x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(dev)
+                mk = torch.from_numpy(np.ascontiguousarray(np.stack(ms))).to(dev)
+                acc.append(self.net(x, mk).double().cpu().numpy())
             out[si] = np.concatenate(acc).mean(0)
         return out
 
@@ -269,6 +289,7 @@ def fit_model(
     import time as _time
 
     t_start = _time.perf_counter()
+    dev = resolve_device(cfg.device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     crop = default_crop(sources, cfg.crop)
@@ -278,6 +299,7 @@ def fit_model(
     fit_slides = cohort.slides_of(fit_patients)
     if hasattr(net, "set_code_stats"):
         net.set_code_stats(*code_stats([sources[i] for i in fit_slides], seed=seed))
+    net.to(dev)
     val_slides = cohort.slides_of(val_patients)
     y_slide = cohort.y[cohort.slide_patient]
     mean, std = 0.0, 1.0
@@ -286,6 +308,7 @@ def fit_model(
         mean, std = float(yp.mean()), float(yp.std() or 1.0)
     model = SlideModel(cfg.model, spec, task, crop, net, mean, std, cohort.classes)
     cw = _class_weight(task, y_slide[fit_slides], cohort.n_outputs) if cfg.class_weights else None
+    cw = cw.to(dev) if cw is not None else None
     t_slide = cohort.time[cohort.slide_patient] if cohort.time is not None else None
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.lr_patience, min_lr=cfg.min_lr)
@@ -312,10 +335,10 @@ def fit_model(
                 f, m, _ = training_view(sources[s], crop, rng, cfg.augment)
                 xs.append(f)
                 ms.append(m)
-            x = torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
-            mk = torch.from_numpy(np.ascontiguousarray(np.stack(ms)))
-            yt = torch.from_numpy(((y_slide[idx] - mean) / std) if task == "regression" else y_slide[idx])
-            tt = torch.from_numpy(t_slide[idx]) if t_slide is not None else None
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(dev, non_blocking=True)
+            mk = torch.from_numpy(np.ascontiguousarray(np.stack(ms))).to(dev, non_blocking=True)
+            yt = torch.from_numpy(((y_slide[idx] - mean) / std) if task == "regression" else y_slide[idx]).to(dev)
+            tt = torch.from_numpy(t_slide[idx]).to(dev) if t_slide is not None else None
             loss = task_loss(task, net(x, mk), yt, tt, cw, cfg.ties)  # type: ignore[arg-type]
             opt.zero_grad()
             loss.backward()
@@ -347,6 +370,6 @@ def fit_model(
             logger.debug("epoch %d: train %.4f", epoch, hist.train_loss[-1])
     if best_state is not None:
         net.load_state_dict(best_state)
-    net.eval()
+    net.eval()  # stays on ``dev``: the fold's test predictions run there too
     hist.seconds = _time.perf_counter() - t_start
     return model, hist
