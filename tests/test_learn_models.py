@@ -80,6 +80,10 @@ def test_nic_cnn_strides_keep_the_reference_at_its_scale() -> None:
     net = create_model("nic-cnn", ModelSpec(3, input_size=400))
     assert sum(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in net.modules()) == 8  # 8 depthwise layers
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in net.modules()) == 8
+    pointwise = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert len(pointwise) == 9 and pointwise[0].in_channels == 3  # the per-cell stem, then 8 layers
+    ref = create_model("nic-cnn", ModelSpec(3, input_size=400, stem=False))
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in ref.modules()) == 8
 
 
 @pytest.mark.parametrize("name", list_models())
