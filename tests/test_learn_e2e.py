@@ -256,3 +256,14 @@ def test_fit_on_cuda_matches_its_cpu_copy(small: PlantedCohort, tmp_path: Path) 
     m.save(tmp_path / "m")
     on_cpu = type(m).load(tmp_path / "m").predict_raw(src, n_crops=1, variants=True)
     assert np.allclose(on_gpu, on_cpu, atol=2e-3)  # cuDNN may use TF32
+
+
+def test_cli_defaults_are_the_library_defaults() -> None:
+    import inspect
+
+    from nic.cli._learn import train
+
+    params = inspect.signature(train).parameters
+    fit = FitConfig()
+    for name in ("epochs", "batch_size", "lr", "patience", "width", "dropout", "pool", "device", "seed", "ties"):
+        assert params[name].default.default == getattr(fit, name), name
