@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 
 from nic.encoders._base import Encoder, EncoderConfig
 from nic.encoders._registry import create_encoder, list_encoders
+from nic._device import torch_device
 from nic.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -287,14 +288,7 @@ def load_encoder(
     registry or timm encoder; extra keyword arguments are architecture arguments (plus
     ``mean``, ``std``, ``mpp``).  Errors are :class:`EncoderError` naming the fix.
     """
-    import torch
-
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise EncoderError(f"bad device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(f"device {str(device)!r} asked for, but torch sees no CUDA device; use --device cpu")
+    device = torch_device(device, EncoderError)
     text = str(spec)
     path = Path(text).expanduser()
     if text.startswith("timm:") or (not path.exists() and _split_spec(text)[0] in list_encoders()):

@@ -24,6 +24,9 @@ __all__ = ["nic_cnn_strides", "ModelSpec", "register_model", "create_model", "li
 
 _REGISTRY: dict[str, Callable[[ModelSpec], nn.Module]] = {}
 
+#: nic-cnn's global pooling choices
+POOLS = ("maxmean", "max", "mean", "attention")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -155,8 +158,8 @@ class NicCNN(SlideNet):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec.in_channels)
-        if spec.pool not in ("max", "mean", "maxmean", "attention"):
-            raise DataError(f"unknown pooling {spec.pool!r}; expected max, mean, maxmean or attention")
+        if spec.pool not in POOLS:
+            raise DataError(f"unknown pooling {spec.pool!r}; expected {', '.join(POOLS)}")
         w = spec.width
         strides = nic_cnn_strides(spec.input_size)
         chans = [spec.in_channels] + [w] * len(strides)

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from nic._device import torch_device
 from nic.errors import DataError
 from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_crop_origin
 from nic.learn.losses import task_loss
-from nic.learn.models import ModelSpec, create_model
+from nic.learn.models import POOLS, ModelSpec, create_model
 
 __all__ = ["resolve_device", "FitConfig", "FitHistory", "SlideModel", "fit_model", "event_batches", "default_crop", "training_view", "patient_mean"]
 
@@ -77,21 +78,15 @@ class FitConfig:
         resolve_device(self.device)  # a bad or unavailable device fails before any work
         if not (isinstance(self.dropout, (int, float, np.floating)) and 0 <= self.dropout < 1):
             raise DataError(f"--dropout must be a number in [0, 1) (got {self.dropout!r})")
-        if self.pool not in ("max", "mean", "maxmean", "attention"):
-            raise DataError(f"--pool must be maxmean, max, mean or attention (got {self.pool!r})")
+        if self.pool not in POOLS:
+            raise DataError(f"--pool must be one of {', '.join(POOLS)} (got {self.pool!r})")
 
 
 def resolve_device(device: str) -> torch.device:
     """``device`` as a torch device ("auto": cuda when available); a one-line error otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DataError(f"--device {device!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:0") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return dev
+    return torch_device(device, DataError)
 
 
 def _check_int(option: str, value: Any, lowest: int) -> None:
