@@ -6,6 +6,7 @@ log-risk (log hazard ratio); HIGHER output = HIGHER risk = shorter expected surv
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -38,23 +39,32 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, tie
     n_events = int(ev.sum())
     if n_events == 0:
         return risk.sum() * 0.0
-    taus = torch.unique(time[ev])  # (U,) distinct event times
-    at_risk = time[None, :] >= taus[:, None]  # (U, N)
-    in_d = (time[None, :] == taus[:, None]) & ev[None, :]  # (U, N)
-    c = risk.detach().max()
-    e = torch.exp(risk - c)
-    s_r = (at_risk * e).sum(1)  # (U,)
-    s_d = (in_d * e).sum(1)
-    d = in_d.sum(1)  # (U,)
+    # latest time first: the running log-sum-exp up to the last sample of a time is the
+    # log of that time's risk-set sum, exact however far below the global maximum it lies
+    order = torch.argsort(time, descending=True, stable=True)
+    r, t, e = risk[order], time[order], ev[order]
+    _, group, counts = torch.unique_consecutive(t, return_inverse=True, return_counts=True)  # (N,), (G,)
+    lse_r = torch.logcumsumexp(r, 0)[counts.cumsum(0) - 1]  # (G,) log sum_{j: t_j >= t_g} e^{r_j}
+    ge, re = group[e], r[e]  # group and risk of each event
+    n_groups = len(counts)
+    d = torch.zeros(n_groups, dtype=risk.dtype, device=risk.device).index_add_(0, ge, torch.ones_like(re))  # (G,)
+    has = d > 0
     if ties == "breslow":
-        log_den = d * (torch.log(s_r) + c)
+        log_den = d[has] * lse_r[has]
     else:
-        ls = torch.arange(int(d.max()), dtype=risk.dtype, device=risk.device)  # (L,)
-        frac = ls[None, :] / d[:, None]  # (U, L)
-        valid = ls[None, :] < d[:, None]
-        inner = s_r[:, None] - frac * s_d[:, None]
-        inner = torch.where(valid, inner, torch.ones_like(inner))
-        log_den = ((torch.log(inner) + c) * valid).sum(1)
+        # log sum_{i in D_g} e^{r_i}, shifted by the group's largest event risk
+        top = torch.full((n_groups,), -math.inf, dtype=risk.dtype, device=risk.device)
+        top = top.scatter_reduce(0, ge, re.detach(), reduce="amax")
+        s_d = torch.zeros_like(top).index_add(0, ge, torch.exp(re - top[ge]))
+        lse_d = top[has] + torch.log(s_d[has])
+        dg, lse_rg = d[has], lse_r[has]
+        # S_D <= S_R: the ratio is at most 1 up to rounding, and l / d < 1 keeps log1p finite
+        ratio = torch.exp(torch.clamp(lse_d - lse_rg, max=0.0))  # (U,)
+        ls = torch.arange(int(dg.max()), dtype=risk.dtype, device=risk.device)  # (L,)
+        valid = ls[None, :] < dg[:, None]  # (U, L)
+        frac = torch.where(valid, ls[None, :] / dg[:, None], torch.zeros_like(valid, dtype=risk.dtype))
+        log_den = (lse_rg[:, None] + torch.log1p(-frac * ratio[:, None])) * valid
+        log_den = log_den.sum(1)
     loglik = risk[ev].sum() - log_den.sum()
     return -loglik / n_events
 
