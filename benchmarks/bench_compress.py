@@ -231,7 +231,8 @@ def full(slide_path: Path, encoder, out: Path, args: argparse.Namespace, transpo
     from nic.compress import CompressOptions, compress_slides
     from nic.store import open_store
 
-    opts = CompressOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, overwrite=True, transport=transport)
+    opts = CompressOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, overwrite=True, transport=transport,
+                           random_init=True)  # throughput only: a random encoder (the default nic-cnn) is fine
     with PeakRss() as rss:
         t0, c0, k0 = time.perf_counter(), _cpu(), _cpu(-1)
         [r] = compress_slides([slide_path], encoder, out, opts)  # its readers are reaped at the end

@@ -167,7 +167,7 @@ def main() -> None:
         t0 = time.perf_counter()
         codes = embed_table(enc, probe_table)
         t_embed = time.perf_counter() - t0
-        r = linear_probe(enc, probe_table, repeats=args.repeats, seed=args.seed, codes=codes)
+        r = linear_probe(enc, probe_table, repeats=args.repeats, seed=args.seed, codes=codes, random_init=spec == "nic-cnn")
         results[name] = {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test,
                          "embed_patches_per_s": len(probe_table) / t_embed}
         log.info("%s: %s", name, r.line())

@@ -344,10 +344,10 @@ def test_lock_is_exclusive_and_freed(tmp_path):
 def test_busy_slide_is_left_to_its_holder(slides, encoder, tmp_path):
     with SlideLock(store_path(tmp_path, "b")) as lock:
         assert lock.acquire()
-        [r] = compress_slides([slides["b"]], encoder, tmp_path, CompressOptions(workers=0))
+        [r] = compress_slides([slides["b"]], encoder, tmp_path, CompressOptions(workers=0, busy_wait=0))
         assert r.status == "busy" and f"pid {os.getpid()}" in r.error
         with pytest.raises(StoreError, match="another process"):
-            compress_slide(slides["b"], encoder, tmp_path, workers=0)
+            compress_slide(slides["b"], encoder, tmp_path, workers=0, busy_wait=0)
     assert not store_path(tmp_path, "b").exists()
 
 
@@ -565,9 +565,9 @@ def test_random_init_encoder_never_matches_a_complete_store(slides, tmp_path):
     torch.manual_seed(0)
     enc = nic.create_encoder("nic-cnn")  # no weights: checksum ""
     assert enc.checksum == ""
-    compress_slide(slides["b"], enc, tmp_path, workers=0)
+    compress_slide(slides["b"], enc, tmp_path, workers=0, random_init=True)
     with pytest.raises(StoreError, match="random-initialised encoder.*--overwrite or use saved weights"):
-        compress_slide(slides["b"], enc, tmp_path, workers=0)
+        compress_slide(slides["b"], enc, tmp_path, workers=0, random_init=True)
 
 
 class _Event:
@@ -634,7 +634,7 @@ def test_cli_busy_slides_give_exit_code_1(slides, encoder_dir, tmp_path):
     with SlideLock(store_path(out, "b")) as lock:
         assert lock.acquire()
         res = CliRunner().invoke(app, ["compress", str(slides["b"]), str(slides["c"]), "--encoder", str(encoder_dir),
-                                       "--out", str(out), "--workers", "0"])  # fmt: skip
+                                       "--out", str(out), "--workers", "0", "--wait-busy", "0"])  # fmt: skip
     assert res.exit_code == 1, res.output
     assert "1 of 2 slide(s) busy (locked by another process): b.tif" in res.output
     assert is_complete(store_path(out, "c")) and not is_complete(store_path(out, "b"))

@@ -193,19 +193,21 @@ def _train_args(small: PlantedCohort, out: Path, *extra: str) -> list[str]:
             "--out", str(out), *extra]
 
 
-def test_cli_overwrite_checks_inputs_first_and_cleans_a_crashed_run(small: PlantedCohort, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_overwrite_checks_inputs_first_and_keeps_the_old_run_until_the_new_is_whole(
+        small: PlantedCohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import nic.learn.run as run_mod
     from nic.learn import TrainConfig, train_cv
 
     run = tmp_path / "run"
     assert _run(_train_args(small, run)).exit_code == 0
-    # a typo in --target with --overwrite fails before the good run is deleted
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # a typo in --target with --overwrite fails before the good run is touched
     args = _train_args(small, run, "--overwrite")
     args[args.index("proliferation")] = "ki67"
     assert "'ki67'" in _one_error_line(_run(args))
     assert (run / "metrics.json").is_file() and (run / "fold_1" / "model.json").is_file()
-    # a run that crashes after its first fold: config.json marks the folder, metrics.json is missing
+    # --overwrite of a good run that crashes after its first fold: the old run is intact,
+    # nothing half-written is left beside it
     real_fit, calls = run_mod.fit_model, []
 
     def crash_on_second_fold(*a, **kw):  # type: ignore[no-untyped-def]
@@ -215,22 +217,47 @@ def test_cli_overwrite_checks_inputs_first_and_cleans_a_crashed_run(small: Plant
         return real_fit(*a, **kw)
 
     monkeypatch.setattr(run_mod, "fit_model", crash_on_second_fold)
-    crashed = tmp_path / "crashed"
     spec = LabelSpec(small.labels, "regression", target="proliferation")
-    with pytest.raises(RuntimeError, match="killed"):
-        train_cv(TrainConfig(small.stores, spec, FitConfig(epochs=1, width=8, batch_size=4), folds=2, out=crashed))
+    for out in (run, tmp_path / "crashed"):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="killed"):
+            train_cv(TrainConfig(small.stores, spec, FitConfig(epochs=1, width=8, batch_size=4, seed=5), folds=2, out=out,
+                                 overwrite=True))
     monkeypatch.undo()
-    assert (crashed / "config.json").is_file() and (crashed / "fold_0").is_dir() and not (crashed / "metrics.json").exists()
-    msg = _one_error_line(_run(["predict", "--model", str(crashed), "--compressed", str(small.stores), "--out", str(tmp_path / "p.csv")]))
-    assert "did not finish" in msg
-    res = _run(_train_args(small, crashed, "--overwrite"))
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "crashed").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # a new run with --overwrite replaces the old one whole
+    res = _run(_train_args(small, run, "--overwrite", "--seed", "3"))
     assert res.exit_code == 0, res.output
-    assert (crashed / "metrics.json").is_file()
+    assert json.loads((run / "config.json").read_text())["fit"]["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     # --out naming a file is a one-line error
     f = tmp_path / "file.txt"
     f.write_text("x")
     assert "not a folder" in _one_error_line(_run(_train_args(small, f, "--overwrite")))
     assert f.read_text() == "x"
+
+
+def test_a_killed_run_leaves_no_result_and_its_leftovers_are_cleaned(small: PlantedCohort, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    code = ("from nic.cli import main; import sys; sys.argv = ['nic'] + sys.argv[1:]; main()")
+    proc = subprocess.Popen([sys.executable, "-c", code, *_train_args(small, run, "--epochs", "200")])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".run.partial-*/fold_0")) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not run.exists() and len(list(tmp_path.glob(".run.partial-*"))) == 1
+    assert _run(_train_args(small, run)).exit_code == 0
+    assert (run / "metrics.json").is_file() and not list(tmp_path.glob(".run.partial-*"))
 
 
 @pytest.mark.parametrize(("opt", "value"), [("--batch-size", "0"), ("--batch-size", "1"), ("--threads", "-1"), ("--lr", "-1"),

@@ -233,14 +233,14 @@ def test_write_pyramid_reuses_encoded_tiles(tmp_path: Path) -> None:
 
 def test_patch_datasets_layout(tmp_path: Path) -> None:
     d = make_patch_datasets(tmp_path, n=4, seed=1)
-    assert sorted(p.name for p in d.tissue_type.iterdir()) == sorted(TISSUE_CLASSES)
+    assert sorted(p.name for p in d.tissue_type.iterdir() if p.is_dir()) == sorted(TISSUE_CLASSES)
     for cls in TISSUE_CLASSES:
         files = sorted((d.tissue_type / cls).glob("*.png"))
         assert len(files) == 4
         assert np.asarray(Image.open(files[0])).shape == (128, 128, 3)
     for csv_path in (d.nuclei_density, d.mitosis):
         rows = _read_csv(csv_path)
-        assert list(rows[0]) == ["path", "label"] and len(rows) == 4
+        assert list(rows[0]) == ["path", "label", "group"] and len(rows) == 4
         for r in rows:
             assert (csv_path.parent / r["path"]).is_file()
             float(r["label"])

@@ -201,16 +201,16 @@ def test_linear_probe_group_split_and_test_set(synth: Path) -> None:
 
     enc = load_encoder(TINY)
     tissue = read_patch_table(synth / "tissue_type")
-    r = linear_probe(enc, tissue, repeats=2, seed=0)
+    r = linear_probe(enc, tissue, repeats=2, seed=0, random_init=True)
     assert r.kind == "class" and set(r.metrics) == {"accuracy", "auc"} and r.repeats == 2
     assert 0 <= r.metrics["accuracy"] <= 1 and "±" in r.line()
-    r2 = linear_probe(enc, tissue, test=tissue)
+    r2 = linear_probe(enc, tissue, test=tissue, random_init=True)
     assert r2.n_test == len(tissue)
     nuclei = read_patch_table(f"regr:{synth / 'nuclei_density.csv'}")
-    r3 = linear_probe(enc, nuclei)
+    r3 = linear_probe(enc, nuclei, random_init=True)
     assert set(r3.metrics) == {"spearman", "mae"}
     with pytest.raises(DataError, match="same kind"):
-        linear_probe(enc, tissue, test=nuclei)
+        linear_probe(enc, tissue, test=nuclei, random_init=True)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -96,14 +96,16 @@ def store_picture(store: str | Path, max_side: int = 1024) -> np.ndarray:
     h, w = s.grid_shape
     f = max(1, min(32, max_side // max(h, w, 1)))
     pic = np.repeat(np.repeat(pca_rgb(feats, s.tissue), f, axis=0), f, axis=1)
-    slide_path = Path(str(s.attrs.get("slide_path", "")))
-    if not slide_path.is_file():
+    slide_path = Path(s.meta.slide_path)
+    if not s.meta.slide_path or not slide_path.is_file():
         logger.info("%s: slide %s not found; showing the codes only", store, slide_path)
         return pic
     from nic.slide import open_slide
 
-    cell_um = float(s.attrs["stride"]) * float(s.attrs["mpp"])
-    mpp = s.attrs.get("slide_mpp")
-    with open_slide(slide_path, mpp=tuple(mpp) if mpp else None) as slide:
+    if s.meta.stride is None or s.meta.mpp is None:
+        logger.info("%s: no grid attributes; showing the codes only", store)
+        return pic
+    cell_um = s.meta.stride * s.meta.mpp
+    with open_slide(slide_path, mpp=s.meta.slide_mpp) as slide:
         thumb = slide.thumbnail(cell_um / f)
     return side_by_side([thumb, pic])

@@ -7,7 +7,12 @@
   ``origin`` (level-0 pixels of cell (0, 0)), ``cell_size`` (level-0 pixels per cell
   step, x and y), encoder name and weight checksum, software version, and ``complete``,
   written last.  A store without ``complete: true`` is unfinished: it is rebuilt, never
-  read as a result.
+  read as a result.  A complete store whose chunk files no longer match its ``chunks``
+  record is damaged: reading it is refused, ``nic compress`` rebuilds it.
+
+:class:`StoreAttrs` is the one typed view of these attributes (write, read, compare);
+:class:`EncoderIdentity` is the part that says which codes a store holds, and what the
+learning stages compare across stores and against a trained run.
 
 Attributes written by ``nic compress`` (:func:`nic.compress.compress_slide`):
 ``slide_path`` (absolute), ``slide_size_bytes``, ``slide_checksum`` with
@@ -20,19 +25,22 @@ level 0), ``slide_mpp_source``, ``slide_dimensions`` (level-0 width, height);
 ``variants`` (1 or 8) and ``variant_order`` (how variant k was made: a left-right flip
 when k >= 4, then ``k % 4`` quarter turns counter-clockwise, as ``np.rot90``),
 ``encoder_name``, ``encoder_checksum`` (sha256 of the weights, "" for random init),
-``encoder_config``; ``nic_version``, ``created``; at completion ``seconds``,
-``patches``, ``patches_per_s`` and ``complete``.  The code of cell (row, col) is that of
-the ``patch`` x ``patch`` pixels at ``mpp`` whose top-left corner is level-0
-``origin + (col, row) * step``.
+``encoder_config``, ``random_init`` (and its ``random_seed``); ``nic_version``,
+``created``; at completion ``seconds``, ``patches``, ``patches_per_s``, ``chunks`` (the
+integrity record: size and CRC-32 of every chunk file written) and ``complete``.  The
+code of cell (row, col) is that of the ``patch`` x ``patch`` pixels at ``mpp`` whose
+top-left corner is level-0 ``origin + (col, row) * step``.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,19 +49,27 @@ from nic.errors import StoreError
 __all__ = [
     "FORMAT",
     "CompressedSlide",
+    "EncoderIdentity",
+    "StoreAttrs",
     "open_store",
     "create_store",
     "mark_complete",
     "is_complete",
+    "verify_store",
     "store_path",
     "slide_id_for",
     "list_stores",
+    "check_same_encoder",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "nic-compressed-slide/1"
 SUFFIX = ".zarr"
 #: Known multi-part slide suffixes stripped whole when deriving a slide id.
 _MULTI_SUFFIXES = (".ome.tiff", ".ome.tif")
+#: The arrays of a store whose chunk files the integrity record covers.
+_ARRAYS = ("features", "tissue")
 
 
 def slide_id_for(path: str | Path) -> str:
@@ -69,6 +85,150 @@ def store_path(out_dir: str | Path, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}{SUFFIX}"
 
 
+def _store_id(path: Path) -> str:
+    return path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
+
+
+# ----------------------------------------------------------------------------- attributes
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """Which codes a store holds: two stores can be learnt from together only when equal.
+
+    ``checksum`` is the sha256 of the encoder's weights ("" for a random initialisation,
+    which ``random_seed`` then identifies); ``mpp`` and ``patch`` are the grid's um/px and
+    patch side in pixels; ``variants`` is 8 for dihedral stores, else 1.
+    """
+
+    name: str = ""
+    checksum: str = ""
+    mpp: float | None = None
+    patch: int | None = None
+    code_size: int | None = None
+    variants: int = 1
+    random_init: bool = False
+    random_seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> EncoderIdentity:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def diff(self, other: EncoderIdentity) -> list[str]:
+        """What differs, as ``"field X (other: Y)"`` phrases (empty when equal)."""
+        labels = {"name": "encoder", "checksum": "weights sha256", "mpp": "um/px", "patch": "patch px",
+                  "code_size": "code size", "variants": "variants", "random_init": "random init",
+                  "random_seed": "random seed"}  # fmt: skip
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                short = (lambda v: v[:12] if isinstance(v, str) and len(v) > 12 else v)  # noqa: E731
+                out.append(f"{labels[f.name]} {short(a)!r} (not {short(b)!r})")
+        return out
+
+    def describe(self) -> str:
+        weights = "random init" + (f" seed {self.random_seed}" if self.random_seed is not None else "") \
+            if self.random_init else (f"weights {self.checksum[:12]}" if self.checksum else "no weight checksum")
+        dihedral = ", 8 dihedral variants" if self.variants == 8 else ""
+        return f"{self.name or '?'} ({weights}, {self.mpp} um/px, {self.patch} px, code size {self.code_size}{dihedral})"
+
+
+def _pair(v: Any, kind: type = float) -> tuple[Any, Any] | None:
+    return None if v is None else (kind(v[0]), kind(v[1]))
+
+
+@dataclass(frozen=True)
+class StoreAttrs:
+    """The attributes of a compressed-slide store, typed (units as in the module docstring).
+
+    Every field has a default so stores written by hand (tests, planted cohorts) and by
+    older versions read back; keys this class does not know are kept in ``extra``.
+    """
+
+    # the slide
+    slide_path: str = ""
+    slide_size_bytes: int | None = None
+    slide_checksum: str = ""
+    slide_checksum_method: str = ""
+    slide_mpp: tuple[float, float] | None = None
+    slide_mpp_source: str = ""
+    slide_dimensions: tuple[int, int] | None = None
+    # the grid (origin, step, patch_level0: level-0 pixels, x and y; patch, stride: px at mpp)
+    mpp: float | None = None
+    patch: int | None = None
+    stride: int | None = None
+    origin: tuple[float, float] | None = None
+    step: tuple[float, float] | None = None
+    patch_level0: tuple[float, float] | None = None
+    grid_shape: tuple[int, int] | None = None
+    min_tissue: float | None = None
+    tissue_threshold: float | None = None
+    n_tissue: int | None = None
+    # the encoder
+    code_size: int | None = None
+    variants: int = 1
+    variant_order: str = ""
+    encoder_name: str = ""
+    encoder_checksum: str = ""
+    encoder_config: dict[str, Any] | None = None
+    random_init: bool = False
+    random_seed: int | None = None
+    # the run
+    nic_version: str = ""
+    created: str = ""
+    seconds: float | None = None
+    patches: int | None = None
+    patches_per_s: float | None = None
+    chunks: dict[str, list[int]] | None = None
+    complete: bool = False
+    format: str = ""  #: FORMAT in every store nic writes (create_store sets it)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _PAIRS = {"slide_mpp": float, "slide_dimensions": int, "origin": float, "step": float,
+              "patch_level0": float, "grid_shape": int}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> StoreAttrs:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        for k, kind in cls._PAIRS.items():
+            if kw.get(k) is not None:
+                kw[k] = _pair(kw[k], kind)
+        extra = {k: v for k, v in d.items() if k not in known and k != "cell_size"}
+        return cls(**kw, extra=extra)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready attributes; ``cell_size`` is written as an alias of ``step``."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        if self.step is not None:
+            d["cell_size"] = list(self.step)
+        d.update(self.extra)
+        return d
+
+    @property
+    def encoder(self) -> EncoderIdentity:
+        return EncoderIdentity(self.encoder_name, self.encoder_checksum, self.mpp, self.patch, self.code_size,
+                               self.variants, bool(self.random_init), self.random_seed)  # fmt: skip
+
+    def diff(self, want: Mapping[str, Any]) -> list[str]:
+        """``"key X (this run: Y)"`` for every key of ``want`` whose value here differs."""
+        have = self.to_json()
+        return [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items() if have.get(k) != v]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
 @dataclass
 class CompressedSlide:
     """A finished store opened for reading (arrays are read lazily from disk)."""
@@ -76,11 +236,16 @@ class CompressedSlide:
     path: Path
     features: Any  # zarr array, (C, H, W) or (8, C, H, W), float16
     tissue: np.ndarray  # (H, W) bool
-    attrs: dict[str, Any]
+    meta: StoreAttrs
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The attributes as written (JSON)."""
+        return self.meta.to_json()
 
     @property
     def slide_id(self) -> str:
-        return self.path.name[: -len(SUFFIX)] if self.path.name.endswith(SUFFIX) else self.path.name
+        return _store_id(self.path)
 
     @property
     def variants(self) -> int:
@@ -94,6 +259,17 @@ class CompressedSlide:
     @property
     def grid_shape(self) -> tuple[int, int]:
         return int(self.features.shape[-2]), int(self.features.shape[-1])
+
+    @property
+    def encoder(self) -> EncoderIdentity:
+        """The store's encoder identity, with shapes taken from the arrays themselves."""
+        from dataclasses import replace
+
+        return replace(self.meta.encoder, code_size=self.code_size, variants=self.variants)
+
+    @property
+    def has_tissue(self) -> bool:
+        return bool(self.tissue.any())
 
     def load(self, variant: int | None = 0) -> np.ndarray:
         """Features as a float32 array: (C, H, W) for one variant, (V, C, H, W) for ``None``."""
@@ -113,8 +289,61 @@ def _open_group(path: Path, mode: str = "r") -> Any:
         raise StoreError(f"{path}: not a readable compressed-slide store ({e}); run `nic compress` again") from e
 
 
+def _chunk_files(path: Path) -> Iterable[tuple[str, Path]]:
+    """(key, file) of every chunk file of the store's arrays: ``features/c/0/0/0`` etc."""
+    for name in _ARRAYS:
+        root = path / name
+        if not root.is_dir():
+            continue
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.name != "zarr.json":
+                yield f.relative_to(path).as_posix(), f
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def chunk_record(path: str | Path) -> dict[str, list[int]]:
+    """``{key: [size in bytes, CRC-32]}`` of every chunk file a store holds now."""
+    return {k: [f.stat().st_size, _crc(f)] for k, f in _chunk_files(Path(path))}
+
+
+def verify_store(path: str | Path, meta: StoreAttrs | None = None, deep: bool = False) -> list[str]:
+    """What is wrong with a complete store's chunk files against its ``chunks`` record.
+
+    Checks that every recorded chunk file exists with its recorded size and that no
+    unrecorded one appeared; ``deep`` also compares CRC-32 checksums (reads every byte).
+    Returns one phrase per problem (empty: intact).  A store written before the record
+    existed cannot be checked and passes.
+    """
+    p = Path(path)
+    if meta is None:
+        meta = StoreAttrs.from_json(dict(_open_group(p).attrs))
+    if meta.chunks is None:
+        return []
+    problems: list[str] = []
+    present = dict(_chunk_files(p))
+    for key, (size, crc) in meta.chunks.items():
+        f = present.pop(key, None)
+        if f is None:
+            problems.append(f"chunk {key} is missing")
+            continue
+        actual = f.stat().st_size
+        if actual != size:
+            problems.append(f"chunk {key} has {actual} bytes (recorded {size})")
+        elif deep and _crc(f) != crc:
+            problems.append(f"chunk {key} changed (CRC-32 differs)")
+    problems += [f"chunk {key} was not written by nic" for key in present]
+    return problems
+
+
 def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` is a store whose ``complete`` attribute is true."""
+    """Whether ``path`` is a store whose ``complete`` attribute is true (intact or not)."""
     p = Path(path)
     if not (p / "zarr.json").is_file():
         return False
@@ -124,18 +353,43 @@ def is_complete(path: str | Path) -> bool:
         return False
 
 
-def open_store(path: str | Path) -> CompressedSlide:
-    """Open a finished store; an unfinished or foreign one is a :class:`StoreError`."""
+Verify = Literal["size", "deep", "none"]
+
+
+def open_store(path: str | Path, verify: Verify = "size") -> CompressedSlide:
+    """Open a finished store; an unfinished, damaged or foreign one is a :class:`StoreError`.
+
+    ``verify``: "size" checks that every recorded chunk file is there with its size (a
+    ``stat`` per chunk), "deep" also its CRC-32 (reads everything), "none" skips both.
+    """
     p = Path(path)
     if not p.exists():
         raise StoreError(f"{p}: no such compressed slide; run `nic compress` first")
     g = _open_group(p)
-    attrs = dict(g.attrs)
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{p}: not a nic compressed slide (format {attrs.get('format')!r}, expected {FORMAT!r})")
-    if not attrs.get("complete", False):
+    meta = StoreAttrs.from_json(dict(g.attrs))
+    if meta.format != FORMAT:
+        raise StoreError(f"{p}: not a nic compressed slide (format {meta.format!r}, expected {FORMAT!r})")
+    if not meta.complete:
         raise StoreError(f"{p}: the store is unfinished (compression was interrupted); run `nic compress` again")
-    return CompressedSlide(p, g["features"], np.asarray(g["tissue"][...], dtype=bool), attrs)
+    if verify != "none":
+        problems = verify_store(p, meta, deep=verify == "deep")
+        if problems:
+            more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+            raise StoreError(
+                f"{p}: the store is damaged ({problems[0]}{more}); run `nic compress` again on its slide "
+                "with the same --out to rebuild it"
+            )
+    if meta.chunks is None:
+        logger.debug("%s: written before chunk records; its chunks cannot be verified", p)
+    try:
+        tissue = np.asarray(g["tissue"][...], dtype=bool)
+        features = g["features"]
+    except Exception as e:  # zarr/numcodecs raise several types for unreadable chunks
+        raise StoreError(f"{p}: the store is damaged ({e}); run `nic compress` again on its slide to rebuild it") from e
+    return CompressedSlide(p, features, tissue, meta)
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def create_store(
@@ -143,7 +397,7 @@ def create_store(
     code_size: int,
     grid_shape: tuple[int, int],
     tissue: np.ndarray,
-    attrs: Mapping[str, Any],
+    attrs: StoreAttrs | Mapping[str, Any],
     variants: int = 1,
     chunk: int = 64,
 ) -> Any:
@@ -159,8 +413,9 @@ def create_store(
     h, w = grid_shape
     if tissue.shape != (h, w):
         raise ValueError(f"tissue mask {tissue.shape} does not match the grid {grid_shape}")
+    d = attrs.to_json() if isinstance(attrs, StoreAttrs) else dict(attrs)
     g = zarr.open_group(str(p), mode="w", zarr_format=3)
-    g.attrs.update({"format": FORMAT, **dict(attrs), "complete": False})
+    g.attrs.update({**d, "format": FORMAT, "complete": False})
     shape: tuple[int, ...] = (code_size, h, w)
     chunks: tuple[int, ...] = (code_size, chunk, chunk)
     if variants > 1:
@@ -172,10 +427,9 @@ def create_store(
 
 
 def mark_complete(path: str | Path, extra: Mapping[str, Any] | None = None) -> None:
-    """Write ``complete: true`` (after any ``extra`` attributes): the last write of a store."""
+    """Record the chunk files, then write ``complete: true``: the last write of a store."""
     g = _open_group(Path(path), mode="r+")
-    if extra:
-        g.attrs.update(dict(extra))
+    g.attrs.update({**dict(extra or {}), "chunks": chunk_record(path)})
     g.attrs["complete"] = True
 
 
@@ -185,3 +439,27 @@ def list_stores(folder: str | Path) -> list[Path]:
     if not f.is_dir():
         raise StoreError(f"{f}: no such folder of compressed slides")
     return sorted(p for p in f.iterdir() if p.name.endswith(SUFFIX) and p.is_dir())
+
+
+def check_same_encoder(stores: Iterable[Any], folder: str | Path, error: type[Exception] = StoreError) -> EncoderIdentity:
+    """The one encoder identity of ``stores`` (anything with ``encoder`` and ``slide_id``,
+    e.g. :class:`CompressedSlide`); ``error`` naming the odd stores otherwise.
+
+    The identity most stores share is taken as the folder's; the message lists the
+    stores that differ from it and how (first ten).
+    """
+    groups: dict[EncoderIdentity, list[str]] = {}
+    for s in stores:
+        groups.setdefault(s.encoder, []).append(s.slide_id)
+    if not groups:
+        raise error(f"{folder}: no compressed slides")
+    main = max(groups, key=lambda k: len(groups[k]))
+    if len(groups) == 1:
+        return main
+    odd = [(ident, ids) for ident, ids in groups.items() if ident != main]
+    n_odd = sum(len(ids) for _, ids in odd)
+    parts = [f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}: {'; '.join(ident.diff(main))}" for ident, ids in odd]
+    raise error(
+        f"{folder}: {n_odd} of {n_odd + len(groups[main])} stores were made with another encoder or settings than the "
+        f"rest ({main.describe()}): {' | '.join(parts[:10])}; compress every slide with one encoder and settings"
+    )

@@ -3,7 +3,8 @@
 Each ``_*.py`` module here adds its commands to :data:`app` through ``register(app)``;
 heavy imports stay inside the command functions so ``nic --help`` is fast.  Errors a
 user can fix (:class:`nic.errors.NicError`) print as one line on stderr and exit with
-code 2; ``--debug`` shows the traceback instead.
+code 2; ``--debug`` shows the traceback instead.  nic's warnings print as one line each
+on stderr; ``-v/--verbose`` adds its INFO lines.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from nic.cli import _compress, _demo, _encoders, _learn, _slides, _synth, _train_encoder
-from nic.cli._common import state
+from nic.cli._common import setup_logging, state
 
 class _Group(TyperGroup):
     """Turns errors a user can fix into one line on stderr and exit code 2."""
@@ -48,8 +49,10 @@ app = typer.Typer(
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show nic's progress messages (INFO log lines) on stderr."),
 ) -> None:
-    state.debug = debug
+    state.debug, state.verbose = debug, verbose
+    setup_logging(verbose)
 
 
 for _module in (_slides, _synth, _encoders, _compress, _train_encoder, _learn, _demo):

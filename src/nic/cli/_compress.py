@@ -32,6 +32,13 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides whose store is already complete."),
     skip_errors: bool = typer.Option(False, "--skip-errors", help="Go on with the other slides when one fails."),
     min_tissue: float = typer.Option(0.1, "--min-tissue", min=0.0, max=1.0, help="Share of a cell that must be tissue."),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="Allow an encoder without weights: a deliberate random baseline (recorded in the stores)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="With --random-init: torch seed of the initialisation (recorded in the stores)."),
+    wait_busy: float = typer.Option(
+        600.0, "--wait-busy", min=0.0, help="Seconds to wait at the end for slides another process is compressing (0: check once)."
+    ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bars on stderr (default: when stderr is a terminal)."
     ),
@@ -39,12 +46,22 @@ def compress(
     """Compress slides into grids of codes, one zarr store per slide.
 
     Complete stores are skipped (unless --overwrite); unfinished ones (an interrupted
-    run) are rebuilt; slides another process is working on are left to it.  Exit code 1
-    when any slide failed or was left busy (locked by another process).
+    run) are rebuilt.  The first failing slide stops the run (the rest are 'not run')
+    unless --skip-errors; a full output disk stops it always.  A slide without tissue
+    gets a complete, empty store and the status 'no tissue'.  Slides another process is
+    compressing (busy) are checked again after the others, waiting up to --wait-busy
+    seconds for that process: a slide it completed counts as skipped, one it left
+    unfinished is compressed by this run, one still locked stays busy.  An encoder
+    without weights (a registry name or timm:<model> without weights=) is refused unless
+    --random-init.
+
+    Exit codes: 0 every slide is done or skipped (complete); 1 some slide failed, was not
+    run, had no tissue or is still busy (the others are complete, a rerun redoes only
+    what is missing); 2 a bad option or input stopped the run before any slide.
     """
     from rich.console import Console
 
-    from nic.compress import CompressOptions, collect_slides, compress_slides, summary_table
+    from nic.compress import CompressOptions, OutputFullError, collect_slides, compress_slides, summary_table
     from nic.errors import DataError
 
     files = collect_slides(slides)
@@ -52,7 +69,7 @@ def compress(
         raise DataError(f"no slides found in {', '.join(map(str, slides))}; give slide files, a folder or a CSV")
     options = CompressOptions(
         mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
-        overwrite=overwrite, min_tissue=min_tissue,
+        overwrite=overwrite, min_tissue=min_tissue, random_init=random_init, seed=seed, busy_wait=wait_busy,
     )  # fmt: skip
     show_bars = sys.stderr.isatty() if progress is None else progress
     results = compress_slides(files, encoder, out, options, skip_errors=skip_errors, progress=show_bars)
@@ -65,12 +82,22 @@ def compress(
         typer.echo(f"busy: {r.slide}: not compressed, {r.error}; run again once that process is done", err=True)
     if failed:
         not_run = sum(r.status == "not run" for r in results)
-        hint = f"; {not_run} slide(s) not run (use --skip-errors to go on past a failure)" if not_run else ""
+        full = any(isinstance(r.exception, OutputFullError) for r in failed)
+        why = "free space in the output folder, then run again" if full else "use --skip-errors to go on past a failure"
+        hint = f"; {not_run} slide(s) not run ({why})" if not_run else ""
         typer.echo(f"{len(failed)} of {len(results)} slide(s) failed{hint}", err=True)
     if busy:
         names = ", ".join(r.slide.name for r in busy)
         typer.echo(f"{len(busy)} of {len(results)} slide(s) busy (locked by another process): {names}", err=True)
-    if failed or busy:
+    empty = [r for r in results if r.status == "no tissue"]
+    if empty:
+        names = ", ".join(r.slide.name for r in empty)
+        typer.echo(
+            f"{len(empty)} of {len(results)} slide(s) had no tissue: {names}; check the slide or lower --min-tissue "
+            "(with --overwrite to redo their empty stores)",
+            err=True,
+        )
+    if failed or busy or empty:
         raise typer.Exit(1)
 
 

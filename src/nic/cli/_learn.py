@@ -68,18 +68,22 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output CSV."),
 ) -> None:
     """Apply a trained run (the mean of its fold models) to a folder of compressed slides."""
+    from nic._outputs import check_writable, write_atomic
     from nic.errors import DataError
     from nic.learn import predict_run
 
     if out.exists() and not overwrite:
         raise DataError(f"{out}: exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise DataError(f"{out}: is a folder; --out is the CSV file to write")
+    check_writable(out)  # before the work, not after it
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     df = predict_run(model, compressed, labels)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
+    write_atomic(out, lambda tmp: df.to_csv(tmp, index=False))
     typer.echo(f"wrote {len(df)} rows to {out}")
 
 

@@ -90,14 +90,22 @@ def probe_cmd(
     group_col: str = typer.Option("", "--group-col", help="Group column of --data (default: 'group' or 'source_group' if present)."),
     test_fraction: float = typer.Option(0.25, "--test-fraction", help="Fraction of groups held out when there is no --test."),
     repeats: int = typer.Option(1, "--repeats", help="Number of group-aware splits to average."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the splits."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the splits (and of the initialisation with --random-init)."),
+    random_init: bool = typer.Option(
+        False, "--random-init", help="Allow an encoder without weights: a deliberate random baseline, seeded by --seed."
+    ),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch default)."),
 ) -> None:
-    """Linear probe of a frozen encoder: accuracy and AUC (classes) or Spearman and MAE (regression)."""
+    """Linear probe of a frozen encoder: accuracy and AUC (classes) or Spearman and MAE (regression).
+
+    An encoder without weights (a registry name or timm:<model> without weights=) is
+    refused unless --random-init.
+    """
     import dataclasses
 
     from nic.encoder_training import linear_probe
     from nic.encoders import load_encoder
+    from nic.encoders._io import require_weights
     from nic.patches import parse_dataset_spec, read_patch_table
 
     _threads(threads)
@@ -106,9 +114,13 @@ def probe_cmd(
         spec = dataclasses.replace(spec, group=group_col)
     table = read_patch_table(spec)
     test_table = read_patch_table(test) if test else None
-    enc = load_encoder(encoder)
-    result = linear_probe(enc, table, test_table, test_fraction=test_fraction, repeats=repeats, seed=seed)
-    typer.echo(f"{enc.name}: {result.line()}")
+    enc = load_encoder(encoder, seed=seed if random_init else None)
+    require_weights(enc, encoder, random_init)
+    result = linear_probe(
+        enc, table, test_table, test_fraction=test_fraction, repeats=repeats, seed=seed, random_init=random_init
+    )
+    name = f"{enc.name} (random init, seed {seed})" if enc.random_init else enc.name
+    typer.echo(f"{name}: {result.line()}")
 
 
 def augment_preview_cmd(

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from nic.compress._cohort import (
+    OutputFullError,
     SlideLock,
     SlideResult,
     collect_slides,
@@ -23,6 +24,7 @@ __all__ = [
     "DIHEDRAL_ORDER",
     "BatchEncoder",
     "CompressOptions",
+    "OutputFullError",
     "SlideLock",
     "SlideResult",
     "collect_slides",

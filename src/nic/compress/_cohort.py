@@ -8,7 +8,14 @@ For each slide ``S`` the store is ``<out>/<id>.zarr`` (:func:`nic.store.store_pa
   lock file left by a dead process is simply taken over; a live holder makes the slide
   ``busy`` (another process is compressing it) and it is left to that process;
 - an unfinished store (interrupted run) is rebuilt from scratch, which gives exactly the
-  result of a clean run.
+  result of a clean run;
+- a slide without tissue cells gets a complete store with ``n_tissue`` 0 (a rerun does
+  not redo it) and the status ``no tissue``, also when a rerun finds that store;
+- the first failure stops the run (the later slides are ``not run``) unless
+  ``skip_errors``; a full output disk stops it in any case;
+- after the last slide, the ``busy`` ones are tried again, waiting up to
+  ``CompressOptions.busy_wait`` seconds for their holders: a store the other process
+  completed is ``skipped``, one it left unfinished is compressed here.
 
 One encoder, one :class:`BatchEncoder` and one pool of reader processes serve the whole
 cohort.
@@ -17,6 +24,7 @@ cohort.
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import os
 import time
@@ -26,17 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nic._outputs import check_writable
 from nic.compress._encode import BatchEncoder
 from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide, slide_checksum, task_shape
 from nic.compress._workers import ReaderPool
-from nic.errors import DataError, StoreError
-from nic.store import is_complete, slide_id_for, store_path
+from nic.errors import DataError, SlideError, StoreError
+from nic.store import StoreAttrs, is_complete, slide_id_for, store_path, verify_store
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SlideResult", "SlideLock", "collect_slides", "compress_slides", "compress_slide", "summary_table", "SLIDE_SUFFIXES"]
+__all__ = [
+    "OutputFullError", "SlideResult", "SlideLock", "collect_slides", "compress_slides", "compress_slide", "summary_table",
+    "SLIDE_SUFFIXES",
+]  # fmt: skip
 
-Status = Literal["done", "skipped", "busy", "failed", "not run"]
+Status = Literal["done", "skipped", "no tissue", "busy", "failed", "not run"]
 
 #: File suffixes taken as slides when a folder is given.
 SLIDE_SUFFIXES = {
@@ -47,7 +59,11 @@ SLIDE_SUFFIXES = {
 
 @dataclass
 class SlideResult:
-    """What happened to one slide; ``seconds`` is wall time, ``patches`` the cells encoded."""
+    """What happened to one slide; ``seconds`` is wall time, ``patches`` the cells encoded.
+
+    ``error`` says why a slide failed, is busy or was not run.  ``no tissue``: the slide's
+    store is complete but holds no tissue cell (nothing to learn from).
+    """
 
     slide: Path
     store: Path
@@ -60,6 +76,23 @@ class SlideResult:
     @property
     def patches_per_s(self) -> float:
         return self.patches / self.seconds if self.seconds > 0 else 0.0
+
+
+class OutputFullError(StoreError):
+    """The output folder's disk is full (or over quota): the run stops, as every later slide
+    would fail too; the slide's store is left unfinished and is rebuilt by the next run."""
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError in ``e`` or its causes, if any."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return None
 
 
 class SlideLock:
@@ -249,10 +282,15 @@ class _Cohort:
             pool, self.pool = self.pool, None
             pool.close(cancel=True)
 
-    def _skip(self, slide: Path, store: Path) -> SlideResult:
-        """A complete store is kept only when it was made the way this run would make it:
-        same encoder (with saved weights), settings and slide file (size and checksum)."""
-        attrs = dict(_open_attrs(store))
+    def _skip(self, slide: Path, store: Path) -> SlideResult | None:
+        """A complete store is kept only when it is intact and was made the way this run
+        would make it: same encoder (with saved weights), settings and slide file (size and
+        checksum).  None for a damaged store: it is rebuilt like an unfinished one."""
+        meta = StoreAttrs.from_json(_open_attrs(store))
+        damage = verify_store(store, meta, deep=True)
+        if damage:
+            logger.warning("%s: complete but damaged (%s); rebuilding it", store, "; ".join(damage[:3]))
+            return None
         e, o = self.encoder, self.options
         want: dict[str, Any] = {
             "encoder_name": e.name, "encoder_checksum": e.checksum, "code_size": int(e.code_size),
@@ -269,10 +307,12 @@ class _Cohort:
         except OSError as ex:
             err = StoreError(f"{store}: a complete store, but its slide {slide} cannot be read to check it ({ex})")
             return SlideResult(slide, store, "failed", error=str(err), exception=err)
-        diff = [f"{k} {attrs.get(k)!r} (this run: {v!r})" for k, v in want.items() if attrs.get(k) != v]
-        if o.mpp is None and attrs.get("slide_mpp_source") == "given by the user":
-            diff.append(f"slide_mpp {attrs.get('slide_mpp')!r} given by the user (this run: the file's)")
-        if not e.checksum or not attrs.get("encoder_checksum"):
+        diff = meta.diff(want)
+        if o.mpp is None and meta.slide_mpp_source == "given by the user":
+            diff.append(f"slide_mpp {list(meta.slide_mpp or ())!r} given by the user (this run: the file's)")
+        seed = e.source.get("seed") if e.random_init else None
+        diff += meta.diff({"random_init": e.random_init, "random_seed": seed})
+        if e.random_init and seed is None:  # an unseeded random initialisation is never the same twice
             diff.insert(
                 0,
                 "random-initialised encoder: its codes cannot be resumed or matched; "
@@ -293,15 +333,27 @@ class _Cohort:
         o = self.options
         store = store_path(self.out_dir, slide_id_for(slide))
         if not o.overwrite and is_complete(store):
-            return self._skip(slide, store)
+            kept = self._skip(slide, store)
+            if kept is not None:
+                return kept
         lock = SlideLock(store)
-        if not lock.acquire():
+        try:
+            locked = lock.acquire()
+        except OSError as e:  # the lock file cannot be written: a full or read-only output folder
+            err = self._output_error(slide, store, e) or StoreError(
+                f"{store}: cannot write its lock file in {self.out_dir} ({e.strerror or e}); "
+                "give an --out folder you can write to"
+            )
+            return SlideResult(slide, store, "failed", error=str(err), exception=err)
+        if not locked:
             return SlideResult(slide, store, "busy", error=f"locked by {lock.holder() or 'another process'}")
         t0 = time.perf_counter()
         reading = False
         try:
             if not o.overwrite and is_complete(store):  # finished by another process meanwhile
-                return self._skip(slide, store)
+                kept = self._skip(slide, store)
+                if kept is not None:
+                    return kept
             pool = self.get_pool()  # started before planning: worker start-up overlaps the tissue mask
             with open_slide(slide, mpp=o.mpp) as s:
                 plan = plan_slide(s, int(self.encoder.patch_size), float(self.encoder.mpp), o.min_tissue, o.mpp)
@@ -314,10 +366,51 @@ class _Cohort:
         except Exception as e:
             if reading:  # reads of this slide may still be queued or running: start afresh
                 self.drop_pool()
+            e = self._output_error(slide, store, e) or e
             logger.info("%s failed: %s", slide, e)
             return SlideResult(slide, store, "failed", seconds=time.perf_counter() - t0, error=str(e), exception=e)
         finally:
             lock.release()
+
+    def _output_error(self, slide: Path, store: Path, e: BaseException) -> OutputFullError | None:
+        """An :class:`OutputFullError` naming the output folder when ``e`` comes from a full disk."""
+        full = _disk_full(e)
+        if full is None:
+            return None
+        err = OutputFullError(
+            f"{slide}: the output folder {self.out_dir} is full ({os.strerror(full.errno)}) while writing "
+            f"{store.name}; free space there or give another --out, then run again (the unfinished store is rebuilt)"
+        )
+        err.__cause__ = e
+        return err
+
+    def settle(self, result: SlideResult) -> SlideResult:
+        """``no tissue`` for a done or skipped slide whose store holds no tissue cell."""
+        if result.status == "done" and result.patches == 0:
+            result.status = "no tissue"
+        elif result.status == "skipped" and _open_attrs(result.store).get("n_tissue") == 0:
+            result.status = "no tissue"
+        return result
+
+    def retry_busy(self, results: list[SlideResult], wait: float) -> None:
+        """Run the ``busy`` slides of ``results`` again, in place, until none is busy or
+        ``wait`` seconds have passed (0: once).  A slide whose holder completed it is then
+        ``skipped``; one whose holder let go unfinished is compressed here."""
+        pending = [i for i, r in enumerate(results) if r.status == "busy"]
+        if pending and wait > 0:
+            names = ", ".join(results[i].slide.name for i in pending)
+            logger.warning("waiting up to %.0f s for %d slide(s) that other processes hold: %s", wait, len(pending), names)
+        deadline = time.monotonic() + wait
+        while pending:
+            for i in list(pending):
+                r = self.run(results[i].slide)
+                if r.status != "busy":
+                    results[i] = self.settle(r)
+                    pending.remove(i)
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return
+            time.sleep(min(1.0, left))
 
 
 def _open_attrs(store: Path) -> dict[str, object]:
@@ -338,34 +431,61 @@ def compress_slides(
     """Compress ``slides`` (paths, folders or CSVs, see :func:`collect_slides`) into ``out_dir``.
 
     ``encoder`` is an :class:`nic.encoders.Encoder` or a spec for
-    :func:`nic.encoders.load_encoder`.  A failing slide is recorded as ``failed``; without
-    ``skip_errors`` the slides after it are ``not run``.  Returns one result per slide, in
-    order.  KeyboardInterrupt stops at once and leaves the current store unfinished.
+    :func:`nic.encoders.load_encoder`.  An encoder without weights is refused
+    (:class:`~nic.errors.EncoderError`) unless ``options.random_init``; a spec is then
+    built with torch seeded by ``options.seed``.  A failing slide is recorded as
+    ``failed``; without ``skip_errors`` every slide after the first failure is ``not run``
+    (after a full output disk, also with ``skip_errors``).  A slide without tissue is ``no
+    tissue`` (its store is complete, with ``n_tissue`` 0).  Slides locked by another
+    process are tried again at the end, waiting up to ``options.busy_wait`` seconds
+    (none after a failure).  Returns one result per slide, in order.  KeyboardInterrupt
+    stops at once and leaves the current store unfinished.
 
     Reader processes are started with ``spawn``, which imports the calling script again:
     a script that calls this with ``workers > 0`` needs the usual
     ``if __name__ == "__main__":`` guard, and should import torch inside it.
     """
     from nic.encoders import Encoder, load_encoder
+    from nic.encoders._io import require_weights
 
     options = options or CompressOptions()
     files = collect_slides(slides)
-    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=options.device)
+    if isinstance(encoder, Encoder):
+        enc = encoder
+        require_weights(enc, None, options.random_init)
+    else:
+        seed = options.seed if options.random_init else None
+        enc = load_encoder(encoder, device=options.device, seed=seed)
+        require_weights(enc, encoder, options.random_init)
+    if enc.random_init:
+        logger.info("compressing with a random initialisation of %s (seed %s): a baseline", enc.name, enc.source.get("seed"))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: exists and is not a folder; give a folder for the compressed slides")
+    check_writable(out, "--out", StoreError)
     out.mkdir(parents=True, exist_ok=True)
     bars = _Bars(progress, len(files))
     cohort = _Cohort(enc, out, options, bars)
     results: list[SlideResult] = []
+    stop: SlideResult | None = None  # the failure that ended the run
     try:
         with bars.running():
             for f in files:
-                if results and results[-1].status == "failed" and not skip_errors:
-                    results.append(SlideResult(f, store_path(out, slide_id_for(f)), "not run"))
+                if stop is not None:
+                    why = (
+                        f"the output folder filled up at {stop.slide.name}"
+                        if isinstance(stop.exception, OutputFullError)
+                        else f"the run stopped after {stop.slide.name} failed"
+                    )
+                    results.append(SlideResult(f, store_path(out, slide_id_for(f)), "not run", error=f"not run: {why}"))
                     continue
-                results.append(cohort.run(f))
+                r = cohort.settle(cohort.run(f))
+                results.append(r)
                 bars.slide_done()
+                if r.status == "failed" and (not skip_errors or isinstance(r.exception, OutputFullError)):
+                    stop = r
+            failed = any(r.status == "failed" for r in results)
+            cohort.retry_busy(results, 0.0 if failed else options.busy_wait)
     finally:
         cohort.drop_pool()
     return results
@@ -383,6 +503,9 @@ def compress_slide(
     dihedral: bool = False,
     overwrite: bool = False,
     min_tissue: float = 0.1,
+    random_init: bool = False,
+    seed: int = 0,
+    busy_wait: float = 600.0,
     progress: bool = False,
 ) -> Path:
     """Compress one slide into ``<out_dir>/<slide_id>.zarr`` and return the store's path.
@@ -392,11 +515,15 @@ def compress_slide(
     kept unless ``overwrite``; an unfinished one is rebuilt.  ``dihedral`` stores the 8
     rotations/flips of every patch as (8, C, H, W).  Errors: :class:`nic.errors.NicError`
     (e.g. :class:`~nic.errors.MppError` for a scan much coarser than the encoder's um/px,
-    :class:`~nic.errors.StoreError` when another process holds the slide's lock).
+    :class:`~nic.errors.EncoderError` for an encoder without weights unless
+    ``random_init`` (then built with torch seeded by ``seed``),
+    :class:`~nic.errors.StoreError` when another process still holds the slide's lock
+    after ``busy_wait`` seconds, :class:`~nic.errors.SlideError` when the slide has no
+    tissue: its store is then complete with ``n_tissue`` 0).
     """
     options = CompressOptions(
         mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
-        overwrite=overwrite, min_tissue=min_tissue,
+        overwrite=overwrite, min_tissue=min_tissue, random_init=random_init, seed=seed, busy_wait=busy_wait,
     )  # fmt: skip
     [result] = compress_slides([slide_path], encoder, out_dir, options, progress=progress)
     if result.exception is not None:
@@ -404,6 +531,11 @@ def compress_slide(
     if result.status == "busy":
         raise StoreError(
             f"{result.store}: another process ({result.error}) is compressing this slide now; wait for it or use another out_dir"
+        )
+    if result.status == "no tissue":
+        raise SlideError(
+            f"{result.slide}: no tissue found (no grid cell at least {min_tissue:g} tissue); its store {result.store} "
+            "is complete but empty; check the slide or lower min_tissue (with overwrite=True)"
         )
     return result.store
 
@@ -413,7 +545,7 @@ def summary_table(results: Sequence[SlideResult]) -> Any:
     from rich.table import Table
 
     table = Table("slide", "status", "patches", "seconds", "patches/s", "store / error")
-    colour = {"done": "green", "skipped": "cyan", "busy": "yellow", "failed": "red", "not run": "dim"}
+    colour = {"done": "green", "skipped": "cyan", "no tissue": "magenta", "busy": "yellow", "failed": "red", "not run": "dim"}
     for r in results:
         table.add_row(
             r.slide.name,

@@ -28,7 +28,8 @@ from nic.compress._encode import DIHEDRAL_ORDER, BatchEncoder, Precision
 from nic.compress._workers import ReaderPool, ReadTask, Transport, read_patches
 from nic.errors import MppError
 from nic.grid import PatchGrid, patch_grid
-from nic.store import create_store, mark_complete
+from nic.slide._mpp import check_user_mpp
+from nic.store import StoreAttrs, create_store, mark_complete
 from nic.tissue import tissue_mask
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,10 @@ class CompressOptions:
     stores the 8 rotations/flips of every patch.  ``min_tissue``: the share of a cell that
     must be tissue for the cell to be encoded.  ``precision``: autocast on accelerators
     ("auto": fp16 on CUDA, none on CPU).  ``transport``: how patches come back from the
-    readers ("shm" shared memory or "pickle").
+    readers ("shm" shared memory or "pickle").  ``random_init``: allow an encoder without
+    weights (a deliberate random baseline; refused otherwise), built with torch seeded by
+    ``seed``.  ``busy_wait``: seconds to wait, after the other slides, for slides that
+    another process holds (see :func:`nic.compress.compress_slides`).
     """
 
     mpp: float | None = None
@@ -81,8 +85,15 @@ class CompressOptions:
     min_tissue: float = 0.1
     precision: Precision = "auto"
     transport: Transport = "shm"
+    random_init: bool = False
+    seed: int = 0
+    busy_wait: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.mpp is not None:
+            check_user_mpp(self.mpp)
+        if self.busy_wait < 0:
+            raise ValueError(f"busy_wait must be 0 or more seconds, got {self.busy_wait}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
@@ -182,11 +193,11 @@ def plan_slide(slide: Any, patch: int, mpp: float, min_tissue: float = 0.1, slid
     return SlidePlan(slide, grid, tasks, mask.threshold)
 
 
-def store_attrs(plan: SlidePlan, encoder: Any, options: CompressOptions) -> dict[str, Any]:
-    """Provenance attributes of a store (JSON-ready); units in the names' docs below.
+def store_attrs(plan: SlidePlan, encoder: Any, options: CompressOptions) -> StoreAttrs:
+    """Provenance attributes of a store (:class:`nic.store.StoreAttrs`; units there).
 
-    ``origin``, ``step`` (= ``cell_size``) and ``patch_level0`` are level-0 pixels (x, y);
-    ``mpp`` is the grid's um/px; ``patch`` and ``stride`` are pixels at ``mpp``.
+    ``origin``, ``step`` and ``patch_level0`` are level-0 pixels (x, y); ``mpp`` is the
+    grid's um/px; ``patch`` and ``stride`` are pixels at ``mpp``.
     """
     import nic
 
@@ -194,34 +205,35 @@ def store_attrs(plan: SlidePlan, encoder: Any, options: CompressOptions) -> dict
     path = Path(slide.path).resolve()
     method, digest = slide_checksum(path)
     variants = 8 if options.dihedral else 1
-    return {
-        "slide_path": str(path),
-        "slide_size_bytes": path.stat().st_size,
-        "slide_checksum": digest,
-        "slide_checksum_method": method,
-        "slide_mpp": [float(slide.mpp[0]), float(slide.mpp[1])],
-        "slide_mpp_source": getattr(slide, "mpp_source", ""),
-        "slide_dimensions": [int(slide.dimensions[0]), int(slide.dimensions[1])],
-        "mpp": float(grid.mpp),
-        "patch": int(grid.patch),
-        "stride": int(grid.stride),
-        "origin": [float(grid.origin[0]), float(grid.origin[1])],
-        "step": [float(grid.step[0]), float(grid.step[1])],
-        "cell_size": [float(grid.step[0]), float(grid.step[1])],
-        "patch_level0": [float(grid.patch_level0[0]), float(grid.patch_level0[1])],
-        "grid_shape": [int(grid.shape[0]), int(grid.shape[1])],
-        "min_tissue": float(grid.min_tissue),
-        "tissue_threshold": float(plan.tissue_threshold),
-        "n_tissue": int(grid.n_tissue),
-        "code_size": int(encoder.code_size),
-        "variants": variants,
-        "variant_order": DIHEDRAL_ORDER if variants == 8 else "",
-        "encoder_name": encoder.name,
-        "encoder_checksum": encoder.checksum,
-        "encoder_config": encoder.config.to_json(),
-        "nic_version": nic.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return StoreAttrs(
+        slide_path=str(path),
+        slide_size_bytes=path.stat().st_size,
+        slide_checksum=digest,
+        slide_checksum_method=method,
+        slide_mpp=(float(slide.mpp[0]), float(slide.mpp[1])),
+        slide_mpp_source=getattr(slide, "mpp_source", ""),
+        slide_dimensions=(int(slide.dimensions[0]), int(slide.dimensions[1])),
+        mpp=float(grid.mpp),
+        patch=int(grid.patch),
+        stride=int(grid.stride),
+        origin=(float(grid.origin[0]), float(grid.origin[1])),
+        step=(float(grid.step[0]), float(grid.step[1])),
+        patch_level0=(float(grid.patch_level0[0]), float(grid.patch_level0[1])),
+        grid_shape=(int(grid.shape[0]), int(grid.shape[1])),
+        min_tissue=float(grid.min_tissue),
+        tissue_threshold=float(plan.tissue_threshold),
+        n_tissue=int(grid.n_tissue),
+        code_size=int(encoder.code_size),
+        variants=variants,
+        variant_order=DIHEDRAL_ORDER if variants == 8 else "",
+        encoder_name=encoder.name,
+        encoder_checksum=encoder.checksum,
+        encoder_config=encoder.config.to_json(),
+        random_init=encoder.random_init,
+        random_seed=encoder.source.get("seed") if encoder.random_init else None,
+        nic_version=nic.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 class _Blocks:

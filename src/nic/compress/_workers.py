@@ -10,7 +10,9 @@ Patches travel back to the encoding process in one of two ways:
 
 The pool is started with the ``spawn`` method (never fork a process that holds torch
 threads); workers ignore SIGINT so that Ctrl-C reaches only the parent, which then
-shuts them down.
+shuts them down.  While a pool is open, SIGTERM to the parent (when it has no handler of
+its own) raises ``SystemExit(143)``, so the same shutdown runs: the shared memory and the
+executor's semaphores are released instead of being reported as leaked.
 """
 
 from __future__ import annotations
@@ -136,6 +138,27 @@ def _noop() -> None:
     pass
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM while a pool is open: unwind (closing the pool) instead of dying at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise SystemExit(128 + signum)
+
+
+def _catch_sigterm() -> bool:
+    """Install :func:`_terminate` when SIGTERM has its default action and this is the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _terminate)
+    return True
+
+
+def _release_sigterm() -> None:
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run_shm(task: ReadTask, slot: int) -> int:
     read_patches(task, out=_slots[slot])
     return task.n
@@ -163,6 +186,7 @@ class ReaderPool:
         self.free: list[int] = []
         names: list[str] = []
         self.capacity = slots
+        self._sigterm = _catch_sigterm()
         try:
             if transport == "shm":
                 from multiprocessing import shared_memory
@@ -223,6 +247,9 @@ class ReaderPool:
             except BufferError:  # a patch view is still alive; the mapping goes with it
                 pass
         self._shms.clear()
+        if self._sigterm:
+            self._sigterm = False
+            _release_sigterm()
 
     def __enter__(self) -> ReaderPool:
         return self

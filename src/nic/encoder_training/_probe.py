@@ -94,16 +94,20 @@ def linear_probe(
     repeats: int = 1,
     seed: int = 0,
     codes: np.ndarray | None = None,
+    random_init: bool = False,
 ) -> ProbeResult:
     """Probe a frozen ``encoder`` on the :class:`~nic.patches.PatchTable` ``data``.
 
     With ``test`` (a table with the same kind and class names) the model is fitted on all
     of ``data`` and scored on ``test``; otherwise ``repeats`` group-aware splits of
     ``data`` hold out ``test_fraction`` of its groups each.  ``codes`` may pass
-    precomputed codes of ``data``.
+    precomputed codes of ``data``.  An encoder without weights is refused
+    (:class:`~nic.errors.EncoderError`) unless ``random_init`` (a deliberate baseline).
     """
+    from nic.encoders._io import require_weights
     from nic.patches import group_split
 
+    require_weights(encoder, None, random_init)
     x = embed_table(encoder, data) if codes is None else codes
     if test is not None:
         if test.kind != data.kind:

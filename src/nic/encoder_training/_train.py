@@ -12,10 +12,13 @@ A run folder holds::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,21 +193,23 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
         loggers.append(TensorBoardLogger(out / "logs", name="tensorboard", version=""))
     gpu = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     precision = config.precision or ("16-mixed" if gpu else "32-true")
-    trainer = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=1,
-        precision=precision,  # type: ignore[arg-type]
-        callbacks=callbacks,
-        logger=loggers,
-        default_root_dir=out,
-        enable_progress_bar=config.progress,
-        enable_model_summary=False,
-        log_every_n_steps=max(1, min(50, len(train_loader) // 2)),
-        num_sanity_val_steps=0,
-    )
+    with _quiet_lightning():  # the device notices and a logger tip come from the constructor
+        trainer = L.Trainer(
+            max_epochs=config.epochs,
+            accelerator=config.accelerator,
+            devices=1,
+            precision=precision,  # type: ignore[arg-type]
+            callbacks=callbacks,
+            logger=loggers,
+            default_root_dir=out,
+            enable_progress_bar=config.progress,
+            enable_model_summary=False,
+            log_every_n_steps=max(1, min(50, len(train_loader) // 2)),
+            num_sanity_val_steps=0,
+        )
     logger.info("training %s on %d patches (%s), %d tasks, precision %s", encoder.name, len(train_ds), config.sampling, len(heads), precision)
-    trainer.fit(module, train_loader, val_loader)
+    with _quiet_lightning():
+        trainer.fit(module, train_loader, val_loader)
 
     best = ckpt.best_model_path
     if best:
@@ -238,6 +243,28 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
     )
     logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, pps, path)
     return result
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's notices for its own users are not shown to nic's.
+
+    Its INFO lines ("GPU available ...", the litlogger tip, "`Trainer.fit` stopped ...")
+    go below the ``lightning`` loggers' level, and the FutureWarning that torch raises
+    when Lightning builds a ``LeafSpec`` is ignored.  Lightning's own warnings still
+    show; everything is restored on exit.
+    """
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _best_epoch_metrics(csv_path: Path, best_score: Any) -> dict[str, float]:

@@ -76,6 +76,12 @@ class Encoder:
         return self.config.name or self.config.architecture
 
     @property
+    def random_init(self) -> bool:
+        """True when no weights were loaded (``checksum == ""``): the codes are those of a
+        random initialisation, meaningless and different on every build unless seeded."""
+        return not self.checksum
+
+    @property
     def device(self) -> Any:
         import torch
 

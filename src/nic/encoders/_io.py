@@ -9,6 +9,10 @@ embedded metadata (weights from elsewhere), the sidecar JSON is used.
 
 Pickled checkpoints (.pt, .pth, .ckpt, .bin, .pkl) can run code when loaded; they are
 refused unless the caller passes ``unsafe=True``.
+
+An encoder built without weights (a registry name or ``timm:<model>`` without
+``weights=``) is a random initialisation; :func:`require_weights` refuses it wherever
+codes are the result (compression, probing) unless a random baseline is asked for.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from nic.errors import EncoderError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_encoder", "save_encoder", "file_sha256", "FORMAT_VERSION"]
+__all__ = ["load_encoder", "save_encoder", "file_sha256", "require_weights", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _META_KEY = "nic_encoder"
@@ -42,6 +46,35 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def require_weights(encoder: Encoder, spec: str | Path | None = None, random_init: bool = False) -> None:
+    """Raise :class:`EncoderError` when ``encoder`` has no weights and ``random_init`` is False.
+
+    ``spec`` is how the user named the encoder (default: its name); the message gives the
+    ways to load weights and the switch for a deliberate random baseline.
+    """
+    if random_init or not encoder.random_init:
+        return
+    text = str(spec) if spec is not None else encoder.name
+    example = f"{text}{'&' if '?' in text else '?'}weights=FILE.safetensors"
+    raise EncoderError(
+        f"encoder {text!r} has no weights (a random initialisation: its codes mean nothing and change on every "
+        f"run); give weights ({example!r}, a folder written by save_encoder or nic train-encoder, or a Keras .h5), "
+        "or pass --random-init (random_init=True in Python) for a deliberate random baseline"
+    )
+
+
+def _state_sha256(module: Any) -> str:
+    """Hex sha256 of a module's state dict (names, shapes, dtypes and bytes, sorted by name)."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().to("cpu").contiguous().view(-1)
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -89,7 +122,7 @@ def save_encoder(encoder: Encoder, path: str | Path) -> Path:
     any other path is a directory that receives ``encoder.safetensors`` and
     ``encoder.json``.  Existing files are replaced.
     """
-    from safetensors.torch import save_file
+    from nic._outputs import save_safetensors
 
     if getattr(encoder.module, "inference_only", False):
         raise EncoderError(
@@ -118,7 +151,7 @@ def save_encoder(encoder: Encoder, path: str | Path) -> Path:
             f"cannot save {encoder.name}: its config is not JSON ({e}); give arch_args as numbers, strings or lists"
         ) from e
     tmp = weights.with_name(weights.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: text})
+    save_safetensors(tensors, tmp, metadata={_META_KEY: text})
     tmp.replace(weights)
     sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     logger.info("saved encoder %s to %s", encoder.name, weights)
@@ -165,8 +198,11 @@ def _read_state_dict(path: Path, unsafe: bool) -> dict[str, Any]:
     if path.suffix in _PICKLE_SUFFIXES:
         if not unsafe:
             raise EncoderError(
-                f"{path}: pickled checkpoints can run code when loaded and are refused; convert it to "
-                ".safetensors, or pass unsafe=True (--unsafe) if you trust the file"
+                f"{path}: pickled checkpoints can run code when loaded and are refused; convert it to .safetensors "
+                f"(python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{path}', "
+                "weights_only=True); save_file({k: v.contiguous().clone() for k, v in sd.get('state_dict', sd).items()}, "
+                f"'{path.with_suffix('.safetensors')}')\") "
+                "and give that file, or, if you trust it, load it from Python with unsafe=True"
             )
         import torch
 
@@ -270,6 +306,7 @@ def load_encoder(
     *,
     unsafe: bool = False,
     weights: str | Path | None = None,
+    seed: int | None = None,
     **arch_args: Any,
 ) -> Encoder:
     """Load an encoder from ``spec``; the result is in eval mode on ``device``.
@@ -286,7 +323,11 @@ def load_encoder(
 
     ``weights`` (a .safetensors, or with ``unsafe`` a .pth/.pt state dict) loads into a
     registry or timm encoder; extra keyword arguments are architecture arguments (plus
-    ``mean``, ``std``, ``mpp``).  Errors are :class:`EncoderError` naming the fix.
+    ``mean``, ``std``, ``mpp``).  ``seed`` seeds torch while a registry or timm encoder is
+    built (the global random state is left as it was), so a random initialisation is
+    reproducible; without weights it is recorded as ``source = {"init": "random", "seed": seed}``.
+    ``timm:<model>?pretrained=true`` gets the sha256 of its downloaded weights as checksum.
+    Errors are :class:`EncoderError` naming the fix.
     """
     device = torch_device(device, EncoderError)
     text = str(spec)
@@ -302,9 +343,21 @@ def load_encoder(
         kwargs = {**query, **arch_args}
         file = weights if weights is not None else kwargs.pop("weights", None)
         kwargs.pop("weights", None)
-        encoder = create_encoder(name, **kwargs)
+        if seed is None:
+            encoder = create_encoder(name, **kwargs)
+        else:
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                encoder = create_encoder(name, **kwargs)
         if file not in (None, ""):
             _load_weights_into(encoder, Path(str(file)).expanduser(), unsafe)
+        elif name == "timm" and bool(kwargs.get("pretrained")):
+            encoder.checksum = _state_sha256(encoder.module)
+            encoder.source = {"format": "timm-pretrained", "model": kwargs["model_name"], "sha256": encoder.checksum}
+        elif seed is not None:
+            encoder.source = {"init": "random", "seed": int(seed)}
     elif path.exists():
         if arch_args or weights is not None:
             extra = sorted(arch_args) + (["weights"] if weights is not None else [])

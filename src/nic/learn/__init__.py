@@ -18,7 +18,7 @@ from nic.learn.data import TASKS, Cohort, LabelSpec, SlideSource, crop_weights, 
 from nic.learn.losses import cox_ph_loss, task_loss
 from nic.learn.metrics import TASK_METRICS, auc, balanced_accuracy, bootstrap_ci, c_index, mae, pearson, spearman
 from nic.learn.models import ModelSpec, create_model, list_models, register_model
-from nic.learn.run import CVResult, TrainConfig, predict_run, train_cv
+from nic.learn.run import CVResult, Run, TrainConfig, load_run, predict_run, train_cv
 from nic.learn.train import FitConfig, FitHistory, SlideModel, event_batches, fit_model, patient_mean, training_view
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "SlideModel",
     "SlideSource",
     "TrainConfig",
+    "Run",
+    "load_run",
     "auc",
     "balanced_accuracy",
     "bootstrap_ci",

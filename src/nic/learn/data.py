@@ -13,7 +13,6 @@ Grid coordinates are cells of the compressed grid (row ``y``, column ``x``), nev
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from nic.errors import DataError
-from nic.store import list_stores, open_store, slide_id_for
+from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for
 
 __all__ = [
     "TASKS",
@@ -148,11 +147,7 @@ def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
         df[c] = conv
     na = df[label_cols].isna().any(axis=1)
     if na.any():
-        warnings.warn(
-            f"{path}: {int(na.sum())} of {len(df)} rows have a missing label and are left out",
-            UserWarning,
-            stacklevel=3,
-        )
+        logger.warning("%s: %d of %d rows have a missing label and are left out", path, int(na.sum()), len(df))
         df = df[~na].reset_index(drop=True)
     if spec.task == "survival":
         ev = df[spec.event]
@@ -200,6 +195,7 @@ def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: boo
                 f"{len(extra)} store(s) in {compressed} have no row in {spec.labels}: "
                 f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}; add their labels or move them out"
             )
+    df = _drop_tissueless(df, stores, compressed)
     label_cols = [spec.time, spec.event] if spec.task == "survival" else [spec.target]
     per_patient = df.groupby("patient", sort=True)[label_cols].nunique()
     conflict = per_patient.index[(per_patient > 1).any(axis=1)].tolist()
@@ -238,6 +234,25 @@ def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: boo
         time=time,
         classes=classes,
     )
+
+
+def _drop_tissueless(df, stores: dict[str, Path], compressed: str | Path):  # -> DataFrame
+    """Rows whose store holds tissue (damaged stores raise here); the rest are left out
+    with a warning, and so are patients left without a slide."""
+    empty = [sid for sid in df["slide_id"] if not open_store(stores[sid]).has_tissue]
+    if not empty:
+        return df
+    logger.warning(
+        "%d slide(s) in %s have no tissue cells and are left out: %s%s (check the slides, or compress them with a "
+        "lower --min-tissue)", len(empty), compressed, ", ".join(empty[:10]), " ..." if len(empty) > 10 else "",
+    )  # fmt: skip
+    kept = df[~df["slide_id"].isin(empty)]
+    lost = sorted(set(df["patient"]) - set(kept["patient"]))
+    if lost:
+        logger.warning("%d patient(s) have no slide with tissue and are left out: %s", len(lost), ", ".join(lost[:10]))
+    if kept.empty:
+        raise DataError(f"{compressed}: no store of a labelled slide holds tissue; check the slides and `nic compress`")
+    return kept.reset_index(drop=True)
 
 
 def _class_key(v: str) -> tuple[int, float | str]:
@@ -321,12 +336,18 @@ class SlideSource:
     weights: np.ndarray
     cache: bool = True
     _features: object = field(default=None, repr=False)
+    encoder: EncoderIdentity = field(default_factory=EncoderIdentity)
     _array: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, cache: bool = True) -> SlideSource:
         s = open_store(path)
-        return cls(Path(path), s.tissue, s.variants, s.code_size, s.grid_shape, crop_weights(s.tissue), cache, s.features)
+        return cls(Path(path), s.tissue, s.variants, s.code_size, s.grid_shape, crop_weights(s.tissue), cache, s.features,
+                   encoder=s.encoder)  # fmt: skip
+
+    @property
+    def slide_id(self) -> str:
+        return self.path.name[: -len(".zarr")] if self.path.name.endswith(".zarr") else self.path.name
 
     def _read(self, variant: int, ys: slice, xs: slice) -> np.ndarray:
         if self.cache and self._array is None:
@@ -386,19 +407,21 @@ def code_stats(sources: Sequence[SlideSource], max_cells_per_slide: int = 4096, 
 CACHE_BYTES = 4 << 30
 
 
-def open_sources(paths: Sequence[Path], cache_bytes: int = CACHE_BYTES) -> list[SlideSource]:
-    """Open every store (see :class:`SlideSource`); the codes must have one size.
+def open_sources(paths: Sequence[Path], cache_bytes: int = CACHE_BYTES, folder: str | Path | None = None) -> list[SlideSource]:
+    """Open every store (see :class:`SlideSource`); all must hold codes of one encoder.
 
-    The codes are cached in memory after the first read when all stores together hold at
-    most ``cache_bytes`` (float16); otherwise every crop is read from disk (zarr chunks).
+    Stores of different encoders, um/px, patch sizes or variant counts are a
+    :class:`DataError` naming the odd ones (``folder`` names where they are).  The codes
+    are cached in memory after the first read when all stores together hold at most
+    ``cache_bytes`` (float16); otherwise every crop is read from disk (zarr chunks).
     """
     srcs = [SlideSource.open(p) for p in paths]
+    if not srcs:
+        return srcs
+    check_same_encoder(srcs, folder if folder is not None else Path(srcs[0].path).parent, DataError)
     total = sum(int(np.prod(s._features.shape)) * 2 for s in srcs)  # type: ignore[attr-defined]
     if total > cache_bytes:
         logger.info("codes take %.1f GB > %.1f GB: reading crops from disk", total / 1e9, cache_bytes / 1e9)
         for s in srcs:
             s.cache = False
-    sizes = {s.code_size for s in srcs}
-    if len(sizes) > 1:
-        raise DataError(f"stores have different code sizes {sorted(sizes)}; compress every slide with one encoder")
     return srcs

@@ -1,30 +1,35 @@
 """Cross-validated training runs and prediction with a saved run.
 
-A run folder holds ``config.json`` (written first: it marks the folder as a run),
-``metrics.json`` (written last: pooled out-of-fold value, 95% bootstrap CI by patient,
-per-fold values, for each metric of the task), ``predictions.csv`` (out-of-fold, one row
-per patient), ``folds.json`` (which patients were tested in which fold, and the training
-histories) and ``fold_<k>/model.*``.
+A run folder holds ``config.json`` (the settings, the number of folds and the identity of
+the encoder whose stores it was trained on), ``metrics.json`` (pooled out-of-fold value,
+95% bootstrap CI by patient, per-fold values, for each metric of the task),
+``predictions.csv`` (out-of-fold, one row per patient), ``folds.json`` (which patients
+were tested in which fold, and the training histories) and ``fold_<k>/model.*``.
+
+The folder is built beside its destination and moved into place when the run is whole
+(:func:`nic._outputs.staged_folder`): an interrupted run leaves no folder that looks like
+a result, and ``overwrite`` keeps the old run until the new one is complete.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nic._outputs import staged_folder
 from nic.errors import DataError
 from nic.learn.cv import inner_split, patient_folds
 from nic.learn.data import Cohort, LabelSpec, SlideSource, load_cohort, open_sources
 from nic.learn.metrics import TASK_METRICS, bootstrap_ci, compute_metric
-from nic.learn.train import FitConfig, FitHistory, SlideModel, _check_int, patient_mean, default_crop, fit_model
+from nic.learn.train import FitConfig, FitHistory, SlideModel, _check_int, default_crop, fit_model, patient_mean
+from nic.store import EncoderIdentity
 
-__all__ = ["TrainConfig", "CVResult", "train_cv", "predict_run"]
+__all__ = ["TrainConfig", "CVResult", "Run", "train_cv", "load_run", "predict_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +71,8 @@ class CVResult:
     folds: list[tuple[np.ndarray, np.ndarray]]
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; --out must be a run folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DataError(f"{out}: the run folder exists; pass --overwrite to replace it or choose another --out")
-        if not (out / "config.json").is_file():
-            raise DataError(f"{out}: not a nic run folder (no config.json); refusing to delete it, choose another --out")
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{out}: cannot create the run folder ({e.strerror or e})") from e
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
 
 
 def _finite_or_none(obj: Any) -> Any:
@@ -116,6 +110,19 @@ def _prediction_frame(cohort: Cohort, pidx: np.ndarray, pred: np.ndarray, fold: 
     return pd.DataFrame(d)
 
 
+def _per_fold_prediction(models: list[SlideModel], raw: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
+    """Raw outputs (P, n_out) -> predictions, row ``i`` by the model of fold ``fold_of[i]``."""
+    pred: np.ndarray | None = None
+    for k, model in enumerate(models):
+        sel = fold_of == k
+        v = model.to_prediction(raw[sel])
+        if pred is None:
+            pred = np.full((len(raw), *v.shape[1:]), np.nan)
+        pred[sel] = v
+    assert pred is not None
+    return pred
+
+
 def _metrics(cohort: Cohort, pidx: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     t = cohort.time[pidx] if cohort.time is not None else None
     return {m: compute_metric(m, cohort.y[pidx], pred, t) for m in TASK_METRICS[cohort.task]}
@@ -137,27 +144,27 @@ def train_cv(config: TrainConfig) -> CVResult:
         raise DataError(f"unknown model {config.fit.model!r}; choose one of {', '.join(list_models())}")
     # check every input before touching the run folder: a typo must not delete a good run
     cohort = load_cohort(config.compressed, config.labels)
-    sources = open_sources(cohort.store_paths)
+    sources = open_sources(cohort.store_paths, folder=config.compressed)
     crop = default_crop(sources, config.fit.crop)
     folds = patient_folds(cohort, config.folds, config.fit.seed)
-    if config.out is not None:
-        out = Path(config.out)
-        _prepare_out(out, config.overwrite)
-        # config.json first (it marks the folder as a nic run, so --overwrite can clean a
-        # crashed run); metrics.json last (an unfinished run never looks complete)
-        (out / "config.json").write_text(json.dumps({**config.to_json(), "crop": crop, "classes": cohort.classes,
-                                                      "code_size": sources[0].code_size}, indent=2))
+    run_info = {"crop": crop, "classes": cohort.classes, "code_size": sources[0].code_size,
+                "encoder": sources[0].encoder.to_json()}  # fmt: skip
     before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train_cv(config, cohort, sources, crop, folds)
+        if config.out is None:
+            return _train_cv(config, cohort, sources, crop, folds, None)
+        with staged_folder(config.out, config.overwrite, _is_run) as stage:
+            (stage / "config.json").write_text(json.dumps({**config.to_json(), **run_info}, indent=2))
+            return _train_cv(config, cohort, sources, crop, folds, stage)
     finally:
         torch.set_num_threads(before)
 
 
 def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], crop: int,
-              folds: list[tuple[np.ndarray, np.ndarray]]) -> CVResult:
+              folds: list[tuple[np.ndarray, np.ndarray]], out: Path | None) -> CVResult:
+    """The folds; results go to ``out`` (the staged run folder) when given."""
     cfg = config.fit
     n_p = len(cohort.patients)
     oof_raw = np.full((n_p, cohort.n_outputs), np.nan)
@@ -178,8 +185,8 @@ def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], c
         hists.append(hist)
         logger.info("fold %d/%d: %d epochs in %.1f s; %s", k + 1, len(folds), len(hist.train_loss), hist.seconds,
                     ", ".join(f"{m}={v[-1]:.3f}" for m, v in per_fold.items()))
-        if config.out is not None:
-            model.save(Path(config.out) / f"fold_{k}")
+        if out is not None:
+            model.save(out / f"fold_{k}")
     allp = np.arange(n_p)
     if cohort.task == "survival":
         # the Cox partial likelihood fixes no offset and each fold's model has its own
@@ -188,7 +195,8 @@ def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], c
             sel = fold_of == k
             r = oof_raw[sel]
             oof_raw[sel] = (r - r.mean(axis=0)) / (r.std(axis=0) + 1e-12)
-    pred = models[0].to_prediction(oof_raw)
+    # each fold's model converts its own outputs (its own target scaling)
+    pred = _per_fold_prediction(models, oof_raw, fold_of)
     pooled = _metrics(cohort, allp, pred)
     t = cohort.time if cohort.time is not None else None
     metrics: dict[str, dict[str, Any]] = {}
@@ -196,52 +204,106 @@ def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], c
         lo, hi = bootstrap_ci(m, cohort.y, pred, t, config.n_bootstrap, seed=cfg.seed)
         metrics[m] = {"value": v, "ci95": [lo, hi], "folds": per_fold[m]}
     frame = _prediction_frame(cohort, allp, pred, fold_of)
-    if config.out is not None:
-        out = Path(config.out)
+    if out is not None:
         frame.to_csv(out / "predictions.csv", index=False)
         (out / "folds.json").write_text(json.dumps(
             [{"fold": k, "test_patients": [cohort.patients[i] for i in te], "history": asdict(h)}
              for k, ((_, te), h) in enumerate(zip(folds, hists))], indent=2))
-        (out / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))  # last: the run is complete
+        (out / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))
     return CVResult(metrics, frame, models, hists, folds)
 
 
+@dataclass
+class Run:
+    """A finished training run read back: its config, fold models and encoder identity."""
+
+    path: Path
+    config: dict[str, Any]
+    models: list[SlideModel]
+    encoder: EncoderIdentity | None  #: None for runs written before nic recorded it
+
+    @property
+    def task(self) -> str:
+        return self.models[0].task
+
+
+def load_run(run: str | Path) -> Run:
+    """Read a run folder written by :func:`train_cv`; every fold its config lists must be
+    there and load, else a :class:`DataError` naming what is missing."""
+    run = Path(run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise DataError(f"{run}: not a nic run folder (no config.json); pass the --out folder of `nic train`")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        n_folds = int(cfg["folds"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{cfg_path}: not a readable run config ({e}); train the run again with `nic train`") from e
+    if not (run / "metrics.json").is_file():
+        raise DataError(f"{run}: no metrics.json; the training run did not finish, train it again with `nic train`")
+    missing = [f"fold_{k}" for k in range(n_folds) if not (run / f"fold_{k}" / "model.json").is_file()]
+    if missing:
+        raise DataError(
+            f"{run}: the run has {n_folds} folds but {', '.join(missing)} (model.json) is missing; "
+            "restore the run folder or train it again with `nic train`"
+        )
+    models = [SlideModel.load(run / f"fold_{k}") for k in range(n_folds)]
+    enc = cfg.get("encoder")
+    return Run(run, cfg, models, EncoderIdentity.from_json(enc) if isinstance(enc, dict) else None)
+
+
+def _check_run_encoder(run: Run, sources: list[SlideSource], compressed: Path) -> None:
+    have = sources[0].encoder
+    if run.encoder is None:
+        if have.code_size != run.config.get("code_size"):
+            raise DataError(f"{compressed}: codes have size {have.code_size}, the run {run.path} was trained on "
+                            f"{run.config.get('code_size')}; compress with the training run's encoder")  # fmt: skip
+        logger.warning("%s: the run does not record its encoder (an older nic); only the code size was checked", run.path)
+        return
+    diff = have.diff(run.encoder)
+    if diff:
+        raise DataError(
+            f"{compressed}: the stores were made with {have.describe()}, the run {run.path} was trained on stores of "
+            f"{run.encoder.describe()} ({'; '.join(diff)}); compress these slides with the run's encoder and settings"
+        )
+
+
 def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | None = None):  # -> DataFrame
-    """Apply the fold models of a run (their mean raw output) to every store in ``compressed``.
+    """Apply every fold model of a run to every store in ``compressed``; the prediction is
+    the mean of the fold models' predictions (each converted with its own scaling).
 
     Returns one row per slide (``slide``, then the task's prediction columns); with
-    ``labels`` (a CSV with the run's slide and patient columns) one row per patient, the
-    mean of its slides' outputs.
+    ``labels`` (a CSV with the run's slide and patient columns) one row per patient, each
+    fold model averaging its raw outputs over the patient's slides as in training.
+    Stores must hold codes of the run's encoder and settings; stores without tissue are
+    left out with a warning.
     """
     import pandas as pd
 
     from nic.learn.data import _resolve_ids
     from nic.store import list_stores
 
-    run = Path(run)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise DataError(f"{run}: not a nic run folder (no config.json); pass the --out folder of `nic train`")
-    cfg = json.loads(cfg_path.read_text())
-    fold_dirs = sorted(p for p in run.glob("fold_*") if (p / "model.json").is_file())
-    if not fold_dirs or not (run / "metrics.json").is_file():
-        raise DataError(f"{run}: no metrics.json or fold models (fold_*/model.json); the training run did not finish")
-    models = [SlideModel.load(p) for p in fold_dirs]
+    r = load_run(run)
+    compressed = Path(compressed)
     paths = list_stores(compressed)
     if not paths:
         raise DataError(f"{compressed}: no compressed slides (*.zarr) found")
-    sources: list[SlideSource] = open_sources(paths)
-    if sources[0].code_size != cfg["code_size"]:
-        raise DataError(f"{compressed}: codes have size {sources[0].code_size}, the model was trained on {cfg['code_size']}; "
-                        "compress with the training run's encoder")
-    fit = cfg["fit"]
-    raw = np.mean([m.predict_raw(sources, fit["tta_crops"], fit["tta_variants"], fit["seed"]) for m in models], axis=0)
-    ids = [p.name[: -len(".zarr")] for p in paths]
-    keys, rows = ids, raw
+    sources: list[SlideSource] = open_sources(paths, folder=compressed)
+    _check_run_encoder(r, sources, compressed)
+    empty = [s.slide_id for s in sources if not s.tissue.any()]
+    if empty:
+        logger.warning("%d slide(s) in %s have no tissue cells and get no prediction: %s%s", len(empty), compressed,
+                       ", ".join(empty[:10]), " ..." if len(empty) > 10 else "")  # fmt: skip
+        sources = [s for s in sources if s.tissue.any()]
+        if not sources:
+            raise DataError(f"{compressed}: no store holds tissue; check the slides and `nic compress`")
+    ids = [s.slide_id for s in sources]
+    keys: list[str] = ids
     key_name = "slide"
+    group: np.ndarray | None = None
     if labels is not None:
         lab = Path(labels)
-        sc, pc = cfg["labels"]["slide_column"], cfg["labels"]["patient_column"]
+        sc, pc = r.config["labels"]["slide_column"], r.config["labels"]["patient_column"]
         try:
             df = pd.read_csv(lab, dtype=str)
         except (OSError, ValueError) as e:
@@ -255,19 +317,25 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
             raise DataError(f"{len(missing)} store(s) in {compressed} have no row in {lab}: {', '.join(missing[:10])}")
         sp = np.array([pat_of[s] for s in ids])
         keys = sorted(set(sp))
-        rows = np.stack([raw[sp == p].mean(0) for p in keys])
+        group = np.array([keys.index(p) for p in sp])
         key_name = "patient"
-    pred = models[0].to_prediction(rows)
+    fit = r.config["fit"]
+    preds = []
+    for m in r.models:
+        raw = m.predict_raw(sources, fit["tta_crops"], fit["tta_variants"], fit["seed"])
+        if group is not None:
+            raw = patient_mean(raw, group, np.arange(len(keys)))
+        preds.append(m.to_prediction(raw))
+    pred = np.mean(preds, axis=0)
     d: dict[str, Any] = {key_name: keys}
-    task = models[0].task
-    if task == "regression":
+    if r.task == "regression":
         d["prediction"] = pred
-    elif task == "survival":
+    elif r.task == "survival":
         d["risk"] = pred
-    elif task == "binary":
+    elif r.task == "binary":
         d["probability"] = pred
     else:
-        classes = models[0].classes or []
+        classes = r.models[0].classes or []
         for k, c in enumerate(classes):
             d[f"prob_{c}"] = pred[:, k]
         d["prediction"] = [classes[i] for i in pred.argmax(1)]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nic._device import torch_device
-from nic.errors import DataError
+from nic.errors import DataError, NicError
 from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_crop_origin
 from nic.learn.losses import task_loss
 from nic.learn.models import POOLS, ModelSpec, create_model
@@ -174,26 +174,41 @@ class SlideModel:
 
     def save(self, folder: Path) -> None:
         """``folder/model.safetensors`` (weights) and ``folder/model.json`` (the rest)."""
-        from safetensors.torch import save_file
+        from nic._outputs import save_safetensors
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, str(folder / "model.safetensors"))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors")
         (folder / "model.json").write_text(json.dumps(self.meta(), indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> SlideModel:
+        """The model saved by :meth:`save` in ``folder``; :class:`DataError` for a missing or damaged one."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        damaged = "the run is damaged; retrain it with `nic train`"
         try:
             meta = json.loads((folder / "model.json").read_text())
             state = load_file(str(folder / "model.safetensors"))
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: not a saved nic slide model ({e}); train one with `nic train`") from e
-        spec = ModelSpec(**meta["spec"])
-        net = create_model(meta["model"], spec)
-        net.load_state_dict(state)
+        except SafetensorError as e:
+            raise DataError(f"{folder}: model.safetensors is not a readable weight file ({e}); {damaged}") from e
+        try:
+            spec = ModelSpec(**meta["spec"])
+            net = create_model(meta["model"], spec)
+            model = cls(meta["model"], spec, meta["task"], int(meta["crop"]), net, meta["target_mean"], meta["target_std"],
+                        meta["classes"])
+        except (KeyError, TypeError, ValueError, NicError) as e:
+            why = f"no {e} entry" if isinstance(e, KeyError) else str(e)
+            raise DataError(f"{folder}: model.json does not describe a nic slide model ({why}); {damaged}") from e
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise DataError(f"{folder}: the weights in model.safetensors do not fit the {model.name!r} model of"
+                            f" model.json ({_state_mismatch(net.state_dict(), state)}); {damaged}") from e
         net.eval()
-        return cls(meta["model"], spec, meta["task"], int(meta["crop"]), net, meta["target_mean"], meta["target_std"], meta["classes"])
+        return model
 
     def to_prediction(self, raw: np.ndarray) -> np.ndarray:
         """Raw outputs (N, n_out) -> (N,) values / probabilities / log-risks, or (N, K) probabilities."""
@@ -240,6 +255,19 @@ class SlideModel:
         return out
 
 
+def _state_mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """One line on how a loaded state dict differs from a model's own."""
+    parts = []
+    if missing := [k for k in want if k not in got]:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if extra := [k for k in got if k not in want]:
+        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if shaped := [k for k in want if k in got and got[k].shape != want[k].shape]:
+        k = shaped[0]
+        parts.append(f"{len(shaped)} of another shape, e.g. {k} {tuple(got[k].shape)} instead of {tuple(want[k].shape)}")
+    return "; ".join(parts) or "the tensors do not match"
+
+
 def patient_mean(raw: np.ndarray, slide_patient: np.ndarray, patients: np.ndarray) -> np.ndarray:
     """Mean of slide outputs (S, n_out) per patient in ``patients`` order -> (P, n_out)."""
     return np.stack([raw[slide_patient == p].mean(0) for p in patients])
@@ -247,7 +275,11 @@ def patient_mean(raw: np.ndarray, slide_patient: np.ndarray, patients: np.ndarra
 
 @dataclass
 class FitHistory:
-    """Per-epoch training loss and validation loss (NaN without validation), and the lr."""
+    """Per-epoch training loss and validation loss (NaN without validation), and the lr.
+
+    Losses are recorded as computed: an epoch whose loss was not finite shows NaN or inf
+    there, and is never the best epoch.
+    """
 
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -266,6 +298,12 @@ def _class_weight(task: str, y: np.ndarray, n_classes: int) -> torch.Tensor | No
     return None
 
 
+def _finite_gradient(net: torch.nn.Module) -> bool:
+    """Whether every gradient of ``net`` is finite."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+
+
 def fit_model(
     cohort: Cohort,
     sources: list[SlideSource],
@@ -280,6 +318,10 @@ def fit_model(
     crop per slide with the patient's label; the validation loss is the task loss of the
     patient-level (slide-averaged) outputs.  Adam; lr /= 10 after ``lr_patience`` epochs
     without improvement (down to ``min_lr``); the best validation epoch's weights are kept.
+
+    A batch whose loss or gradient is not finite does not step the optimizer; an epoch
+    with no finite training batch or a non-finite validation loss counts as failed, never
+    as an improvement.  :class:`DataError` when every epoch failed.
     """
     import time as _time
 
@@ -309,6 +351,7 @@ def fit_model(
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.lr_patience, min_lr=cfg.min_lr)
     hist = FitHistory()
     best, best_state, stale = math.inf, None, 0
+    n_trained, n_good = 0, 0  # epochs that stepped at all; epochs that did not fail
     if task == "survival" and len(val_slides) and not cohort.y[val_patients].any():
         # the Cox loss of a validation part without events is a constant 0: selecting on it
         # would silently keep the epoch-0 weights, so train all epochs and keep the last
@@ -322,7 +365,7 @@ def fit_model(
             batches = event_batches(y_slide[fit_slides], cfg.batch_size, rng)
         else:
             batches = _plain_batches(len(fit_slides), cfg.batch_size, rng)
-        losses = []
+        losses, n_stepped = [], 0
         for b in batches:
             idx = fit_slides[b]
             xs, ms = [], []
@@ -336,11 +379,22 @@ def fit_model(
             tt = torch.from_numpy(t_slide[idx]).to(dev) if t_slide is not None else None
             loss = task_loss(task, net(x, mk), yt, tt, cw, cfg.ties)  # type: ignore[arg-type]
             opt.zero_grad()
-            loss.backward()
-            opt.step()
             losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                continue
+            loss.backward()
+            if not _finite_gradient(net):
+                losses[-1] = math.nan
+                continue
+            opt.step()
+            n_stepped += 1
         hist.train_loss.append(float(np.mean(losses)))
         hist.lr.append(opt.param_groups[0]["lr"])
+        if n_stepped < len(batches):
+            logger.warning("epoch %d: %d of %d training batches had a non-finite loss or gradient and were skipped;"
+                           " a lower --lr (now %g) may help", epoch, len(batches) - n_stepped, len(batches), cfg.lr)
+        failed = n_stepped == 0
+        n_trained += not failed
         if len(val_slides):
             raw = model.predict_raw(val_sources, cfg.val_crops, False, seed)
             praw = patient_mean(raw, cohort.slide_patient[val_slides], val_patients)
@@ -349,20 +403,28 @@ def fit_model(
             tv = torch.from_numpy(cohort.time[val_patients]) if cohort.time is not None else None
             vloss = float(task_loss(task, torch.from_numpy(praw).float(), yv_t, tv, None, cfg.ties))  # type: ignore[arg-type]
             hist.val_loss.append(vloss)
-            if vloss < best - 1e-6:
+            failed = failed or not math.isfinite(vloss)
+            n_good += not failed
+            if not failed and vloss < best - 1e-6:
                 best, best_state, stale, hist.best_epoch = vloss, copy.deepcopy(net.state_dict()), 0, epoch
             elif epoch >= cfg.min_epochs:
                 stale += 1
             if epoch >= cfg.min_epochs:
-                sched.step(vloss)
+                sched.step(math.inf if failed else vloss)  # a failed epoch is no improvement
             logger.debug("epoch %d: train %.4f val %.4f lr %.1e", epoch, hist.train_loss[-1], vloss, hist.lr[-1])
             if stale >= cfg.patience:
                 logger.info("early stop at epoch %d (best %d)", epoch, hist.best_epoch)
                 break
         else:
             hist.val_loss.append(float("nan"))
-            hist.best_epoch = epoch
+            if not failed:  # no validation: the last epoch that trained
+                n_good += 1
+                best_state, hist.best_epoch = copy.deepcopy(net.state_dict()), epoch
             logger.debug("epoch %d: train %.4f", epoch, hist.train_loss[-1])
+    if n_good == 0:
+        what = "training" if n_trained == 0 else "validation"
+        raise DataError(f"the {what} loss was not finite in any of the {len(hist.train_loss)} epochs, so no model was"
+                        f" kept; try a lower --lr (now {cfg.lr:g})")
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()  # stays on ``dev``: the fold's test predictions run there too

@@ -23,6 +23,27 @@ def plausible(mpp: float | None) -> bool:
     return mpp is not None and math.isfinite(mpp) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
 
 
+def check_user_mpp(value: float | tuple[float, float], path: Path | None = None) -> tuple[float, float]:
+    """(x, y) um/px of a level-0 pixel size given by the user (one number or two).
+
+    Raises :class:`MppError` (naming ``path`` when given) for a value that is not a
+    positive number or lies outside :data:`PLAUSIBLE_MPP`: such a value would make a
+    region read absurdly large or small, and no microscope scan has it.
+    """
+    where = f"{path}: " if path is not None else ""
+    mx, my = (value, value) if isinstance(value, int | float) else value
+    for m in (mx, my):
+        if not (isinstance(m, int | float) and m > 0 and math.isfinite(m)):
+            raise MppError(f"{where}--mpp must be a positive number of um per pixel, got {m!r}")
+        if not plausible(m):
+            lo, hi = PLAUSIBLE_MPP
+            raise MppError(
+                f"{where}--mpp {m:g} is outside {lo:g}-{hi:g} um/px, the level-0 pixel sizes of slide scans "
+                "(40x is about 0.25, 20x 0.5, 5x 2); give the um/px of the slide's level 0"
+            )
+    return float(mx), float(my)
+
+
 def mpp_from_resolution(value: float | None, unit: str | int | None) -> tuple[float | None, str]:
     """um/px from a TIFF X/YResolution value and its ResolutionUnit, or None with a reason.
 
@@ -57,11 +78,7 @@ def resolve_mpp(
     nothing but those tags.
     """
     if user_mpp is not None:
-        mx, my = (user_mpp, user_mpp) if isinstance(user_mpp, int | float) else user_mpp
-        for m in (mx, my):
-            if not (m > 0 and math.isfinite(m)):
-                raise MppError(f"{path}: --mpp must be a positive number of um per pixel, got {m!r}")
-        return (float(mx), float(my)), "given by the user"
+        return check_user_mpp(user_mpp, path), "given by the user"
 
     reason = "no pixel size in the file"
     if vendor not in {"generic-tiff", "image", "tiff"}:

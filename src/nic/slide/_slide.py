@@ -135,8 +135,8 @@ class Slide:
             src = self._reader.read(level, ix0, iy0, ix1 - ix0, iy1 - iy0)
         except SlideError:
             raise
-        except Exception as e:  # a codec or OpenSlide failure on a damaged file
-            raise SlideError(f"{self.path}: cannot read pixels at level {level} ({e}); the file may be truncated or damaged") from e
+        except Exception as e:  # a codec, OpenSlide or memory failure
+            raise _unreadable(self.path, f"cannot read pixels at level {level}", e) from e
         return area_resize(src, (x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0), w, h)
 
     def thumbnail(self, mpp: float = 8.0) -> np.ndarray:
@@ -262,7 +262,7 @@ def open_slide(
     except openslide.OpenSlideUnsupportedFormatError:
         handle = None
     except openslide.OpenSlideError as e:
-        raise SlideError(f"{p}: OpenSlide cannot read this slide ({e}); the file may be truncated or damaged") from e
+        raise _unreadable(p, "OpenSlide cannot open it", e) from e
     if handle is None:
         return _open_tiff_only(p, mpp, backend)
 
@@ -298,6 +298,45 @@ def open_slide(
     return Slide(p, reader, mpp_xy, source, vendor, props, used)
 
 
+#: Words in a reader's error that mean the file ended before the data it points to.
+_ENDED_EARLY = ("end of file", "end of filehandle", "beyond end", "premature end", "unexpected end", "short read",
+                "read error", "truncated")  # fmt: skip
+#: SOP Class UID of DICOM VL Whole Slide Microscopy Image Storage.
+_DICOM_WSI_UID = b"1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def _dicom_kind(p: Path) -> str:
+    """"wsi" for a DICOM file of the whole-slide SOP class, "other" for another DICOM, "" else."""
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return ""
+    if head[128:132] != b"DICM":
+        return ""
+    return "wsi" if _DICOM_WSI_UID in head else "other"
+
+
+def _unreadable(p: Path, what: str, e: BaseException) -> SlideError:
+    """The one-line error for a read that failed, saying only what is known: "truncated"
+    when the reader says the file ended early, else what kind of file was refused."""
+    reason = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError):
+        return SlideError(f"{p}: {what}: out of memory ({reason}); check --mpp, the slide's level-0 um/px")
+    if any(w in reason.lower() for w in _ENDED_EARLY):
+        return SlideError(f"{p}: {what}: the file ends before its data ({reason}); it is truncated, copy it again")
+    if _dicom_kind(p):
+        return SlideError(
+            f"{p}: {what} ({reason}); not a DICOM whole-slide image OpenSlide supports (a VL Whole Slide Microscopy "
+            "image with the attributes the standard requires): export the slide again as a conformant DICOM WSI "
+            "or as a tiled TIFF"
+        )
+    return SlideError(
+        f"{p}: {what} ({reason}); the file is damaged or a variant this reader does not support; check that it "
+        "opens in the scanner's viewer, or copy it again"
+    )
+
+
 def _tiff_magic(p: Path) -> bool:
     with open(p, "rb") as fh:
         return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -312,12 +351,29 @@ def _is_ome(p: Path) -> bool:
 
 
 def _try_tiff(p: Path) -> Any | None:
+    """``tifffile.TiffFile(p)``, or None when tifffile cannot parse it.
+
+    tifffile logs what it cannot parse (e.g. "invalid offset to first page") on its
+    ``tifffile`` logger; the callers say what is wrong in their own error, so those lines
+    are dropped while the file is opened.
+    """
+    import logging
+
     import tifffile
 
+    log = logging.getLogger("tifffile")
+    log.addFilter(_drop)
     try:
         return tifffile.TiffFile(p)
     except Exception:
         return None
+    finally:
+        log.removeFilter(_drop)
+
+
+def _drop(record: Any) -> bool:
+    """A logging filter that lets nothing through."""
+    return False
 
 
 def _resolution(page: Any) -> tuple[float | None, float | None, Any]:
@@ -361,6 +417,13 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
         raise SlideError(
             f"{p}: a TIFF file whose image directory is missing or cut off; the file is truncated or damaged, copy it again"
         )
+    if (tif is None or not len(tif.pages)) and _dicom_kind(p):
+        what = (
+            "a DICOM whole-slide image that OpenSlide does not read"
+            if _dicom_kind(p) == "wsi"
+            else "a DICOM file, but not a whole-slide image (nic reads DICOM VL Whole Slide Microscopy images)"
+        )
+        raise SlideError(f"{p}: {what}; give the slide's WSI file, or export the slide as a conformant DICOM WSI or a tiled TIFF")
     if tif is None or not len(tif.pages):
         raise SlideError(
             f"{p}: not a slide nic can read (OpenSlide and tifffile both refused it); "

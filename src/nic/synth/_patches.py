@@ -11,7 +11,10 @@ each with its own random staining):
   drawn (whole, inside the patch), else 0; negatives are mostly tumour, with some
   lymphocytes and necrosis (dark dots that are not mitoses).
 
-CSV paths are relative to the CSV's folder.
+CSV paths are relative to the CSV's folder; ``tissue_type/labels.csv`` (``path,label,group``)
+lists the tissue-type patches.  Every patch is drawn independently (its own tissue and
+staining), so no two share a source: the ``group`` column of each CSV gives every patch
+its own group, its row number, which the dataset readers use to split by group.
 """
 
 from __future__ import annotations
@@ -50,11 +53,12 @@ def _save(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(path, compress_level=1)
 
 
-def _write_csv(path: Path, rows: list[tuple[str, float | int]]) -> None:
+def _write_csv(path: Path, rows: list[tuple[str, float | int | str]]) -> None:
+    """``path,label,group`` with one group per patch (every patch is an independent draw)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "label"])
-        w.writerows(rows)
+        w.writerow(["path", "label", "group"])
+        w.writerows((*r, str(i)) for i, r in enumerate(rows))
 
 
 def make_patch_datasets(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 128,
@@ -91,9 +95,11 @@ def make_patch_datasets(out: str | Path, n: int = 200, seed: int = 0, *, size: i
             m = int(cls == "tumour" and rng.random() < 0.2)
             _save(tt / cls / f"{i:05d}.png", patch(rng, cls, m)[0])
         counts[f"tissue_type/{cls}"] = n
+    # the order a folder of class folders is read in: classes and files sorted
+    _write_csv(tt / "labels.csv", [(f"{c}/{i:05d}.png", c) for c in sorted(TISSUE_CLASSES) for i in range(n)])
     # (b) nuclei density
     rng = np.random.default_rng([seed, 11])
-    rows: list[tuple[str, float | int]] = []
+    rows: list[tuple[str, float | int | str]] = []
     for i in range(n):
         cls = TISSUE_CLASSES[int(rng.integers(len(TISSUE_CLASSES)))]
         rgb, nuclei = patch(rng, cls, int(cls == "tumour" and rng.random() < 0.2))

@@ -1,0 +1,132 @@
+"""Slide-level training and loading never turn a broken number or file into a quiet result."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import nic.learn.train as train_mod
+from nic.errors import DataError
+from nic.learn import FitConfig, LabelSpec, SlideModel, fit_model, load_cohort
+from nic.learn._planted import PlantedCohort, make_planted_cohort
+from nic.learn.data import Cohort, SlideSource, open_sources
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> PlantedCohort:
+    """12 patients, 8 x 8 grids, 4 channels; read-only."""
+    return make_planted_cohort(tmp_path_factory.mktemp("small"), 12, grid=(8, 8), code_size=4, slides_per_patient=(1, 2), n_pairs=2, seed=3)
+
+
+def _cohort(small: PlantedCohort) -> tuple[Cohort, list[SlideSource]]:
+    co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
+    return co, open_sources(co.store_paths)
+
+
+class _Poison:
+    """``task_loss`` that returns a non-finite loss for chosen (epoch, training) calls."""
+
+    def __init__(self, poison: Any) -> None:
+        self.poison, self.epoch, self.real = poison, 0, train_mod.task_loss
+
+    def __call__(self, task: str, out: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+        loss = self.real(task, out, *a, **kw)
+        training = out.requires_grad
+        value = self.poison(self.epoch, training)
+        if not training:
+            self.epoch += 1  # validation closes an epoch
+        return loss * value if value is not None else loss
+
+
+def _weights_finite(m: SlideModel) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in m.net.state_dict().values() if v.is_floating_point())
+
+
+def test_non_finite_validation_loss_is_never_the_best_epoch(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch) -> None:
+    co, src = _cohort(small)
+    # epoch 2's validation loss is -inf: "smaller" than any real loss, yet no result
+    monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: -math.inf if ep == 2 and not tr else None))
+    _, hist = fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=4, width=8, batch_size=4), seed=0)
+    assert hist.val_loss[2] == -math.inf  # recorded as it came
+    assert hist.best_epoch != 2 and math.isfinite(hist.val_loss[hist.best_epoch])
+    assert hist.val_loss[hist.best_epoch] == min(v for v in hist.val_loss if math.isfinite(v))
+
+
+def test_non_finite_training_batches_do_not_step(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    co, src = _cohort(small)
+    calls = {"n": 0}
+
+    def every_other_batch(ep: int, tr: bool) -> float | None:
+        if not tr:
+            return None
+        calls["n"] += 1
+        return math.nan if calls["n"] % 2 else None
+
+    monkeypatch.setattr(train_mod, "task_loss", _Poison(every_other_batch))
+    with caplog.at_level("WARNING", logger="nic.learn.train"):
+        m, hist = fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=2, width=8, batch_size=4), seed=0)
+    assert _weights_finite(m)  # a NaN step would have made every weight NaN
+    assert all(math.isnan(v) for v in hist.train_loss)  # the epoch mean says a batch was bad
+    assert all(math.isfinite(v) for v in hist.val_loss) and hist.best_epoch >= 0
+    assert "epoch 0: 2 of 3 training batches had a non-finite loss" in caplog.text  # batches 1 and 3 of 3
+
+
+@pytest.mark.parametrize("with_validation", [True, False])
+def test_every_epoch_failing_is_an_error(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch, with_validation: bool) -> None:
+    co, src = _cohort(small)
+    monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: math.inf if tr else None))
+    val = np.arange(8, 12) if with_validation else np.arange(0)
+    with pytest.raises(DataError, match=r"training loss was not finite .* lower --lr") as e:
+        fit_model(co, src, np.arange(8), val, FitConfig(epochs=2, width=8, batch_size=4), seed=0)
+    assert "\n" not in str(e.value)
+
+
+def test_validation_never_finite_is_an_error(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch) -> None:
+    co, src = _cohort(small)
+    monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: None if tr else math.nan))
+    with pytest.raises(DataError, match=r"validation loss was not finite in any of the 2 epochs.*lower --lr"):
+        fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=2, width=8, batch_size=4), seed=0)
+
+
+def _saved(folder: Path) -> Path:
+    from nic.learn import ModelSpec, create_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(4, 1, width=8, input_size=8)
+    SlideModel("nic-cnn", spec, "regression", 8, create_model("nic-cnn", spec)).save(folder)
+    return folder
+
+
+def test_empty_weight_file_is_a_one_line_error(tmp_path: Path) -> None:
+    folder = _saved(tmp_path / "fold_0")
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        SlideModel.load(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder) in msg and "model.safetensors" in msg and "nic train" in msg
+
+
+def test_weights_of_another_architecture_are_a_one_line_error(tmp_path: Path) -> None:
+    import json
+
+    folder = _saved(tmp_path / "fold_0")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["spec"]["width"] = 16  # model.json and the weights disagree
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"do not fit the 'nic-cnn' model .* of another shape") as e:
+        SlideModel.load(folder)
+    assert "\n" not in str(e.value) and str(folder) in str(e.value) and "nic train" in str(e.value)
