@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
 import torch
 
 
@@ -61,13 +62,17 @@ def main() -> None:
     zoom = 0.9 + 0.2 * torch.rand(n, generator=g)
     ones = torch.ones(n)
     alpha, beta = 1 + 0.1 * torch.randn(n, 3, generator=g), 0.02 * torch.randn(n, 3, generator=g)
-    sig = torch.where(torch.rand(n, generator=g) < 0.3, 0.25 * torch.randint(1, 5, (n,), generator=g), torch.zeros(n)).double()
+    sig = torch.where(
+        torch.rand(n, generator=g) < 0.3, 0.25 * torch.randint(1, 5, (n,), generator=g), torch.zeros(n)
+    ).double()
     rows = {
         "augment (strength 1, all ops)": lambda: A.augment(x, cfg, g),
         "  geometry: flips/rot90 + zoom (grid_sample)": lambda: A._geometry(x, k, f, zoom),
         "  geometry: flips/rot90 only (exact)": lambda: A._geometry(x, k, f, None),
         "  HED jitter (fused)": lambda: A._hed_affine(x, alpha, beta),
-        "  brightness/contrast/saturation/hue (fused)": lambda: A._colour_affine(x, 1.1 * ones, 0.9 * ones, 1.2 * ones, 0.02 * ones),
+        "  brightness/contrast/saturation/hue (fused)": lambda: A._colour_affine(
+            x, 1.1 * ones, 0.9 * ones, 1.2 * ones, 0.02 * ones
+        ),
         "  blur (30% of samples)": lambda: A.gaussian_blur(x, sig),
         "  noise (all samples)": lambda: A.add_noise(x, 0.02 * ones, g),
         "nic-cnn forward+backward+Adam": lambda: fwd_bwd(x),

@@ -71,7 +71,9 @@ def _tile_pool(n: int, seed: int) -> tuple[list[bytes], bytes]:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "pool.tif"
         strip = np.concatenate(tiles, axis=1)
-        tifffile.imwrite(p, strip, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": 90}, photometric="rgb")
+        tifffile.imwrite(
+            p, strip, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": 90}, photometric="rgb"
+        )
         with tifffile.TiffFile(p) as tif, open(p, "rb") as fh:
             page = tif.pages[0]
             raw = []
@@ -231,8 +233,14 @@ def full(slide_path: Path, encoder, out: Path, args: argparse.Namespace, transpo
     from nic.compress import CompressOptions, compress_slides
     from nic.store import open_store
 
-    opts = CompressOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, overwrite=True, transport=transport,
-                           random_init=True)  # throughput only: a random encoder (the default nic-cnn) is fine
+    opts = CompressOptions(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        overwrite=True,
+        transport=transport,
+        random_init=True,
+    )  # throughput only: a random encoder (the default nic-cnn) is fine
     with PeakRss() as rss:
         t0, c0, k0 = time.perf_counter(), _cpu(), _cpu(-1)
         [r] = compress_slides([slide_path], encoder, out, opts)  # its readers are reaped at the end
@@ -277,7 +285,9 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     slide = make_slide(args.cache / f"bench_{args.size}_{args.mpp:g}.tif", args.size, args.mpp)
-    print(f"slide {slide} ({slide.stat().st_size / 2**20:.0f} MiB), ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"slide {slide} ({slide.stat().st_size / 2**20:.0f} MiB), ready in {time.perf_counter() - t0:.1f} s", flush=True
+    )
     torch.manual_seed(0)
     encoder = nic.load_encoder(args.encoder, device=args.device)
     # compress_slide encodes with the fused inference copy; (a) and (c) use the same one,
@@ -304,6 +314,7 @@ def main() -> None:
 
     px = b["patch_level0"][0] * b["patch_level0"][1]
     gpx = b["patches"] * px / 1e9
+
     def row(name: str, rate: float, cpu: float) -> tuple[str, ...]:
         return (name, f"{rate:,.1f}", f"{rate / a:.2f}", f"{rate / c:.2f}", f"{cpu * 1e3:.2f}", f"{a_cpu / cpu:.2f}")
 
@@ -327,15 +338,23 @@ def main() -> None:
     print(f"{head[0]:{w}}  " + "  ".join(f"{h:>{max(len(h), 9)}}" for h in head[1:]))
     for r in rows:
         print(f"{r[0]:{w}}  " + "  ".join(f"{v:>{max(len(h), 9)}}" for v, h in zip(r[1:], head[1:], strict=True)))
-    print(f"(b) CPU: {b['cpu_main']:.1f} s in the encoding process, {b['cpu_readers']:.1f} s in the reader processes "
-          "(start-up included); CPU ms/patch and its ratio do not depend on what else the machine runs")
-    print(f"tissue: {b['patches']} patches = {gpx:.3f} gigapixels at level 0; (b) took {b['wall']:.1f} s "
-          f"= {b['wall'] / gpx:.1f} s per gigapixel of tissue")
-    print(f"peak RSS of the compressing process tree: {b['peak_rss'] / 2**20:,.0f} MiB "
-          f"(before: {baseline_rss / 2**20:,.0f} MiB with the model loaded)")
+    print(
+        f"(b) CPU: {b['cpu_main']:.1f} s in the encoding process, {b['cpu_readers']:.1f} s in the reader processes "
+        "(start-up included); CPU ms/patch and its ratio do not depend on what else the machine runs"
+    )
+    print(
+        f"tissue: {b['patches']} patches = {gpx:.3f} gigapixels at level 0; (b) took {b['wall']:.1f} s "
+        f"= {b['wall'] / gpx:.1f} s per gigapixel of tissue"
+    )
+    print(
+        f"peak RSS of the compressing process tree: {b['peak_rss'] / 2**20:,.0f} MiB "
+        f"(before: {baseline_rss / 2**20:,.0f} MiB with the model loaded)"
+    )
     ok_a = b["rate"] >= 0.85 * a
     ok_c = b["rate"] >= 1.5 * c
-    print(f"targets: (b) >= 0.85 x (a): {'met' if ok_a else 'NOT met'}; (b) >= 1.5 x (c): {'met' if ok_c else 'NOT met'}")
+    print(
+        f"targets: (b) >= 0.85 x (a): {'met' if ok_a else 'NOT met'}; (b) >= 1.5 x (c): {'met' if ok_c else 'NOT met'}"
+    )
     sys.stdout.flush()
 
 

@@ -46,8 +46,10 @@ def main() -> None:
             s.crop(0, 0, 1)
         t_read = time.perf_counter() - t0
         allp = np.arange(len(co.patients))
-        print(f"{a.slides} slides {a.grid}x{a.grid} C={a.channels}, {a.threads} threads, device {a.device}; "
-              f"generate {t_gen:.1f} s, open+read {t_read:.1f} s")
+        print(
+            f"{a.slides} slides {a.grid}x{a.grid} C={a.channels}, {a.threads} threads, device {a.device}; "
+            f"generate {t_gen:.1f} s, open+read {t_read:.1f} s"
+        )
         for name in a.models.split(","):
             cfg = FitConfig(model=name, epochs=a.epochs, batch_size=16, device=a.device)
             m, hist = fit_model(co, src, allp, allp[:0], cfg, seed=0)
@@ -55,8 +57,10 @@ def main() -> None:
             t0 = time.perf_counter()
             m.predict_raw(src, n_crops=1, variants=False)
             t_pred = time.perf_counter() - t0
-            print(f"{name:9s} train {per_epoch:6.2f} s/epoch (mean of {a.epochs}); "
-                  f"predict {a.slides} slides x 1 view {t_pred:.2f} s (x8 with variant averaging)")
+            print(
+                f"{name:9s} train {per_epoch:6.2f} s/epoch (mean of {a.epochs}); "
+                f"predict {a.slides} slides x 1 view {t_pred:.2f} s (x8 with variant averaging)"
+            )
 
 
 if __name__ == "__main__":

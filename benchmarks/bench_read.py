@@ -83,8 +83,10 @@ def main() -> None:
     print(f"{'reader':16s} {'tiles/s':>10s} {'x openslide':>12s}")
     for name, sec in results.items():
         print(f"{name:16s} {n / sec:10.0f} {n / sec / base:12.2f}")
-    print(f"128-px patches at 0.5 um/px: nic {len(patches) / p_fast:.0f}/s, openslide {len(patches) / p_os:.0f}/s, "
-          f"ratio {p_os / p_fast:.2f}")
+    print(
+        f"128-px patches at 0.5 um/px: nic {len(patches) / p_fast:.0f}/s, openslide {len(patches) / p_os:.0f}/s, "
+        f"ratio {p_os / p_fast:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ def bench(size: int, out: Path, seed: int) -> dict[str, float]:
         levels = len(s.levels)
     w, h = plan.row["width"], plan.row["height"]
     return {
-        "size": float(w), "levels": float(levels), "plan_s": t1 - t0, "pool_s": t2 - t1,
-        "write_s": t3 - t2, "total_s": t3 - t0, "mb": mb, "mb_per_s": mb / (t3 - t2),
+        "size": float(w),
+        "levels": float(levels),
+        "plan_s": t1 - t0,
+        "pool_s": t2 - t1,
+        "write_s": t3 - t2,
+        "total_s": t3 - t0,
+        "mb": mb,
+        "mb_per_s": mb / (t3 - t2),
         "mpx_per_s": w * h / 1e6 / (t3 - t0),
     }
 

@@ -38,9 +38,14 @@ def main() -> None:
             w, h = s.dimensions
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpx = w * h / 1e9
-    print(f"single-level slide {w} x {h} px ({gpx:.1f} gigapixels, {w * h * 3 / 2**30:.0f} GiB as RGB), written in {made:.0f} s")
-    print(f"tissue_mask at 8 um/px: {sec:.1f} s ({gpx / sec:.2f} gigapixels/s), mask {tm.mask.shape}, "
-          f"{100 * tm.fraction:.0f}% tissue")
+    print(
+        f"single-level slide {w} x {h} px ({gpx:.1f} gigapixels, {w * h * 3 / 2**30:.0f} GiB as RGB), written in "
+        f"{made:.0f} s"
+    )
+    print(
+        f"tissue_mask at 8 um/px: {sec:.1f} s ({gpx / sec:.2f} gigapixels/s), mask {tm.mask.shape}, "
+        f"{100 * tm.fraction:.0f}% tissue"
+    )
     print(f"peak RSS {peak:.0f} MiB (before masking {rss_before:.0f} MiB)")
 
 

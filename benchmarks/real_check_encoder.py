@@ -167,13 +167,21 @@ def main() -> None:
         t0 = time.perf_counter()
         codes = embed_table(enc, probe_table)
         t_embed = time.perf_counter() - t0
-        r = linear_probe(enc, probe_table, repeats=args.repeats, seed=args.seed, codes=codes, random_init=spec == "nic-cnn")
-        results[name] = {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test,
-                         "embed_patches_per_s": len(probe_table) / t_embed}
+        r = linear_probe(
+            enc, probe_table, repeats=args.repeats, seed=args.seed, codes=codes, random_init=spec == "nic-cnn"
+        )
+        results[name] = {
+            "metrics": r.metrics,
+            "spread": r.spread,
+            "n_train": r.n_train,
+            "n_test": r.n_test,
+            "embed_patches_per_s": len(probe_table) / t_embed,
+        }
         log.info("%s: %s", name, r.line())
 
     lines = [
-        f"LC25000 lung probe (probe half: {len(probe_table)} patches, {len(np.unique(probe_table.groups))} source groups; "
+        f"LC25000 lung probe (probe half: {len(probe_table)} patches, {len(np.unique(probe_table.groups))} source "
+        "groups; "
         f"{args.repeats} group-aware 75/25 splits; logistic regression on standardised codes)",
         "",
         "| encoder | accuracy | AUC (macro OvR) | epochs | train patches/s | val metrics (best epoch) |",
@@ -182,7 +190,9 @@ def main() -> None:
     for name, r in results.items():
         m, s = r["metrics"], r["spread"]
         t = training.get(name, {})
-        val = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(t.get("val", {}).items()) if k != "val_loss")
+        val = ", ".join(
+            f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(t.get("val", {}).items()) if k != "val_loss"
+        )
         pps = t.get("train_patches_per_s_last_epoch")
         lines.append(
             f"| {name} | {m['accuracy']:.3f} ± {s['accuracy']:.3f} | {m['auc']:.3f} ± {s['auc']:.3f} | "
@@ -190,7 +200,12 @@ def main() -> None:
         )
     text = "\n".join(lines) + "\n"
     (work / "results.md").write_text(text)
-    (work / "results.json").write_text(json.dumps({"probe": results, "training": training, "args": vars(args) | {"work": str(work)}}, indent=2, default=str) + "\n")
+    (work / "results.json").write_text(
+        json.dumps(
+            {"probe": results, "training": training, "args": vars(args) | {"work": str(work)}}, indent=2, default=str
+        )
+        + "\n"
+    )
     print(text)
 
 

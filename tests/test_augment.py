@@ -175,7 +175,9 @@ def test_augment_range_and_shape_at_high_strength() -> None:
 
 def test_geometry_only_config_is_a_pixel_permutation() -> None:
     x = _batch(8, 16)
-    cfg = AugmentConfig(hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0, hue=0, scale=0, blur_p=0, noise=0)
+    cfg = AugmentConfig(
+        hed_scale=0, hed_shift=0, brightness=0, contrast=0, saturation=0, hue=0, scale=0, blur_p=0, noise=0
+    )
     y = augment(x, cfg, torch.Generator().manual_seed(0))
     for i in range(8):
         assert torch.equal(y[i].flatten().sort().values, x[i].flatten().sort().values)

@@ -160,7 +160,9 @@ def test_codes_sit_at_their_cells_and_background_is_zero(slides, encoder, tmp_pa
         assert 20 < s.tissue.sum() < s.tissue.size - 20
         cells = _sample(s.tissue, 24)
         pos = _positions(s.attrs, cells)
-        np.testing.assert_allclose(pos, grid.positions()[[np.flatnonzero((np.argwhere(grid.tissue) == c).all(1))[0] for c in cells]])
+        np.testing.assert_allclose(
+            pos, grid.positions()[[np.flatnonzero((np.argwhere(grid.tissue) == c).all(1))[0] for c in cells]]
+        )
         patches = np.stack([slide.read_region(tuple(p), (128, 128), 0.5) for p in pos])
     want = encoder.embed(patches)
     got = s.features[...][:, cells[:, 0], cells[:, 1]].T.astype(np.float32)
@@ -246,9 +248,7 @@ def test_complete_store_is_kept_and_overwrite_redoes_it(slides, encoder, tmp_pat
 
 
 def test_keyboard_interrupt_leaves_an_unfinished_store_and_rerun_equals_clean(slides, encoder, tmp_path, monkeypatch):
-    from nic.compress import _pipeline
-
-    from nic.compress import _workers
+    from nic.compress import _pipeline, _workers
 
     clean = _features(compress_slide(slides["b"], encoder, tmp_path / "clean", workers=0))
     segments: list[str] = []
@@ -399,7 +399,18 @@ def test_cli_slides_from_a_csv_and_a_folder(slides, encoder_dir, tmp_path):
     assert collect_slides([table]) == [slides["b"], tmp_path / os.path.relpath(slides["c"], tmp_path)]
     assert [p.name for p in collect_slides([slides["a"].parent])] == ["a.tif", "b.tif", "big.tif", "c.tif"]
     res = CliRunner().invoke(
-        app, ["compress", str(table), "--encoder", str(encoder_dir), "--out", str(tmp_path / "o"), "--workers", "1", "--progress"]
+        app,
+        [
+            "compress",
+            str(table),
+            "--encoder",
+            str(encoder_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "1",
+            "--progress",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert is_complete(store_path(tmp_path / "o", "b")) and is_complete(store_path(tmp_path / "o", "c"))
@@ -525,7 +536,9 @@ def _damaged_copy(src, dst):
 def test_a_slide_failing_mid_read_does_not_stop_the_cohort(slides, encoder, tmp_path):
     """A damaged tile fails its slide in a reader process; the next slide still compresses."""
     bad = _damaged_copy(slides["b"], tmp_path / "damaged.tif")
-    results = compress_slides([bad, slides["c"]], encoder, tmp_path / "out", CompressOptions(workers=1), skip_errors=True)
+    results = compress_slides(
+        [bad, slides["c"]], encoder, tmp_path / "out", CompressOptions(workers=1), skip_errors=True
+    )
     assert [r.status for r in results] == ["failed", "done"]
     assert "damaged.tif" in results[0].error
     assert not is_complete(results[0].store) and is_complete(results[1].store)

@@ -101,13 +101,18 @@ def test_random_init_is_explicit_seeded_and_recorded(slides, encoder_dir, tmp_pa
     assert (attrs["random_init"], attrs["random_seed"], attrs["encoder_checksum"]) == (True, 0, "")
     assert dict(open_store(other).attrs)["random_seed"] == 1
     # a rerun with the same seed gives the same codes, so it keeps the store; another seed does not
-    res = _cli("compress", slides["b"], "--encoder", "nic-cnn", "--random-init", "--out", tmp_path / "s0", "--workers", "0")
+    res = _cli(
+        "compress", slides["b"], "--encoder", "nic-cnn", "--random-init", "--out", tmp_path / "s0", "--workers", "0"
+    )
     assert res.exit_code == 0 and "skipped" in res.output, res.output
-    res = _cli("compress", slides["b"], "--encoder", "nic-cnn", "--random-init", "--seed", "2", "--out", tmp_path / "s0",
-               "--workers", "0")  # fmt: skip
+    args = ("--encoder", "nic-cnn", "--random-init", "--seed", "2", "--out", tmp_path / "s0", "--workers", "0")
+    res = _cli("compress", slides["b"], *args)
     assert res.exit_code == 1 and "random_seed 0 (this run: 2)" in res.output, res.output
     weighted = compress_slide(slides["b"], encoder_dir, tmp_path / "w", workers=0)
-    assert (dict(open_store(weighted).attrs)["random_init"], dict(open_store(weighted).attrs)["random_seed"]) == (False, None)
+    assert (dict(open_store(weighted).attrs)["random_init"], dict(open_store(weighted).attrs)["random_seed"]) == (
+        False,
+        None,
+    )
 
 
 def test_timm_pretrained_weights_get_a_checksum(monkeypatch):
@@ -276,7 +281,9 @@ def test_a_slide_still_busy_after_the_wait_exits_1(slides, encoder_dir, tmp_path
     out.mkdir()
     with SlideLock(store_path(out, "b")) as lock:
         assert lock.acquire()
-        res = _cli("compress", slides["b"], "--encoder", encoder_dir, "--out", out, "--workers", "0", "--wait-busy", "1.5")
+        res = _cli(
+            "compress", slides["b"], "--encoder", encoder_dir, "--out", out, "--workers", "0", "--wait-busy", "1.5"
+        )
     assert res.exit_code == 1, res.output
     assert "1 of 1 slide(s) busy (locked by another process): b.tif" in res.output
 
@@ -294,4 +301,6 @@ def test_compress_help_states_the_exit_codes():
     import typer.main
 
     params = {p.name: p for p in typer.main.get_command(app).commands["compress"].params}
-    assert params["wait_busy"].default == CompressOptions().busy_wait and params["seed"].default == CompressOptions().seed
+    assert (
+        params["wait_busy"].default == CompressOptions().busy_wait and params["seed"].default == CompressOptions().seed
+    )

@@ -15,7 +15,9 @@ runner = CliRunner()
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     lines: list[str] = []
-    cfg = DemoConfig(slides=10, size=4096, seed=3, patches_per_class=16, encoder_epochs=1, slide_epochs=2, folds=2, workers=1)
+    cfg = DemoConfig(
+        slides=10, size=4096, seed=3, patches_per_class=16, encoder_epochs=1, slide_epochs=2, folds=2, workers=1
+    )
     summary = run_demo(out, cfg, say=lines.append)
     stages = summary["stages"]
     assert list(stages) == ["cohort", "inspect", "grid", "encoder", "compress", "learn"]

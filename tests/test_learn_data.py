@@ -114,13 +114,18 @@ def test_training_view_of_a_dihedral_store_is_the_transformed_slide(tmp_path: Pa
     p, h, w = 2, 4, 4
     img = rng.normal(size=(h * p, w * p)).astype(np.float32)
     # variant k: the code of dihedral(patch, k) at each patch's own cell (the store contract)
-    variants = np.stack([
-        np.stack([
-            np.stack([dihedral(img[y * p : (y + 1) * p, x * p : (x + 1) * p], k).ravel() for x in range(w)], -1)
-            for y in range(h)
-        ], -2)
-        for k in range(8)
-    ])  # (8, p*p, h, w)
+    variants = np.stack(
+        [
+            np.stack(
+                [
+                    np.stack([dihedral(img[y * p : (y + 1) * p, x * p : (x + 1) * p], k).ravel() for x in range(w)], -1)
+                    for y in range(h)
+                ],
+                -2,
+            )
+            for k in range(8)
+        ]
+    )  # (8, p*p, h, w)
     assert np.allclose(variants[0], _compress(img, p))
     src = SlideSource.open(_store(tmp_path / "d.zarr", variants))
     seen = set()
@@ -153,11 +158,13 @@ def _cohort_dir(tmp_path: Path, ids: list[str]) -> Path:
 def test_load_cohort_groups_slides_by_patient_and_accepts_paths(tmp_path: Path) -> None:
     d = _cohort_dir(tmp_path, ["a1", "a2", "b1", "c1"])
     csv = tmp_path / "labels.csv"
-    pd.DataFrame({
-        "slide": ["/data/wsi/a1.svs", "a2", "b1.ome.tiff", "stores/c1.zarr"],
-        "patient": ["A", "A", "B", "C"],
-        "score": [1.5, 1.5, 2.0, 3.0],
-    }).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "slide": ["/data/wsi/a1.svs", "a2", "b1.ome.tiff", "stores/c1.zarr"],
+            "patient": ["A", "A", "B", "C"],
+            "score": [1.5, 1.5, 2.0, 3.0],
+        }
+    ).to_csv(csv, index=False)
     co = load_cohort(d, LabelSpec(csv, "regression", target="score"))
     assert co.patients == ["A", "B", "C"]
     assert co.slide_ids == ["a1", "a2", "b1", "c1"]
@@ -211,7 +218,9 @@ def _fold_cohort(tmp_path: Path, task: str) -> object:
     y = {f"p{p:02d}": int(v) for p, v in enumerate(rng.permutation(np.arange(30) % 3 == 0))}
     t = {f"p{p:02d}": float(v) for p, v in enumerate(rng.exponential(size=30))}
     csv = tmp_path / "labels.csv"
-    pd.DataFrame({"slide": ids, "patient": patients, "y": [y[p] for p in patients], "t": [t[p] for p in patients]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {"slide": ids, "patient": patients, "y": [y[p] for p in patients], "t": [t[p] for p in patients]}
+    ).to_csv(csv, index=False)
     spec = LabelSpec(csv, task, target="y") if task != "survival" else LabelSpec(csv, "survival", time="t", event="y")  # type: ignore[arg-type]
     return load_cohort(d, spec)
 
@@ -280,8 +289,15 @@ def test_inner_split_puts_an_event_in_survival_validation() -> None:
         for n_ev in (1, 2, 3):
             ev = np.zeros(n, np.int64)
             ev[np.random.default_rng(seed).choice(n, n_ev, replace=False)] = 1
-            co = Cohort("survival", [f"p{i}" for i in range(n)], ev, [f"s{i}" for i in range(n)], [], np.arange(n),
-                        time=np.linspace(1, 2, n))
+            co = Cohort(
+                "survival",
+                [f"p{i}" for i in range(n)],
+                ev,
+                [f"s{i}" for i in range(n)],
+                [],
+                np.arange(n),
+                time=np.linspace(1, 2, n),
+            )
             fit, val = inner_split(co, np.arange(n), 0.2, seed=seed)
             assert sorted(np.concatenate([fit, val])) == list(range(n)) and len(val) == 4
             assert ev[fit].sum() >= 1  # the fit part keeps an event
@@ -307,8 +323,14 @@ def test_fit_config_checks_its_numbers(kw: dict, match: str) -> None:
         FitConfig(**kw)
 
 
-@pytest.mark.parametrize(("kw", "match"), [({"folds": 1}, "--folds.*at least 2"), ({"threads": -1}, "--threads.*at least 1"),
-                                           ({"threads": 0}, "--threads.*at least 1")])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"folds": 1}, "--folds.*at least 2"),
+        ({"threads": -1}, "--threads.*at least 1"),
+        ({"threads": 0}, "--threads.*at least 1"),
+    ],
+)
 def test_train_config_checks_its_numbers(tmp_path: Path, kw: dict, match: str) -> None:
     from nic.learn import TrainConfig
 

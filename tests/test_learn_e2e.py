@@ -11,10 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nic.learn import FitConfig, LabelSpec, auc, c_index, fit_model, load_cohort, spearman
+from nic.learn import FitConfig, LabelSpec, auc, c_index, fit_model, load_cohort, patient_mean, spearman
 from nic.learn._planted import PlantedCohort, make_planted_cohort
 from nic.learn.data import open_sources
-from nic.learn import patient_mean
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +27,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> PlantedCohort:
     """64 patients (every third with 2 slides), 16 x 16 grids, 8 channels; read-only."""
-    return make_planted_cohort(tmp_path_factory.mktemp("planted"), 64, slides_per_patient=(1, 1, 2), n_pairs=8, noise=0.3, seed=1)
+    return make_planted_cohort(
+        tmp_path_factory.mktemp("planted"), 64, slides_per_patient=(1, 1, 2), n_pairs=8, noise=0.3, seed=1
+    )
 
 
 _TASKS = {
@@ -79,7 +80,9 @@ def test_meanpool_cannot_see_the_spatial_label(planted: PlantedCohort) -> None:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> PlantedCohort:
     """12 patients, 8 x 8 grids, 4 channels: enough for the plumbing; read-only."""
-    return make_planted_cohort(tmp_path_factory.mktemp("small"), 12, grid=(8, 8), code_size=4, slides_per_patient=(1, 2), n_pairs=2, seed=3)
+    return make_planted_cohort(
+        tmp_path_factory.mktemp("small"), 12, grid=(8, 8), code_size=4, slides_per_patient=(1, 2), n_pairs=2, seed=3
+    )
 
 
 def _run(args: list[str]):  # -> click.testing.Result
@@ -97,8 +100,27 @@ def _one_error_line(res) -> str:  # type: ignore[no-untyped-def]
 
 def test_cli_train_and_predict(small: PlantedCohort, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = ["train", "--compressed", str(small.stores), "--labels", str(small.labels), "--task", "regression",
-            "--target", "proliferation", "--folds", "2", "--epochs", "2", "--width", "8", "--batch-size", "4", "--out", str(run)]
+    args = [
+        "train",
+        "--compressed",
+        str(small.stores),
+        "--labels",
+        str(small.labels),
+        "--task",
+        "regression",
+        "--target",
+        "proliferation",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--width",
+        "8",
+        "--batch-size",
+        "4",
+        "--out",
+        str(run),
+    ]
     res = _run(args)
     assert res.exit_code == 0, res.output
     assert "spearman:" in res.output
@@ -112,7 +134,9 @@ def test_cli_train_and_predict(small: PlantedCohort, tmp_path: Path) -> None:
     assert preds["n_slides"].sum() == 18
     labels = pd.read_csv(small.labels).groupby("patient")["proliferation"].first()
     assert np.allclose(preds.set_index("patient")["target"], labels.loc[preds["patient"]])
-    assert (run / "fold_1" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())["folds"] == 2
+    assert (run / "fold_1" / "model.safetensors").is_file() and json.loads((run / "config.json").read_text())[
+        "folds"
+    ] == 2
     # the run folder is never overwritten silently
     assert "--overwrite" in _one_error_line(_run(args))
     # predict: one row per slide, or per patient with --labels
@@ -121,15 +145,51 @@ def test_cli_train_and_predict(small: PlantedCohort, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     per_slide = pd.read_csv(out)
     assert len(per_slide) == 18 and np.isfinite(per_slide["prediction"]).all()
-    res = _run(["predict", "--model", str(run), "--compressed", str(small.stores), "--labels", str(small.labels),
-                "--out", str(out), "--overwrite"])
+    res = _run(
+        [
+            "predict",
+            "--model",
+            str(run),
+            "--compressed",
+            str(small.stores),
+            "--labels",
+            str(small.labels),
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(out)) == 12
 
 
 def test_cli_survival_and_binary_outputs(small: PlantedCohort, tmp_path: Path) -> None:
-    base = ["train", "--compressed", str(small.stores), "--labels", str(small.labels), "--folds", "2", "--epochs", "1", "--width", "8"]
-    res = _run([*base, "--task", "survival", "--time", "survival_time", "--event", "survival_event", "--out", str(tmp_path / "s")])
+    base = [
+        "train",
+        "--compressed",
+        str(small.stores),
+        "--labels",
+        str(small.labels),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--width",
+        "8",
+    ]
+    res = _run(
+        [
+            *base,
+            "--task",
+            "survival",
+            "--time",
+            "survival_time",
+            "--event",
+            "survival_event",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "s" / "metrics.json").read_text())) == {"c_index"}
     surv = pd.read_csv(tmp_path / "s" / "predictions.csv")
@@ -137,10 +197,14 @@ def test_cli_survival_and_binary_outputs(small: PlantedCohort, tmp_path: Path) -
     # out-of-fold risks are z-scored within each fold, so the per-fold c-index is unchanged
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     for k, fold in surv.groupby("fold"):
-        assert fold["risk"].mean() == pytest.approx(0.0, abs=1e-6) and fold["risk"].std(ddof=0) == pytest.approx(1.0, abs=1e-3)
+        assert fold["risk"].mean() == pytest.approx(0.0, abs=1e-6) and fold["risk"].std(ddof=0) == pytest.approx(
+            1.0, abs=1e-3
+        )
         got = c_index(fold["time"].to_numpy(), fold["event"].to_numpy(), fold["risk"].to_numpy())
         assert got == pytest.approx(metrics["c_index"]["folds"][int(k)], abs=1e-9)
-    res = _run([*base, "--task", "binary", "--target", "growth_pattern", "--model", "abmil", "--out", str(tmp_path / "b")])
+    res = _run(
+        [*base, "--task", "binary", "--target", "growth_pattern", "--model", "abmil", "--out", str(tmp_path / "b")]
+    )
     assert res.exit_code == 0, res.output
     assert set(json.loads((tmp_path / "b" / "metrics.json").read_text())) == {"auc", "balanced_accuracy"}
     p = pd.read_csv(tmp_path / "b" / "predictions.csv")
@@ -149,16 +213,38 @@ def test_cli_survival_and_binary_outputs(small: PlantedCohort, tmp_path: Path) -
 
 def test_cli_bad_input_is_one_line_exit_2(small: PlantedCohort, tmp_path: Path) -> None:
     base = ["train", "--compressed", str(small.stores), "--task", "regression", "--folds", "2", "--epochs", "1"]
-    msg = _one_error_line(_run([*base, "--labels", str(small.labels), "--target", "ki67", "--out", str(tmp_path / "a")]))
+    msg = _one_error_line(
+        _run([*base, "--labels", str(small.labels), "--target", "ki67", "--out", str(tmp_path / "a")])
+    )
     assert "'ki67'" in msg
     bad = tmp_path / "labels.csv"
     df = pd.read_csv(small.labels)
-    pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "slide": "ghost", "patient": "px"}])]).to_csv(bad, index=False)
-    msg = _one_error_line(_run([*base, "--labels", str(bad), "--target", "proliferation", "--out", str(tmp_path / "b")]))
+    pd.concat([df, pd.DataFrame([{**df.iloc[0].to_dict(), "slide": "ghost", "patient": "px"}])]).to_csv(
+        bad, index=False
+    )
+    msg = _one_error_line(
+        _run([*base, "--labels", str(bad), "--target", "proliferation", "--out", str(tmp_path / "b")])
+    )
     assert "ghost" in msg and "no store" in msg
-    msg = _one_error_line(_run([*base, "--labels", str(small.labels), "--target", "proliferation", "--model", "vit", "--out", str(tmp_path / "c")]))
+    msg = _one_error_line(
+        _run(
+            [
+                *base,
+                "--labels",
+                str(small.labels),
+                "--target",
+                "proliferation",
+                "--model",
+                "vit",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+    )
     assert "nic-cnn" in msg
-    msg = _one_error_line(_run(["predict", "--model", str(tmp_path), "--compressed", str(small.stores), "--out", str(tmp_path / "x.csv")]))
+    msg = _one_error_line(
+        _run(["predict", "--model", str(tmp_path), "--compressed", str(small.stores), "--out", str(tmp_path / "x.csv")])
+    )
     assert "not a nic run folder" in msg
 
 
@@ -167,8 +253,29 @@ def test_cli_multiclass_outputs(small: PlantedCohort, tmp_path: Path) -> None:
     df["grade"] = pd.cut(df["proliferation"], 3, labels=["low", "mid", "high"]).astype(str)
     csv = tmp_path / "labels.csv"
     df.to_csv(csv, index=False)
-    res = _run(["train", "--compressed", str(small.stores), "--labels", str(csv), "--task", "multiclass", "--target", "grade",
-                "--model", "meanpool", "--folds", "2", "--epochs", "1", "--width", "8", "--out", str(tmp_path / "m")])
+    res = _run(
+        [
+            "train",
+            "--compressed",
+            str(small.stores),
+            "--labels",
+            str(csv),
+            "--task",
+            "multiclass",
+            "--target",
+            "grade",
+            "--model",
+            "meanpool",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--width",
+            "8",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     p = pd.read_csv(tmp_path / "m" / "predictions.csv")
     probs = p[["prob_high", "prob_low", "prob_mid"]].to_numpy()
@@ -176,7 +283,9 @@ def test_cli_multiclass_outputs(small: PlantedCohort, tmp_path: Path) -> None:
     assert set(json.loads((tmp_path / "m" / "metrics.json").read_text())) == {"auc", "balanced_accuracy"}
 
 
-def test_survival_validation_without_events_keeps_the_last_epoch(small: PlantedCohort, caplog: pytest.LogCaptureFixture) -> None:
+def test_survival_validation_without_events_keeps_the_last_epoch(
+    small: PlantedCohort, caplog: pytest.LogCaptureFixture
+) -> None:
     co = load_cohort(small.stores, LabelSpec(small.labels, "survival", time="survival_time", event="survival_event"))
     src = open_sources(co.store_paths)
     censored = np.flatnonzero(co.y == 0)
@@ -188,9 +297,28 @@ def test_survival_validation_without_events_keeps_the_last_epoch(small: PlantedC
 
 
 def _train_args(small: PlantedCohort, out: Path, *extra: str) -> list[str]:
-    return ["train", "--compressed", str(small.stores), "--labels", str(small.labels), "--task", "regression",
-            "--target", "proliferation", "--folds", "2", "--epochs", "1", "--width", "8", "--batch-size", "4",
-            "--out", str(out), *extra]
+    return [
+        "train",
+        "--compressed",
+        str(small.stores),
+        "--labels",
+        str(small.labels),
+        "--task",
+        "regression",
+        "--target",
+        "proliferation",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--width",
+        "8",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_cli_overwrite_checks_inputs_first_and_keeps_the_old_run_until_the_new_is_whole(
@@ -221,8 +349,16 @@ def test_cli_overwrite_checks_inputs_first_and_keeps_the_old_run_until_the_new_i
     for out in (run, tmp_path / "crashed"):
         calls.clear()
         with pytest.raises(RuntimeError, match="killed"):
-            train_cv(TrainConfig(small.stores, spec, FitConfig(epochs=1, width=8, batch_size=4, seed=5), folds=2, out=out,
-                                 overwrite=True))
+            train_cv(
+                TrainConfig(
+                    small.stores,
+                    spec,
+                    FitConfig(epochs=1, width=8, batch_size=4, seed=5),
+                    folds=2,
+                    out=out,
+                    overwrite=True,
+                )
+            )
     monkeypatch.undo()
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "crashed").exists()
@@ -247,7 +383,7 @@ def test_a_killed_run_leaves_no_result_and_its_leftovers_are_cleaned(small: Plan
     import time
 
     run = tmp_path / "run"
-    code = ("from nic.cli import main; import sys; sys.argv = ['nic'] + sys.argv[1:]; main()")
+    code = "from nic.cli import main; import sys; sys.argv = ['nic'] + sys.argv[1:]; main()"
     proc = subprocess.Popen([sys.executable, "-c", code, *_train_args(small, run, "--epochs", "200")])
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".run.partial-*/fold_0")) and proc.poll() is None:
@@ -260,9 +396,20 @@ def test_a_killed_run_leaves_no_result_and_its_leftovers_are_cleaned(small: Plan
     assert (run / "metrics.json").is_file() and not list(tmp_path.glob(".run.partial-*"))
 
 
-@pytest.mark.parametrize(("opt", "value"), [("--batch-size", "0"), ("--batch-size", "1"), ("--threads", "-1"), ("--lr", "-1"),
-                                            ("--epochs", "0"), ("--folds", "1"), ("--dropout", "1"),
-                                            ("--pool", "sum"), ("--device", "bogus")])
+@pytest.mark.parametrize(
+    ("opt", "value"),
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "1"),
+        ("--threads", "-1"),
+        ("--lr", "-1"),
+        ("--epochs", "0"),
+        ("--folds", "1"),
+        ("--dropout", "1"),
+        ("--pool", "sum"),
+        ("--device", "bogus"),
+    ],
+)
 def test_cli_numeric_options_are_checked(small: PlantedCohort, tmp_path: Path, opt: str, value: str) -> None:
     args = _train_args(small, tmp_path / "r")
     if opt in args:
@@ -277,7 +424,9 @@ def test_cli_numeric_options_are_checked(small: PlantedCohort, tmp_path: Path, o
 def test_fit_on_cuda_matches_its_cpu_copy(small: PlantedCohort, tmp_path: Path) -> None:
     co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
     src = open_sources(co.store_paths)
-    m, hist = fit_model(co, src, np.arange(8), np.arange(8, 10), FitConfig(epochs=5, width=8, batch_size=4, device="cuda"), seed=0)
+    m, hist = fit_model(
+        co, src, np.arange(8), np.arange(8, 10), FitConfig(epochs=5, width=8, batch_size=4, device="cuda"), seed=0
+    )
     assert next(m.net.parameters()).is_cuda and np.isfinite(hist.train_loss).all()
     on_gpu = m.predict_raw(src, n_crops=1, variants=True)
     m.save(tmp_path / "m")

@@ -28,7 +28,9 @@ def _one_thread():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> PlantedCohort:
     """12 patients, 8 x 8 grids, 4 channels; read-only."""
-    return make_planted_cohort(tmp_path_factory.mktemp("small"), 12, grid=(8, 8), code_size=4, slides_per_patient=(1, 2), n_pairs=2, seed=3)
+    return make_planted_cohort(
+        tmp_path_factory.mktemp("small"), 12, grid=(8, 8), code_size=4, slides_per_patient=(1, 2), n_pairs=2, seed=3
+    )
 
 
 def _cohort(small: PlantedCohort) -> tuple[Cohort, list[SlideSource]]:
@@ -55,7 +57,9 @@ def _weights_finite(m: SlideModel) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in m.net.state_dict().values() if v.is_floating_point())
 
 
-def test_non_finite_validation_loss_is_never_the_best_epoch(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_validation_loss_is_never_the_best_epoch(
+    small: PlantedCohort, monkeypatch: pytest.MonkeyPatch
+) -> None:
     co, src = _cohort(small)
     # epoch 2's validation loss is -inf: "smaller" than any real loss, yet no result
     monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: -math.inf if ep == 2 and not tr else None))
@@ -65,8 +69,9 @@ def test_non_finite_validation_loss_is_never_the_best_epoch(small: PlantedCohort
     assert hist.val_loss[hist.best_epoch] == min(v for v in hist.val_loss if math.isfinite(v))
 
 
-def test_non_finite_training_batches_do_not_step(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_non_finite_training_batches_do_not_step(
+    small: PlantedCohort, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     co, src = _cohort(small)
     calls = {"n": 0}
 
@@ -86,7 +91,9 @@ def test_non_finite_training_batches_do_not_step(small: PlantedCohort, monkeypat
 
 
 @pytest.mark.parametrize("with_validation", [True, False])
-def test_every_epoch_failing_is_an_error(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch, with_validation: bool) -> None:
+def test_every_epoch_failing_is_an_error(
+    small: PlantedCohort, monkeypatch: pytest.MonkeyPatch, with_validation: bool
+) -> None:
     co, src = _cohort(small)
     monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: math.inf if tr else None))
     val = np.arange(8, 12) if with_validation else np.arange(0)

@@ -89,7 +89,11 @@ def _dicom(path: Path, sop_class: bytes) -> Path:
         _element(2, 1, b"OB", b"\0\1") + _element(2, 2, b"UI", sop_class) + _element(2, 3, b"UI", b"1.2.3.4")
         + _element(2, 0x10, b"UI", b"1.2.840.10008.1.2.1")
     )  # fmt: skip
-    body = _element(8, 0x16, b"UI", sop_class) + _element(8, 0x18, b"UI", b"1.2.3.4") + _element(0x10, 0x10, b"PN", b"Test^P")
+    body = (
+        _element(8, 0x16, b"UI", sop_class)
+        + _element(8, 0x18, b"UI", b"1.2.3.4")
+        + _element(0x10, 0x10, b"PN", b"Test^P")
+    )
     path.write_bytes(b"\0" * 128 + b"DICM" + _element(2, 0, b"UL", struct.pack("<I", len(meta))) + meta + body)
     return path
 
@@ -115,7 +119,9 @@ def test_a_non_conformant_dicom_wsi_is_not_called_truncated(tmp_path):
 def test_a_truncated_dicom_is_called_truncated(shared, tmp_path, keep):
     cut = tmp_path / "cut.dcm"
     cut.write_bytes((WSI / "camelyon_lowres_wsi.dcm").read_bytes()[:keep])
-    with pytest.raises(SlideError, match=r"cut\.dcm: .*the file ends before its data \(.*end of filehandle.*\); it is truncated"):
+    with pytest.raises(
+        SlideError, match=r"cut\.dcm: .*the file ends before its data \(.*end of filehandle.*\); it is truncated"
+    ):
         with nic.open_slide(cut) as s:  # 500 bytes: the header is cut; 60 kB: the frames are
             s.read_region((0, 0), s.dimensions)
 
@@ -124,7 +130,9 @@ def test_running_out_of_memory_is_not_called_a_damaged_file(shared, monkeypatch)
     with nic.open_slide(WSI / "CMU-1-Small-Region.svs") as s:
 
         def no_memory(*args):
-            raise MemoryError("Unable to allocate 175. TiB for an array with shape (8000000, 8000000, 3) and data type uint8")
+            raise MemoryError(
+                "Unable to allocate 175. TiB for an array with shape (8000000, 8000000, 3) and data type uint8"
+            )
 
         monkeypatch.setattr(s._reader, "read", no_memory)
         with pytest.raises(SlideError) as info:

@@ -58,7 +58,14 @@ def _csv(path: Path, rows: list[list[object]], header: list[str]) -> Path:
 
 def test_parse_dataset_spec() -> None:
     s = parse_dataset_spec("regr:/data/n.csv?mpp=0.25&group=slide&label=density&weight=2")
-    assert (s.kind, s.path, s.mpp, s.group, s.label, s.options) == ("regr", Path("/data/n.csv"), 0.25, "slide", "density", {"weight": "2"})
+    assert (s.kind, s.path, s.mpp, s.group, s.label, s.options) == (
+        "regr",
+        Path("/data/n.csv"),
+        0.25,
+        "slide",
+        "density",
+        {"weight": "2"},
+    )
     assert parse_dataset_spec("class:rel/folder").kind == "class"
     assert parse_dataset_spec("/abs/x.csv").kind is None
     for bad in ("", "tissue:/x", "class:", "class:/x?mpp=abc", "class:/x?mpp=-1"):
@@ -69,7 +76,13 @@ def test_parse_dataset_spec() -> None:
 def test_read_csv_classes_groups_and_regression(tmp_path: Path) -> None:
     for i in range(4):
         _img(tmp_path / f"p{i}.png")
-    t = read_patch_table(_csv(tmp_path / "c.csv", [[f"p{i}.png", "ab"[i % 2], f"g{i // 2}"] for i in range(4)], ["path", "label", "source_group"]))
+    t = read_patch_table(
+        _csv(
+            tmp_path / "c.csv",
+            [[f"p{i}.png", "ab"[i % 2], f"g{i // 2}"] for i in range(4)],
+            ["path", "label", "source_group"],
+        )
+    )
     assert t.kind == "class" and t.classes == ("a", "b") and list(t.labels) == [0, 1, 0, 1]
     assert list(t.groups) == ["g0", "g0", "g1", "g1"] and t.num_outputs == 2
     r = read_patch_table(_csv(tmp_path / "r.csv", [[f"p{i}.png", 0.5 * i + 0.1] for i in range(4)], ["path", "label"]))
@@ -129,7 +142,9 @@ def test_load_patch_sizes_and_mpp(tmp_path: Path) -> None:
     # 0.25 um/px patches for a 0.5 um/px encoder: halved, then padded by reflection
     c = load_patch(p, 24, scale=0.5)
     assert c.shape == (24, 24, 3)
-    ds = PatchDataset(read_patch_table(_csv(tmp_path / "r.csv", [["a.png", 0.5], ["a.png", 1.5]], ["path", "label"])), 8)
+    ds = PatchDataset(
+        read_patch_table(_csv(tmp_path / "r.csv", [["a.png", 0.5], ["a.png", 1.5]], ["path", "label"])), 8
+    )
     image, label = ds[1]
     assert tuple(image.shape) == (3, 8, 8) and str(image.dtype) == "torch.uint8" and float(label) == 1.5
     assert ds.read_all().shape == (2, 8, 8, 3)
@@ -137,7 +152,9 @@ def test_load_patch_sizes_and_mpp(tmp_path: Path) -> None:
 
 def test_dataset_mpp_sets_scale(tmp_path: Path) -> None:
     _img(tmp_path / "a.png", (64, 64))
-    t = read_patch_table(f"regr:{_csv(tmp_path / 'r.csv', [['a.png', 0.5], ['a.png', 0.7]], ['path', 'label'])}?mpp=0.25")
+    t = read_patch_table(
+        f"regr:{_csv(tmp_path / 'r.csv', [['a.png', 0.5], ['a.png', 0.7]], ['path', 'label'])}?mpp=0.25"
+    )
     assert PatchDataset(t, 32, mpp=0.5).scale == 0.5
     assert PatchDataset(t, 32, mpp=None).scale is None
 
@@ -271,8 +288,12 @@ def test_multitask_dataset_and_sampling(tmp_path: Path) -> None:
 
     for i in range(6):
         _img(tmp_path / f"p{i}.png", (8, 8), value=10 * i)
-    a = PatchDataset(read_patch_table(_csv(tmp_path / "a.csv", [[f"p{i}.png", "xy"[i % 2]] for i in range(6)], ["path", "label"])), 8)
-    b = PatchDataset(read_patch_table(f"regr:{_csv(tmp_path / 'b.csv', [['p0.png', 2.5], ['p1.png', 3.5]], ['path', 'label'])}"), 8)
+    a = PatchDataset(
+        read_patch_table(_csv(tmp_path / "a.csv", [[f"p{i}.png", "xy"[i % 2]] for i in range(6)], ["path", "label"])), 8
+    )
+    b = PatchDataset(
+        read_patch_table(f"regr:{_csv(tmp_path / 'b.csv', [['p0.png', 2.5], ['p1.png', 3.5]], ['path', 'label'])}"), 8
+    )
     ds = MultitaskDataset([a, b])
     assert len(ds) == 8 and list(ds.sizes) == [6, 2]
     image, target, task = ds[7]

@@ -155,7 +155,9 @@ def _chunk(store: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["empty", "deleted"])
-def test_damaged_stores_are_refused_with_one_line(cohort: PlantedCohort, run: Path, tmp_path: Path, damage: str) -> None:
+def test_damaged_stores_are_refused_with_one_line(
+    cohort: PlantedCohort, run: Path, tmp_path: Path, damage: str
+) -> None:
     stores = _copy_stores(cohort, tmp_path / "d")
     bad = sorted(stores.glob("*.zarr"))[4]
     chunk = _chunk(bad)
@@ -231,7 +233,9 @@ def test_predict_checks_the_output_before_the_work(cohort: PlantedCohort, run: P
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("tempfile.TemporaryFile", read_only)
-    msg = _one_line(_cli(["predict", "--model", run, "--compressed", cohort.stores, "--out", tmp_path / "ro" / "p.csv"]))
+    msg = _one_line(
+        _cli(["predict", "--model", run, "--compressed", cohort.stores, "--out", tmp_path / "ro" / "p.csv"])
+    )
     assert "Permission denied" in msg and "--out" in msg
 
 

@@ -63,7 +63,9 @@ def nic_handler():  # type: ignore[no-untyped-def]
     log.setLevel(logging.NOTSET)
 
 
-def test_missing_labels_are_one_clean_warning_line(tmp_path: Path, nic_handler, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_missing_labels_are_one_clean_warning_line(
+    tmp_path: Path, nic_handler, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
     from nic.learn.data import LabelSpec, read_labels
 
     csv = tmp_path / "labels.csv"
@@ -93,9 +95,13 @@ def test_generated_patch_datasets_have_groups_the_reader_finds(patches: Path, ca
     grouped, plain = read_patch_table(patches / "tissue_type"), _read_folder(patches / "tissue_type", None)
     assert grouped.paths == plain.paths and grouped.classes == plain.classes
     np.testing.assert_array_equal(grouped.labels, plain.labels)
-    config = TrainConfig(tasks=(parse_task_spec(f"tissue=class:{patches / 'tissue_type'}"),
-                                parse_task_spec(f"nuclei=regr:{patches / 'nuclei_density.csv'}"),
-                                parse_task_spec(f"mitosis=class:{patches / 'mitosis.csv'}")))
+    config = TrainConfig(
+        tasks=(
+            parse_task_spec(f"tissue=class:{patches / 'tissue_type'}"),
+            parse_task_spec(f"nuclei=regr:{patches / 'nuclei_density.csv'}"),
+            parse_task_spec(f"mitosis=class:{patches / 'mitosis.csv'}"),
+        )
+    )
     with caplog.at_level("WARNING"):
         prepare_tasks(config, 32, 0.5)
     assert "no group column" not in caplog.text
@@ -108,14 +114,34 @@ def test_train_encoder_prints_no_lightning_notices(patches: Path, tmp_path: Path
         path=lambda d: [str(patches / p) for p in d["path"]]
     ).to_csv(nuclei, index=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "nic", "train-encoder", "--task", f"tissue=class:{patches / 'tissue_type'}",
-           "--task", f"nuclei=regr:{nuclei}", "--encoder", TINY, "--epochs", "1", "--batch-size", "16",
-           "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nic",
+        "train-encoder",
+        "--task",
+        f"tissue=class:{patches / 'tissue_type'}",
+        "--task",
+        f"nuclei=regr:{nuclei}",
+        "--encoder",
+        TINY,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     for noise in _LIGHTNING_NOISE:
         assert noise not in r.stderr and noise not in r.stdout, noise
-    assert r.stderr.splitlines() == ["warning: task nuclei: no group column; validation patches may share a source with training ones"]
+    assert r.stderr.splitlines() == [
+        "warning: task nuclei: no group column; validation patches may share a source with training ones"
+    ]
     assert "encoder:" in r.stdout and "val_loss" in r.stdout
 
 
@@ -146,8 +172,9 @@ if __name__ == "__main__":
 def test_sigterm_with_open_reader_pool_leaks_nothing(tmp_path: Path) -> None:
     script = tmp_path / "pool.py"
     script.write_text(_POOL_SCRIPT)
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         p.send_signal(signal.SIGTERM)

@@ -135,7 +135,15 @@ def test_ome_tiff_pyramid_read_by_tile_path(tmp_path):
 
 @pytest.mark.parametrize(
     "value,unit,expected",
-    [(20000, 3, 0.5), (40000, "CENTIMETER", 0.25), (96, 2, None), (72, 3, None), (37.795275, 3, None), (1e9, 3, None), (5000, 1, None)],
+    [
+        (20000, 3, 0.5),
+        (40000, "CENTIMETER", 0.25),
+        (96, 2, None),
+        (72, 3, None),
+        (37.795275, 3, None),
+        (1e9, 3, None),
+        (5000, 1, None),
+    ],
 )
 def test_resolution_tag_rules(value, unit, expected):
     mpp, reason = mpp_from_resolution(value, unit)
@@ -169,7 +177,9 @@ def test_truncated_slide_is_refused(shared, tmp_path):
 def test_tile_data_cut_off_is_refused(tmp_path):
     rgb = np.random.default_rng(2).integers(0, 255, (512, 512, 3), dtype=np.uint8)
     p = tmp_path / "short.tiff"
-    tifffile.imwrite(p, rgb, tile=(256, 256), compression="jpeg", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        p, rgb, tile=(256, 256), compression="jpeg", resolution=(20000, 20000), resolutionunit="CENTIMETER"
+    )
     data = p.read_bytes()
     # keep the header and IFD (tifffile writes them first) but lose the last tile's bytes
     p.write_bytes(data[:-2000])

@@ -31,8 +31,18 @@ from nic.synth import (
 from nic.synth._tiff import level_sizes
 
 SMALL = CohortConfig(variants=2, transforms=4)
-LABEL_COLUMNS = {"slide", "patient", "proliferation", "growth_pattern", "survival_time", "survival_event",
-                 "tumour_fraction", "tumour_burden", "stroma_fraction", "rim_contact"}
+LABEL_COLUMNS = {
+    "slide",
+    "patient",
+    "proliferation",
+    "growth_pattern",
+    "survival_time",
+    "survival_event",
+    "tumour_fraction",
+    "tumour_burden",
+    "stroma_fraction",
+    "rim_contact",
+}
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -118,6 +128,7 @@ def test_class_map_truth_matches_pixels(cohort) -> None:  # type: ignore[no-unty
     classes = np.asarray(Image.open(cohort.out / "truth" / "slide_0000.classes.png"))
     assert classes.shape == (16, 24)  # tiles of 256 px: rows, cols
     with nic.open_slide(path) as s:
+
         def tile(cid: int) -> np.ndarray:
             r, c = np.argwhere(classes == cid)[0]
             return s.read_region((int(c) * 256, int(r) * 256), (256, 256), mpp=0.5)
@@ -302,8 +313,12 @@ def test_cli_synth(tmp_path: Path, shared: Path) -> None:
     from nic.cli import app
 
     runner = CliRunner()
-    for cmd in (["synth", "--help"], ["synth", "cohort", "--help"], ["synth", "patches", "--help"],
-                ["synth", "mosaic", "--help"]):
+    for cmd in (
+        ["synth", "--help"],
+        ["synth", "cohort", "--help"],
+        ["synth", "patches", "--help"],
+        ["synth", "mosaic", "--help"],
+    ):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["synth", "cohort", str(tmp_path / "c"), "--slides", "1", "--size", "4096", "--seed", "1"])

@@ -25,7 +25,9 @@ def test_saturation_known_values():
 
 
 def test_ink_rules():
-    rgb = np.array([[[80, 180, 160], [40, 60, 160], [145, 49, 69], [209, 115, 153], [157, 75, 110], [240, 240, 240]]], np.uint8)
+    rgb = np.array(
+        [[[80, 180, 160], [40, 60, 160], [145, 49, 69], [209, 115, 153], [157, 75, 110], [240, 240, 240]]], np.uint8
+    )
     assert ink(rgb).tolist() == [[True, True, True, False, False, False]]
 
 

@@ -48,8 +48,11 @@ def test_masked_loss_equals_separate_task_losses() -> None:
     task = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2, 0, 1])
     targets = torch.where(task == 0, torch.randint(0, 3, (n,), generator=g).float(), torch.randn(n, generator=g))
     targets = torch.where(task == 2, torch.randint(0, 2, (n,), generator=g).float(), targets)
-    outputs = [torch.randn(n, 3, generator=g, requires_grad=True), torch.randn(n, 1, generator=g, requires_grad=True),
-               torch.randn(n, 2, generator=g, requires_grad=True)]
+    outputs = [
+        torch.randn(n, 3, generator=g, requires_grad=True),
+        torch.randn(n, 1, generator=g, requires_grad=True),
+        torch.randn(n, 2, generator=g, requires_grad=True),
+    ]
     kinds, weights = ["class", "regr", "class"], [1.0, 0.5, 2.0]
     loss, per_task = masked_multitask_loss(outputs, targets, task, kinds, weights)
     m = [task == t for t in range(3)]
@@ -102,8 +105,13 @@ def test_metrics_match_references() -> None:
 def test_parse_task_spec() -> None:
     t = parse_task_spec("nuclei=regr:/d/n.csv?mpp=0.25&weight=0.5&group=image")
     assert (t.name, t.weight, t.dataset.kind, t.dataset.mpp, t.dataset.group) == ("nuclei", 0.5, "regr", 0.25, "image")
-    for bad, match in [("lung", "NAME=KIND:PATH"), ("9x=class:/a", "task name"), ("a=class:/x?colour=red", "unknown option"),
-                       ("a=class:/x?weight=0", "positive"), ("a=tissue:/x", "unknown kind")]:
+    for bad, match in [
+        ("lung", "NAME=KIND:PATH"),
+        ("9x=class:/a", "task name"),
+        ("a=class:/x?colour=red", "unknown option"),
+        ("a=class:/x?weight=0", "positive"),
+        ("a=tissue:/x", "unknown kind"),
+    ]:
         with pytest.raises(DataError, match=match):
             parse_task_spec(bad)
     with pytest.raises(DataError, match="twice"):
@@ -158,7 +166,14 @@ def test_train_encoder_tiny_run(tmp_path: Path, synth: Path) -> None:
     )
     result = train_encoder(cfg, tmp_path / "run")
     run = tmp_path / "run"
-    for name in ("config.json", "splits.csv", "metrics.json", "logs/metrics.csv", "encoder/encoder.safetensors", "encoder/encoder.json"):
+    for name in (
+        "config.json",
+        "splits.csv",
+        "metrics.json",
+        "logs/metrics.csv",
+        "encoder/encoder.safetensors",
+        "encoder/encoder.json",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "checkpoints").glob("best-*.ckpt"))
     config = json.loads((run / "config.json").read_text())
@@ -229,8 +244,26 @@ def test_cli_help_documents_the_task_spec() -> None:
 
 def test_cli_train_probe_preview(tmp_path: Path, synth: Path) -> None:
     run = tmp_path / "run"
-    r = _run(["train-encoder", "--task", f"tissue=class:{synth / 'tissue_type'}", "--task", f"nuclei=regr:{synth / 'nuclei_density.csv'}",
-              "--encoder", TINY, "--epochs", "1", "--batch-size", "16", "--aug-strength", "0.5", "--no-progress", "--out", str(run)])
+    r = _run(
+        [
+            "train-encoder",
+            "--task",
+            f"tissue=class:{synth / 'tissue_type'}",
+            "--task",
+            f"nuclei=regr:{synth / 'nuclei_density.csv'}",
+            "--encoder",
+            TINY,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--aug-strength",
+            "0.5",
+            "--no-progress",
+            "--out",
+            str(run),
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert "patches/s" in r.output and (run / "encoder" / "encoder.safetensors").is_file()
     assert json.loads((run / "config.json").read_text())["train"]["augment"]["strength"] == 0.5
@@ -238,7 +271,20 @@ def test_cli_train_probe_preview(tmp_path: Path, synth: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and "auc" in r.output
     pic = tmp_path / "grid.png"
-    r = _run(["augment-preview", str(synth / "tissue_type"), "--out", str(pic), "--n", "3", "--variants", "4", "--patch-size", "32"])
+    r = _run(
+        [
+            "augment-preview",
+            str(synth / "tissue_type"),
+            "--out",
+            str(pic),
+            "--n",
+            "3",
+            "--variants",
+            "4",
+            "--patch-size",
+            "32",
+        ]
+    )
     assert r.exit_code == 0, r.output
     from PIL import Image
 
@@ -250,7 +296,17 @@ def test_cli_probe_published_weights_on_lc25000_subset(tmp_path: Path) -> None:
     header, body = rows[0], rows[1:]
     keep = [r for r in body if int(r.rsplit("_g", 1)[1]) < 12]  # 12 source groups per class
     (tmp_path / "sub.csv").write_text("\n".join([header] + [f"{LC}/{r}" for r in keep]) + "\n")
-    r = _run(["probe", "--encoder", str(KERAS / "encoder_multitask-4.h5"), "--data", str(tmp_path / "sub.csv"), "--group-col", "source_group"])
+    r = _run(
+        [
+            "probe",
+            "--encoder",
+            str(KERAS / "encoder_multitask-4.h5"),
+            "--data",
+            str(tmp_path / "sub.csv"),
+            "--group-col",
+            "source_group",
+        ]
+    )
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output
 
@@ -284,16 +340,36 @@ def test_cli_nuclei_patches(tmp_path: Path) -> None:
     shutil.copy(DATA / "monuseg" / "binary_masks" / f"{stem}.png", tmp_path / "ann")
     r = _run(["nuclei-patches", str(tmp_path / "img"), str(tmp_path / "ann"), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and "um/px" in r.output  # masks state no pixel size
-    r = _run(["nuclei-patches", str(tmp_path / "img"), str(tmp_path / "ann"), "--out", str(tmp_path / "out"),
-              "--fallback-mpp", "0.252", "--target", "count"])
+    r = _run(
+        [
+            "nuclei-patches",
+            str(tmp_path / "img"),
+            str(tmp_path / "ann"),
+            "--out",
+            str(tmp_path / "out"),
+            "--fallback-mpp",
+            "0.252",
+            "--target",
+            "count",
+        ]
+    )
     assert r.exit_code == 0, r.output
     from nic.patches import read_patch_table
 
     t = read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}")
     assert len(t) == 9 and t.labels.sum() <= 335  # 3 x 3 patches of 254 px; 335 mask components in all
     # a second run never replaces the dataset silently
-    args = ["nuclei-patches", str(tmp_path / "img"), str(tmp_path / "ann"), "--out", str(tmp_path / "out"),
-            "--fallback-mpp", "0.252", "--target", "density"]
+    args = [
+        "nuclei-patches",
+        str(tmp_path / "img"),
+        str(tmp_path / "ann"),
+        "--out",
+        str(tmp_path / "out"),
+        "--fallback-mpp",
+        "0.252",
+        "--target",
+        "density",
+    ]
     r = _run(args)
     assert r.exit_code == 2 and "already holds" in r.output
     assert read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}").labels.sum() == t.labels.sum()

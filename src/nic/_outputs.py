@@ -52,8 +52,10 @@ def check_writable(path: str | Path, option: str = "--out", error: type[NicError
         with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
-        raise error(f"{p}: cannot write in {base} ({e.strerror or e}); choose another {option}, or free space or fix "
-                    "permissions there") from e
+        raise error(
+            f"{p}: cannot write in {base} ({e.strerror or e}); choose another {option}, or free space or fix "
+            "permissions there"
+        ) from e
 
 
 def _alive(pid: int) -> bool:
@@ -136,7 +138,9 @@ def _umask() -> int:
     return mask
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` with the file mode ``0o666 & ~umask``.
 
     safetensors writes through a private temporary file, which leaves mode 0600; weights

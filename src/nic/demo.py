@@ -70,10 +70,14 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
 def _cohort(out: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     from nic.synth import make_cohort
 
-    cohort = make_cohort(out / "cohort", n_slides=config.slides, size=config.size, seed=config.seed,
-                         workers=config.workers)
+    cohort = make_cohort(
+        out / "cohort", n_slides=config.slides, size=config.size, seed=config.seed, workers=config.workers
+    )
     patients = len({r["patient"] for r in cohort.rows})
-    say(f"  {len(cohort.slides)} slides of {config.size} px at 0.5 um/px from {patients} patients: {out / 'cohort' / 'slides'}")
+    say(
+        f"  {len(cohort.slides)} slides of {config.size} px at 0.5 um/px from {patients} patients: "
+        f"{out / 'cohort' / 'slides'}"
+    )
     say(f"  labels (proliferation, growth_pattern, survival): {cohort.labels}")
     return {"slides": [str(p) for p in cohort.slides], "labels": str(cohort.labels), "patients": patients}
 
@@ -87,8 +91,10 @@ def _inspect(out: Path, path: Path, say: Callable[[str], None]) -> dict[str, Any
         info = s.info()
         tm = tissue_mask(s)
         overlay = save_png(out / "tissue_overlay.png", tissue_overlay(s.thumbnail(tm.mpp), tm.mask))
-    say(f"  {path.name}: {info['width']} x {info['height']} px, {len(info['levels'])} levels, "
-        f"{info['mpp_x']} um/px ({info['mpp_source']}), reader {info['backend']}")
+    say(
+        f"  {path.name}: {info['width']} x {info['height']} px, {len(info['levels'])} levels, "
+        f"{info['mpp_x']} um/px ({info['mpp_source']}), reader {info['backend']}"
+    )
     say(f"  tissue {100 * tm.fraction:.0f}% of the slide; overlay: {overlay}")
     return {"info": info, "tissue_fraction": tm.fraction, "overlay": str(overlay)}
 
@@ -102,8 +108,10 @@ def _grids(paths: list[Path], say: Callable[[str], None]) -> dict[str, Any]:
         with open_slide(p) as s:
             g = patch_grid(s, mpp=0.5, patch=128)
         cells.append(g.n_tissue)
-    say(f"  grids of {g.shape[0]} x {g.shape[1]} cells (128 px at 0.5 um/px); tissue cells per slide "
-        f"{min(cells)}-{max(cells)}, {sum(cells)} in all")
+    say(
+        f"  grids of {g.shape[0]} x {g.shape[1]} cells (128 px at 0.5 um/px); tissue cells per slide "
+        f"{min(cells)}-{max(cells)}, {sum(cells)} in all"
+    )
     return {"grid_shape": list(g.shape), "tissue_cells": cells}
 
 
@@ -126,7 +134,9 @@ def _encoder(out: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[
     return {"encoder": str(result.encoder_path), "metrics": result.metrics}
 
 
-def _compress(out: Path, slides: list[str], encoder: str, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def _compress(
+    out: Path, slides: list[str], encoder: str, config: DemoConfig, say: Callable[[str], None]
+) -> dict[str, Any]:
     from nic.compress import CompressOptions, compress_slides
     from nic.explain import save_png, store_picture
 
@@ -136,7 +146,10 @@ def _compress(out: Path, slides: list[str], encoder: str, config: DemoConfig, sa
         raise DataError(f"{failed[0].slide}: compression failed ({failed[0].error})")
     patches = sum(r.patches for r in results)
     seconds = sum(r.seconds for r in results)
-    say(f"  {len(results)} slides, {patches} tissue patches at {patches / max(seconds, 1e-9):.0f} patches/s: {out / 'compressed'}")
+    say(
+        f"  {len(results)} slides, {patches} tissue patches at {patches / max(seconds, 1e-9):.0f} patches/s: "
+        f"{out / 'compressed'}"
+    )
     pic = save_png(out / "compressed_slide.png", store_picture(results[0].store))
     say(f"  codes of {results[0].store.name} as colour beside the slide: {pic}")
     return {"stores": [str(r.store) for r in results], "patches": patches}

@@ -127,15 +127,20 @@ class EncoderIdentity:
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if a != b:
-                short = (lambda v: v[:12] if isinstance(v, str) and len(v) > 12 else v)  # noqa: E731
+                short = lambda v: v[:12] if isinstance(v, str) and len(v) > 12 else v  # noqa: E731
                 out.append(f"{labels[f.name]} {short(a)!r} (not {short(b)!r})")
         return out
 
     def describe(self) -> str:
-        weights = "random init" + (f" seed {self.random_seed}" if self.random_seed is not None else "") \
-            if self.random_init else (f"weights {self.checksum[:12]}" if self.checksum else "no weight checksum")
+        weights = (
+            "random init" + (f" seed {self.random_seed}" if self.random_seed is not None else "")
+            if self.random_init
+            else (f"weights {self.checksum[:12]}" if self.checksum else "no weight checksum")
+        )
         dihedral = ", 8 dihedral variants" if self.variants == 8 else ""
-        return f"{self.name or '?'} ({weights}, {self.mpp} um/px, {self.patch} px, code size {self.code_size}{dihedral})"
+        return (
+            f"{self.name or '?'} ({weights}, {self.mpp} um/px, {self.patch} px, code size {self.code_size}{dihedral})"
+        )
 
 
 def _pair(v: Any, kind: type = float) -> tuple[Any, Any] | None:
@@ -441,7 +446,9 @@ def list_stores(folder: str | Path) -> list[Path]:
     return sorted(p for p in f.iterdir() if p.name.endswith(SUFFIX) and p.is_dir())
 
 
-def check_same_encoder(stores: Iterable[Any], folder: str | Path, error: type[Exception] = StoreError) -> EncoderIdentity:
+def check_same_encoder(
+    stores: Iterable[Any], folder: str | Path, error: type[Exception] = StoreError
+) -> EncoderIdentity:
     """The one encoder identity of ``stores`` (anything with ``encoder`` and ``slide_id``,
     e.g. :class:`CompressedSlide`); ``error`` naming the odd stores otherwise.
 
@@ -458,7 +465,9 @@ def check_same_encoder(stores: Iterable[Any], folder: str | Path, error: type[Ex
         return main
     odd = [(ident, ids) for ident, ids in groups.items() if ident != main]
     n_odd = sum(len(ids) for _, ids in odd)
-    parts = [f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}: {'; '.join(ident.diff(main))}" for ident, ids in odd]
+    parts = [
+        f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}: {'; '.join(ident.diff(main))}" for ident, ids in odd
+    ]
     raise error(
         f"{folder}: {n_odd} of {n_odd + len(groups[main])} stores were made with another encoder or settings than the "
         f"rest ({main.describe()}): {' | '.join(parts[:10])}; compress every slide with one encoder and settings"

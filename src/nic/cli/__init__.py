@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 from nic.cli import _compress, _demo, _encoders, _learn, _slides, _synth, _train_encoder
 from nic.cli._common import setup_logging, state
 
+
 class _Group(TyperGroup):
     """Turns errors a user can fix into one line on stderr and exit code 2."""
 
@@ -49,7 +50,9 @@ app = typer.Typer(
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show nic's progress messages (INFO log lines) on stderr."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show nic's progress messages (INFO log lines) on stderr."
+    ),
 ) -> None:
     state.debug, state.verbose = debug, verbose
     setup_logging(verbose)

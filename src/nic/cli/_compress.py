@@ -21,23 +21,37 @@ def compress(
         ..., help="Slide files, folders of slides, or CSV files with a 'slide' or 'path' column."
     ),
     encoder: str = typer.Option(
-        ..., "--encoder", "-e", help="Encoder: a registered name (nic encoders), timm:<name>, a Keras .h5 or a saved encoder."
+        ...,
+        "--encoder",
+        "-e",
+        help="Encoder: a registered name (nic encoders), timm:<name>, a Keras .h5 or a saved encoder.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the stores (<out>/<slide_id>.zarr)."),
     mpp: float | None = MppOption,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Patches per encoder batch."),
     workers: int = typer.Option(2, "--workers", min=0, help="Reader processes (0: read in the main process)."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
-    dihedral: bool = typer.Option(False, "--dihedral", help="Also store the 8 rotations/flips of every patch: (8, C, H, W)."),
+    dihedral: bool = typer.Option(
+        False, "--dihedral", help="Also store the 8 rotations/flips of every patch: (8, C, H, W)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides whose store is already complete."),
     skip_errors: bool = typer.Option(False, "--skip-errors", help="Go on with the other slides when one fails."),
-    min_tissue: float = typer.Option(0.1, "--min-tissue", min=0.0, max=1.0, help="Share of a cell that must be tissue."),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="Allow an encoder without weights: a deliberate random baseline (recorded in the stores)."
+    min_tissue: float = typer.Option(
+        0.1, "--min-tissue", min=0.0, max=1.0, help="Share of a cell that must be tissue."
     ),
-    seed: int = typer.Option(0, "--seed", help="With --random-init: torch seed of the initialisation (recorded in the stores)."),
+    random_init: bool = typer.Option(
+        False,
+        "--random-init",
+        help="Allow an encoder without weights: a deliberate random baseline (recorded in the stores).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="With --random-init: torch seed of the initialisation (recorded in the stores)."
+    ),
     wait_busy: float = typer.Option(
-        600.0, "--wait-busy", min=0.0, help="Seconds to wait at the end for slides another process is compressing (0: check once)."
+        600.0,
+        "--wait-busy",
+        min=0.0,
+        help="Seconds to wait at the end for slides another process is compressing (0: check once).",
     ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bars on stderr (default: when stderr is a terminal)."

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def train(
     compressed: Path = typer.Option(..., "--compressed", help="Folder of compressed slides (<slide_id>.zarr)."),
-    labels: Path = typer.Option(..., "--labels", help="CSV with a slide column (id or path), a patient column and targets."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="CSV with a slide column (id or path), a patient column and targets."
+    ),
     task: str = typer.Option(..., "--task", help="regression | binary | multiclass | survival"),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (metrics.json, predictions.csv, fold_*/, config.json)."),
-    target: Optional[str] = typer.Option(None, "--target", help="Label column (regression, binary, multiclass)."),
-    time: Optional[str] = typer.Option(None, "--time", help="Survival time column."),
-    event: Optional[str] = typer.Option(None, "--event", help="Survival event column (1 = event, 0 = censored)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder to write (metrics.json, predictions.csv, fold_*/, config.json)."
+    ),
+    target: str | None = typer.Option(None, "--target", help="Label column (regression, binary, multiclass)."),
+    time: str | None = typer.Option(None, "--time", help="Survival time column."),
+    event: str | None = typer.Option(None, "--event", help="Survival event column (1 = event, 0 = censored)."),
     model: str = typer.Option("nic-cnn", "--model", help="Slide model: nic-cnn, meanpool, abmil."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds (by patient)."),
-    epochs: int = typer.Option(100, "--epochs", help="Most epochs per fold (early stopping on an inner validation split)."),
-    crop: Optional[int] = typer.Option(None, "--crop", help="Crop side in grid cells [default: min(400, largest grid side)]."),
+    epochs: int = typer.Option(
+        100, "--epochs", help="Most epochs per fold (early stopping on an inner validation split)."
+    ),
+    crop: int | None = typer.Option(
+        None, "--crop", help="Crop side in grid cells [default: min(400, largest grid side)]."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Slides per batch."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate (divided by 10 on plateau)."),
     patience: int = typer.Option(20, "--patience", help="Epochs without validation improvement before stopping."),
@@ -30,7 +37,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed of splits, crops and weights."),
     slide_column: str = typer.Option("slide", "--slide-column", help="Slide column of the labels CSV."),
     patient_column: str = typer.Option("patient", "--patient-column", help="Patient column of the labels CSV."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch."),
     device: str = typer.Option("auto", "--device", help="torch device: auto (cuda when available), cpu, cuda, cuda:1."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
@@ -40,8 +47,20 @@ def train(
     cfg = TrainConfig(
         compressed=compressed,
         labels=LabelSpec(labels, task, target, time, event, slide_column, patient_column),  # type: ignore[arg-type]
-        fit=FitConfig(model=model, epochs=epochs, crop=crop, batch_size=batch_size, lr=lr, patience=patience, width=width,
-                      dropout=dropout, pool=pool, ties=ties, seed=seed, device=device),
+        fit=FitConfig(
+            model=model,
+            epochs=epochs,
+            crop=crop,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            width=width,
+            dropout=dropout,
+            pool=pool,
+            ties=ties,
+            seed=seed,
+            device=device,
+        ),
         folds=folds,
         out=out,
         overwrite=overwrite,
@@ -55,7 +74,9 @@ def train(
     res = train_cv(cfg)
     for name, m in res.metrics.items():
         lo, hi = m["ci95"]
-        typer.echo(f"{name}: {m['value']:.3f} (95% CI {lo:.3f}-{hi:.3f}); folds " + ", ".join(f"{v:.3f}" for v in m["folds"]))
+        typer.echo(
+            f"{name}: {m['value']:.3f} (95% CI {lo:.3f}-{hi:.3f}); folds " + ", ".join(f"{v:.3f}" for v in m["folds"])
+        )
     typer.echo(f"wrote {out}")
 
 
@@ -63,8 +84,10 @@ def predict(
     model: Path = typer.Option(..., "--model", help="Run folder written by `nic train`."),
     compressed: Path = typer.Option(..., "--compressed", help="Folder of compressed slides to predict."),
     out: Path = typer.Option(..., "--out", help="CSV to write (one row per slide, or per patient with --labels)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV with slide and patient columns: aggregate per patient."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV with slide and patient columns: aggregate per patient."
+    ),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output CSV."),
 ) -> None:
     """Apply a trained run (the mean of its fold models) to a folder of compressed slides."""

@@ -39,13 +39,21 @@ def info(
     )
     table = Table("level", "width", "height", "downsample", "um/px")
     for i, lv in enumerate(data["levels"]):
-        table.add_row(str(i), str(lv["width"]), str(lv["height"]), f"{lv['downsample']:g}", f"{data['mpp_x'] * lv['downsample']:.4g}")
+        table.add_row(
+            str(i),
+            str(lv["width"]),
+            str(lv["height"]),
+            f"{lv['downsample']:g}",
+            f"{data['mpp_x'] * lv['downsample']:.4g}",
+        )
     console.print(table)
 
 
 def tissue(
     slide: Path = typer.Argument(..., help="Slide file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Mask PNG to write; the overlay goes beside it as <name>_overlay.png."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Mask PNG to write; the overlay goes beside it as <name>_overlay.png."
+    ),
     mpp: float | None = MppOption,
     mask_mpp: float = typer.Option(8.0, "--mask-mpp", help="um/px of the mask (coarser is faster)."),
 ) -> None:

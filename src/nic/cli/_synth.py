@@ -44,8 +44,16 @@ def cohort(
 
     if not 1 <= quality <= 100:
         raise DataError(f"--quality must be between 1 and 100, got {quality}")
-    c = make_cohort(out, slides, size, seed, config=CohortConfig(quality=quality), workers=workers,
-                    overwrite=overwrite, progress=_progress("slide"))
+    c = make_cohort(
+        out,
+        slides,
+        size,
+        seed,
+        config=CohortConfig(quality=quality),
+        workers=workers,
+        overwrite=overwrite,
+        progress=_progress("slide"),
+    )
     n_patients = len({r["patient"] for r in c.rows})
     typer.echo(
         f"{len(c.slides)} slides of {c.rows[0]['width']} x {c.rows[0]['height']} px at 0.5 um/px "
@@ -90,6 +98,7 @@ def mosaic(
     from nic.synth import MosaicConfig, make_mosaic_cohort
 
     cfg = MosaicConfig(tumour=tuple(tumour), normal=tuple(normal))
-    c = make_mosaic_cohort(out, tiles, labels, slides, seed, size, config=cfg, overwrite=overwrite,
-                           progress=_progress("slide"))
+    c = make_mosaic_cohort(
+        out, tiles, labels, slides, seed, size, config=cfg, overwrite=overwrite, progress=_progress("slide")
+    )
     typer.echo(f"{len(c.slides)} mosaic slides in {c.out / 'slides'} ({c.seconds:.1f} s)\nlabels: {c.labels}")

@@ -36,15 +36,30 @@ def _threads(n: int | None) -> None:
 def train_encoder_cmd(
     task: list[str] = typer.Option(..., "--task", "-t", help=_TASK_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (config, checkpoints, logs, encoder/)."),
-    encoder: str = typer.Option("nic-cnn", "--encoder", "-e", help="Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune)."),
+    encoder: str = typer.Option(
+        "nic-cnn",
+        "--encoder",
+        "-e",
+        help="Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune).",
+    ),
     epochs: int = typer.Option(20, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Patches per batch, all tasks mixed."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate; divided by 10 on a validation plateau."),
-    aug_strength: float = typer.Option(1.0, "--aug-strength", help="Colour/geometry augmentation strength (0 = none, 1 = default heavy)."),
-    sampling: str = typer.Option("proportional", "--sampling", help="'proportional' (by dataset size) or 'balanced' (tasks equally often)."),
-    samples_per_epoch: int = typer.Option(0, "--samples-per-epoch", help="Epoch length in patches (0 = all training patches)."),
-    max_per_task: int = typer.Option(0, "--max-per-task", help="Use at most this many training patches per task (0 = all)."),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of each task's groups held out for validation."),
+    aug_strength: float = typer.Option(
+        1.0, "--aug-strength", help="Colour/geometry augmentation strength (0 = none, 1 = default heavy)."
+    ),
+    sampling: str = typer.Option(
+        "proportional", "--sampling", help="'proportional' (by dataset size) or 'balanced' (tasks equally often)."
+    ),
+    samples_per_epoch: int = typer.Option(
+        0, "--samples-per-epoch", help="Epoch length in patches (0 = all training patches)."
+    ),
+    max_per_task: int = typer.Option(
+        0, "--max-per-task", help="Use at most this many training patches per task (0 = all)."
+    ),
+    val_fraction: float = typer.Option(
+        0.2, "--val-fraction", help="Fraction of each task's groups held out for validation."
+    ),
     patience: int = typer.Option(6, "--patience", help="Early stopping: epochs without val_loss improvement."),
     seed: int = typer.Option(0, "--seed", help="Random seed (splits, sampling, augmentation, init)."),
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
@@ -84,11 +99,19 @@ def train_encoder_cmd(
 
 
 def probe_cmd(
-    encoder: str = typer.Option(..., "--encoder", "-e", help="Encoder spec: registry name, timm:<model>, Keras .h5, or saved encoder."),
+    encoder: str = typer.Option(
+        ..., "--encoder", "-e", help="Encoder spec: registry name, timm:<model>, Keras .h5, or saved encoder."
+    ),
     data: str = typer.Option(..., "--data", "-d", help=_DATASET_HELP),
-    test: str = typer.Option("", "--test", help="Separate test dataset (same spec form); default: a group-aware split of --data."),
-    group_col: str = typer.Option("", "--group-col", help="Group column of --data (default: 'group' or 'source_group' if present)."),
-    test_fraction: float = typer.Option(0.25, "--test-fraction", help="Fraction of groups held out when there is no --test."),
+    test: str = typer.Option(
+        "", "--test", help="Separate test dataset (same spec form); default: a group-aware split of --data."
+    ),
+    group_col: str = typer.Option(
+        "", "--group-col", help="Group column of --data (default: 'group' or 'source_group' if present)."
+    ),
+    test_fraction: float = typer.Option(
+        0.25, "--test-fraction", help="Fraction of groups held out when there is no --test."
+    ),
     repeats: int = typer.Option(1, "--repeats", help="Number of group-aware splits to average."),
     seed: int = typer.Option(0, "--seed", help="Seed of the splits (and of the initialisation with --random-init)."),
     random_init: bool = typer.Option(
@@ -168,14 +191,25 @@ def augment_preview_cmd(
 
 def nuclei_patches_cmd(
     images: Path = typer.Argument(..., help="Folder of images (e.g. MoNuSeg images/)."),
-    annotations: Path = typer.Argument(..., help="Folder of annotations with the same names: Aperio/MoNuSeg .xml(.gz) or binary/instance mask .png/.tif."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: patches/ and nuclei.csv (path,label,group,count)."),
+    annotations: Path = typer.Argument(
+        ...,
+        help="Folder of annotations with the same names: Aperio/MoNuSeg .xml(.gz) or binary/instance mask .png/.tif.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder: patches/ and nuclei.csv (path,label,group,count)."
+    ),
     patch_size: int = typer.Option(128, "--patch-size", help="Patch size in pixels at --mpp."),
     mpp: float = typer.Option(0.5, "--mpp", help="um/px of the patches written."),
     stride: int = typer.Option(0, "--stride", help="Stride in pixels at --mpp (0 = patch size)."),
-    source_mpp: float = typer.Option(0.0, "--source-mpp", help="um/px of the images, overriding the annotation's MicronsPerPixel."),
-    fallback_mpp: float = typer.Option(0.0, "--fallback-mpp", help="um/px of images whose annotation states none (masks never do)."),
-    target: str = typer.Option("density", "--target", help="'density' (nuclei per mm^2) or 'count' (nuclei per patch)."),
+    source_mpp: float = typer.Option(
+        0.0, "--source-mpp", help="um/px of the images, overriding the annotation's MicronsPerPixel."
+    ),
+    fallback_mpp: float = typer.Option(
+        0.0, "--fallback-mpp", help="um/px of images whose annotation states none (masks never do)."
+    ),
+    target: str = typer.Option(
+        "density", "--target", help="'density' (nuclei per mm^2) or 'count' (nuclei per patch)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out."),
 ) -> None:
     """Cut annotated images into patches labelled with their nuclei density (a regression dataset)."""
@@ -183,8 +217,15 @@ def nuclei_patches_cmd(
 
     pairs = pair_images_annotations(images, annotations)
     csv_path = nuclei_patch_dataset(
-        pairs, out, patch_size=patch_size, mpp=mpp, stride=stride or None, source_mpp=source_mpp or None,
-        target=target, fallback_mpp=fallback_mpp or None, overwrite=overwrite,  # type: ignore[arg-type]
+        pairs,
+        out,
+        patch_size=patch_size,
+        mpp=mpp,
+        stride=stride or None,
+        source_mpp=source_mpp or None,
+        target=target,
+        fallback_mpp=fallback_mpp or None,
+        overwrite=overwrite,  # type: ignore[arg-type]
     )
     typer.echo(f"wrote {csv_path}; train with --task nuclei=regr:{csv_path}")
 

@@ -44,8 +44,8 @@ from nic.store import StoreAttrs, is_complete, slide_id_for, store_path, verify_
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "OutputFullError", "SlideResult", "SlideLock", "collect_slides", "compress_slides", "compress_slide", "summary_table",
-    "SLIDE_SUFFIXES",
+    "OutputFullError", "SlideResult", "SlideLock", "collect_slides", "compress_slides", "compress_slide",
+    "summary_table", "SLIDE_SUFFIXES",
 ]  # fmt: skip
 
 Status = Literal["done", "skipped", "no tissue", "busy", "failed", "not run"]
@@ -165,7 +165,9 @@ def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
         p = Path(item).expanduser()
         if p.is_dir():
             found += sorted(
-                f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith(".")
+                f
+                for f in p.iterdir()
+                if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith(".")
             )
         elif p.suffix.lower() == ".csv" and p.is_file():
             found += _from_csv(p)
@@ -193,7 +195,9 @@ def _from_csv(path: Path) -> list[Path]:
         cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         col = cols.get("slide") or cols.get("path")
         if col is None:
-            raise DataError(f"{path}: no 'slide' or 'path' column (columns: {reader.fieldnames}); add one with the slide files")
+            raise DataError(
+                f"{path}: no 'slide' or 'path' column (columns: {reader.fieldnames}); add one with the slide files"
+            )
         rows = [(r.get(col) or "").strip() for r in reader]
     return [p if p.is_absolute() else path.parent / p for p in (Path(r).expanduser() for r in rows if r)]
 
@@ -399,7 +403,9 @@ class _Cohort:
         pending = [i for i, r in enumerate(results) if r.status == "busy"]
         if pending and wait > 0:
             names = ", ".join(results[i].slide.name for i in pending)
-            logger.warning("waiting up to %.0f s for %d slide(s) that other processes hold: %s", wait, len(pending), names)
+            logger.warning(
+                "waiting up to %.0f s for %d slide(s) that other processes hold: %s", wait, len(pending), names
+            )
         deadline = time.monotonic() + wait
         while pending:
             for i in list(pending):
@@ -458,7 +464,9 @@ def compress_slides(
         enc = load_encoder(encoder, device=options.device, seed=seed)
         require_weights(enc, encoder, options.random_init)
     if enc.random_init:
-        logger.info("compressing with a random initialisation of %s (seed %s): a baseline", enc.name, enc.source.get("seed"))
+        logger.info(
+            "compressing with a random initialisation of %s (seed %s): a baseline", enc.name, enc.source.get("seed")
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: exists and is not a folder; give a folder for the compressed slides")
@@ -530,7 +538,8 @@ def compress_slide(
         raise result.exception
     if result.status == "busy":
         raise StoreError(
-            f"{result.store}: another process ({result.error}) is compressing this slide now; wait for it or use another out_dir"
+            f"{result.store}: another process ({result.error}) is compressing this slide now; wait for it or use "
+            "another out_dir"
         )
     if result.status == "no tissue":
         raise SlideError(
@@ -545,7 +554,14 @@ def summary_table(results: Sequence[SlideResult]) -> Any:
     from rich.table import Table
 
     table = Table("slide", "status", "patches", "seconds", "patches/s", "store / error")
-    colour = {"done": "green", "skipped": "cyan", "no tissue": "magenta", "busy": "yellow", "failed": "red", "not run": "dim"}
+    colour = {
+        "done": "green",
+        "skipped": "cyan",
+        "no tissue": "magenta",
+        "busy": "yellow",
+        "failed": "red",
+        "not run": "dim",
+    }
     for r in results:
         table.add_row(
             r.slide.name,

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,7 @@ def store_attrs(plan: SlidePlan, encoder: Any, options: CompressOptions) -> Stor
         random_init=encoder.random_init,
         random_seed=encoder.source.get("seed") if encoder.random_init else None,
         nic_version=nic.__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 
@@ -369,6 +369,8 @@ def compress_planned(
     )
     n = encode_slide(plan, runner, features, pool, on_patches)
     seconds = time.perf_counter() - t0
-    mark_complete(store, {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)})
+    mark_complete(
+        store, {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)}
+    )
     logger.info("%s: %d patches in %.1f s -> %s", plan.slide.path, n, seconds, store)
     return n

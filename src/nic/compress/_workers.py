@@ -123,8 +123,9 @@ def _exit_with_parent() -> None:
 def _init_worker(slot_names: list[str], slot_shape: tuple[int, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    import nic.slide  # noqa: F401  (import the readers now, while the parent plans the grid)
     from multiprocessing import shared_memory
+
+    import nic.slide  # noqa: F401  (import the readers now, while the parent plans the grid)
 
     for name in slot_names:
         # Spawned workers share the parent's resource tracker, which unlinks the segments
@@ -148,7 +149,10 @@ def _catch_sigterm() -> bool:
     """Install :func:`_terminate` when SIGTERM has its default action and this is the main thread."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         return False
     signal.signal(signal.SIGTERM, _terminate)
     return True

@@ -38,7 +38,10 @@ def parse_task_spec(text: str) -> TaskSpec:
     name, sep, spec = text.partition("=")
     name = name.strip()
     if not sep or not spec.strip():
-        raise DataError(f"task {text!r}: write NAME=KIND:PATH, e.g. lung=class:/data/lung/labels.csv or nuclei=regr:/data/nuclei.csv")
+        raise DataError(
+            f"task {text!r}: write NAME=KIND:PATH, e.g. lung=class:/data/lung/labels.csv or "
+            "nuclei=regr:/data/nuclei.csv"
+        )
     if not _NAME.match(name):
         raise DataError(f"task name {name!r}: use letters, digits, '_' or '-', starting with a letter")
     ds = parse_dataset_spec(spec)
@@ -52,7 +55,9 @@ def parse_task_spec(text: str) -> TaskSpec:
         if not weight > 0:
             raise DataError(f"task {name!r}: weight must be positive, got {weight}")
     if opts:
-        raise DataError(f"task {name!r}: unknown option(s) {', '.join(sorted(opts))}; known: mpp, group, label, path, weight")
+        raise DataError(
+            f"task {name!r}: unknown option(s) {', '.join(sorted(opts))}; known: mpp, group, label, path, weight"
+        )
     return TaskSpec(name, DatasetSpec(ds.path, ds.kind, ds.mpp, ds.group, ds.label, ds.path_col), weight)
 
 

@@ -70,7 +70,12 @@ class MultitaskModule(L.LightningModule):
         self.register_buffer("_mean", torch.tensor([t.target_mean for t in self.tasks], dtype=torch.float32))
         self.register_buffer("_std", torch.tensor([t.target_std for t in self.tasks], dtype=torch.float32))
         self.save_hyperparameters(
-            {"tasks": [asdict(t) for t in self.tasks], "lr": lr, "weight_decay": weight_decay, "augment": asdict(augment)}
+            {
+                "tasks": [asdict(t) for t in self.tasks],
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "augment": asdict(augment),
+            }
         )
         self._val: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
 
@@ -100,7 +105,9 @@ class MultitaskModule(L.LightningModule):
         with torch.autocast(device_type=images.device.type, enabled=False):
             x = self.augment(self._inputs(images))  # in float32, also under mixed precision
         outputs = self(x)
-        loss, per_task = masked_multitask_loss(outputs, self._standardise(targets, task), task, self.kinds, [t.weight for t in self.tasks])
+        loss, per_task = masked_multitask_loss(
+            outputs, self._standardise(targets, task), task, self.kinds, [t.weight for t in self.tasks]
+        )
         n = images.shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=n)
         for t, v in zip(self.tasks, per_task):
@@ -111,7 +118,9 @@ class MultitaskModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, targets, task = batch
         outputs = self(self._inputs(images))
-        loss, _ = masked_multitask_loss(outputs, self._standardise(targets, task), task, self.kinds, [t.weight for t in self.tasks])
+        loss, _ = masked_multitask_loss(
+            outputs, self._standardise(targets, task), task, self.kinds, [t.weight for t in self.tasks]
+        )
         self.log("val_loss", loss, prog_bar=True, batch_size=images.shape[0], on_epoch=True, on_step=False)
         self._val.append((targets.detach().cpu(), task.detach().cpu(), [o.detach().float().cpu() for o in outputs]))
 

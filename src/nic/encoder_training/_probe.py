@@ -43,7 +43,8 @@ class ProbeResult:
         for k, v in self.metrics.items():
             sd = self.spread.get(k)
             parts.append(f"{k} {v:.3f}" + (f" ± {sd:.3f}" if sd is not None and self.repeats > 1 else ""))
-        return f"{', '.join(parts)} (train {self.n_train}, test {self.n_test}, {self.repeats} split{'s' if self.repeats > 1 else ''})"
+        splits = f"{self.repeats} split{'s' if self.repeats > 1 else ''}"
+        return f"{', '.join(parts)} (train {self.n_train}, test {self.n_test}, {splits})"
 
 
 def embed_table(encoder: Any, table: Any, batch_size: int = 128) -> np.ndarray:
@@ -67,7 +68,9 @@ def _sklearn() -> Any:
     return linear_model, pipeline, preprocessing
 
 
-def probe_codes(kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, n_classes: int = 0) -> dict[str, float]:
+def probe_codes(
+    kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, n_classes: int = 0
+) -> dict[str, float]:
     """Fit a linear model on codes (N, C) and score it on the test codes.
 
     ``kind`` ``class``: logistic regression, returns accuracy and AUC; ``regr``: ridge
@@ -75,7 +78,9 @@ def probe_codes(kind: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
     """
     linear_model, pipeline, preprocessing = _sklearn()
     if kind == "class":
-        model = pipeline.make_pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression(C=0.1, max_iter=3000))
+        model = pipeline.make_pipeline(
+            preprocessing.StandardScaler(), linear_model.LogisticRegression(C=0.1, max_iter=3000)
+        )
         model.fit(x_train, y_train)
         prob = np.zeros((len(x_test), max(n_classes, int(max(y_train.max(), y_test.max())) + 1)))
         prob[:, model.classes_] = model.predict_proba(x_test)
@@ -111,7 +116,9 @@ def linear_probe(
     x = embed_table(encoder, data) if codes is None else codes
     if test is not None:
         if test.kind != data.kind:
-            raise DataError(f"test set {test.source} is {test.kind}, data {data.source} is {data.kind}; give the same kind")
+            raise DataError(
+                f"test set {test.source} is {test.kind}, data {data.source} is {data.kind}; give the same kind"
+            )
         y_test = test.labels
         if data.kind == "class":
             unknown = sorted(set(test.classes) - set(data.classes))

@@ -68,7 +68,9 @@ def prepare_tasks(config: TrainConfig, patch_size: int, mpp: float) -> tuple[lis
         except DataError as e:
             raise DataError(f"task {task.name!r}: {e}") from None
         if table.groups is None:
-            logger.warning("task %s: no group column; validation patches may share a source with training ones", task.name)
+            logger.warning(
+                "task %s: no group column; validation patches may share a source with training ones", task.name
+            )
         if config.max_per_task and len(tr) > config.max_per_task:
             rng = np.random.default_rng(config.seed + 100 + i)
             tr = np.sort(rng.choice(tr, config.max_per_task, replace=False))
@@ -106,7 +108,13 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
 
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import (
+        Callback,
+        EarlyStopping,
+        LearningRateMonitor,
+        ModelCheckpoint,
+        RichProgressBar,
+    )
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
@@ -177,7 +185,9 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
             self.last = self._n / dt if dt > 0 else float("nan")
 
     speed = _Speed()
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best-{epoch:03d}", monitor="val_loss", mode="min", save_last=True)
+    ckpt = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best-{epoch:03d}", monitor="val_loss", mode="min", save_last=True
+    )
     callbacks: list[Any] = [
         ckpt,
         EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience),
@@ -207,7 +217,14 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
             log_every_n_steps=max(1, min(50, len(train_loader) // 2)),
             num_sanity_val_steps=0,
         )
-    logger.info("training %s on %d patches (%s), %d tasks, precision %s", encoder.name, len(train_ds), config.sampling, len(heads), precision)
+    logger.info(
+        "training %s on %d patches (%s), %d tasks, precision %s",
+        encoder.name,
+        len(train_ds),
+        config.sampling,
+        len(heads),
+        precision,
+    )
     with _quiet_lightning():
         trainer.fit(module, train_loader, val_loader)
 
@@ -239,7 +256,8 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
                 "val": metrics,
             },
             indent=2,
-        ) + "\n"
+        )
+        + "\n"
     )
     logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, pps, path)
     return result

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from nic._device import torch_device
 from nic.encoders._base import Encoder, EncoderConfig
 from nic.encoders._registry import create_encoder, list_encoders
-from nic._device import torch_device
 from nic.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ def _read_state_dict(path: Path, unsafe: bool) -> dict[str, Any]:
             raise EncoderError(
                 f"{path}: pickled checkpoints can run code when loaded and are refused; convert it to .safetensors "
                 f"(python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{path}', "
-                "weights_only=True); save_file({k: v.contiguous().clone() for k, v in sd.get('state_dict', sd).items()}, "
+                "weights_only=True); save_file({k: v.contiguous().clone() "
+                "for k, v in sd.get('state_dict', sd).items()}, "
                 f"'{path.with_suffix('.safetensors')}')\") "
                 "and give that file, or, if you trust it, load it from Python with unsafe=True"
             )

@@ -14,7 +14,16 @@ Survival convention: model outputs are log-risks, higher = earlier event.
 from __future__ import annotations
 
 from nic.learn.cv import inner_split, patient_folds
-from nic.learn.data import TASKS, Cohort, LabelSpec, SlideSource, crop_weights, dihedral, load_cohort, sample_crop_origin
+from nic.learn.data import (
+    TASKS,
+    Cohort,
+    LabelSpec,
+    SlideSource,
+    crop_weights,
+    dihedral,
+    load_cohort,
+    sample_crop_origin,
+)
 from nic.learn.losses import cox_ph_loss, task_loss
 from nic.learn.metrics import TASK_METRICS, auc, balanced_accuracy, bootstrap_ci, c_index, mae, pearson, spearman
 from nic.learn.models import ModelSpec, create_model, list_models, register_model

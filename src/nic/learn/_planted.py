@@ -131,17 +131,21 @@ def make_planted_cohort(
             for y, x in b_cells:
                 f[2, y : y + block, x : x + block] += 4.0
             f *= tissue
-            arr = create_store(stores / f"{sid}.zarr", code_size, grid, tissue, {"encoder": "planted"}, variants=variants)
+            arr = create_store(
+                stores / f"{sid}.zarr", code_size, grid, tissue, {"encoder": "planted"}, variants=variants
+            )
             arr[...] = np.broadcast_to(f, (variants, *f.shape)) if variants > 1 else f
             mark_complete(stores / f"{sid}.zarr")
-            rows.append({
-                "slide": sid,
-                "patient": f"p{p:04d}",
-                "proliferation": float(f[0][tissue].mean()) if j == 0 else None,
-                "growth_pattern": int(pattern[p]),
-                "survival_time": float(time[p]),
-                "survival_event": int(event[p]),
-            })
+            rows.append(
+                {
+                    "slide": sid,
+                    "patient": f"p{p:04d}",
+                    "proliferation": float(f[0][tissue].mean()) if j == 0 else None,
+                    "growth_pattern": int(pattern[p]),
+                    "survival_time": float(time[p]),
+                    "survival_event": int(event[p]),
+                }
+            )
     df = pd.DataFrame(rows)
     # proliferation is a patient label: the mean of channel 0 over the first slide's tissue
     df["proliferation"] = df.groupby("patient")["proliferation"].transform("first")

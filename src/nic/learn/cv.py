@@ -65,7 +65,9 @@ def patient_folds(cohort: Cohort, k: int, seed: int = 0) -> list[tuple[np.ndarra
     return out
 
 
-def inner_split(cohort: Cohort, patients: np.ndarray, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def inner_split(
+    cohort: Cohort, patients: np.ndarray, fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Split ``patients`` (indices) into (fit, validation) for early stopping.
 
     About ``fraction`` of them go to validation, stratified and grouped like

@@ -116,7 +116,9 @@ def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
     spec.check()
     path = Path(spec.labels)
     if not path.is_file():
-        raise DataError(f"{path}: no such labels file; pass a CSV with columns {spec.slide_column},{spec.patient_column},...")
+        raise DataError(
+            f"{path}: no such labels file; pass a CSV with columns {spec.slide_column},{spec.patient_column},..."
+        )
     try:
         dtypes = {spec.slide_column: str, spec.patient_column: str}
         if spec.task in ("binary", "multiclass") and spec.target:
@@ -134,7 +136,10 @@ def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
         )
     df = df[wanted].rename(columns={spec.slide_column: "slide", spec.patient_column: "patient"})
     if df["slide"].isna().any() or df["patient"].isna().any():
-        raise DataError(f"{path}: empty slide or patient cell in rows {list(np.flatnonzero(df['slide'].isna() | df['patient'].isna()) + 2)[:10]}")
+        raise DataError(
+            f"{path}: empty slide or patient cell in rows "
+            f"{list(np.flatnonzero(df['slide'].isna() | df['patient'].isna()) + 2)[:10]}"
+        )
     dup = df["slide"][df["slide"].duplicated()].unique()
     if len(dup):
         raise DataError(f"{path}: slide(s) listed more than once: {', '.join(map(str, dup[:10]))}")
@@ -143,7 +148,10 @@ def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
         conv = pd.to_numeric(df[c], errors="coerce")
         bad = df[c].notna() & conv.isna()
         if bad.any():
-            raise DataError(f"{path}: column {c!r} must be numeric; found {df[c][bad].iloc[0]!r} in row {int(np.flatnonzero(bad)[0]) + 2}")
+            raise DataError(
+                f"{path}: column {c!r} must be numeric; found {df[c][bad].iloc[0]!r} in row "
+                f"{int(np.flatnonzero(bad)[0]) + 2}"
+            )
         df[c] = conv
     na = df[label_cols].isna().any(axis=1)
     if na.any():
@@ -188,7 +196,9 @@ def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: boo
     if require_all_stores:
         import pandas as pd
 
-        all_ids = set(_resolve_ids(pd.read_csv(spec.labels, dtype=str)[spec.slide_column].dropna().tolist(), set(stores)))
+        all_ids = set(
+            _resolve_ids(pd.read_csv(spec.labels, dtype=str)[spec.slide_column].dropna().tolist(), set(stores))
+        )
         extra = sorted(set(stores) - all_ids)
         if extra:
             raise DataError(
@@ -342,8 +352,10 @@ class SlideSource:
     @classmethod
     def open(cls, path: str | Path, cache: bool = True) -> SlideSource:
         s = open_store(path)
-        return cls(Path(path), s.tissue, s.variants, s.code_size, s.grid_shape, crop_weights(s.tissue), cache, s.features,
-                   encoder=s.encoder)  # fmt: skip
+        weights = crop_weights(s.tissue)
+        return cls(
+            Path(path), s.tissue, s.variants, s.code_size, s.grid_shape, weights, cache, s.features, encoder=s.encoder
+        )
 
     @property
     def slide_id(self) -> str:
@@ -374,7 +386,9 @@ class SlideSource:
         return feats, mask
 
 
-def code_stats(sources: Sequence[SlideSource], max_cells_per_slide: int = 4096, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def code_stats(
+    sources: Sequence[SlideSource], max_cells_per_slide: int = 4096, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation (float64, (C,)) of the tissue codes (variant 0).
 
     At most ``max_cells_per_slide`` tissue cells per slide (a seeded sample) enter, so huge
@@ -407,7 +421,9 @@ def code_stats(sources: Sequence[SlideSource], max_cells_per_slide: int = 4096, 
 CACHE_BYTES = 4 << 30
 
 
-def open_sources(paths: Sequence[Path], cache_bytes: int = CACHE_BYTES, folder: str | Path | None = None) -> list[SlideSource]:
+def open_sources(
+    paths: Sequence[Path], cache_bytes: int = CACHE_BYTES, folder: str | Path | None = None
+) -> list[SlideSource]:
     """Open every store (see :class:`SlideSource`); all must hold codes of one encoder.
 
     Stores of different encoders, um/px, patch sizes or variant counts are a

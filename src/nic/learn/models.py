@@ -20,7 +20,16 @@ from torch.nn import functional as F
 
 from nic.errors import DataError
 
-__all__ = ["nic_cnn_strides", "ModelSpec", "register_model", "create_model", "list_models", "NicCNN", "MeanPool", "ABMIL"]
+__all__ = [
+    "nic_cnn_strides",
+    "ModelSpec",
+    "register_model",
+    "create_model",
+    "list_models",
+    "NicCNN",
+    "MeanPool",
+    "ABMIL",
+]
 
 _REGISTRY: dict[str, Callable[[ModelSpec], nn.Module]] = {}
 
@@ -168,7 +177,9 @@ class NicCNN(SlideNet):
             # a per-cell embedding before the layers that mix neighbours: a one-cell signal
             # (a mitosis) gets a nonlinearity of its own before it is blurred; Spearman of
             # proliferation on two development cohorts 0.77 -> 0.84 and 0.68 -> 0.80
-            self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, w, 1, bias=False), nn.BatchNorm2d(w), nn.LeakyReLU(0.2))
+            self.stem = nn.Sequential(
+                nn.Conv2d(spec.in_channels, w, 1, bias=False), nn.BatchNorm2d(w), nn.LeakyReLU(0.2)
+            )
             chans[0] = w
         self.layers = nn.ModuleList(_SepConv(a, b, s, spec.dropout) for a, b, s in zip(chans[:-1], chans[1:], strides))
         self.pool = spec.pool

@@ -162,8 +162,14 @@ def train_cv(config: TrainConfig) -> CVResult:
         torch.set_num_threads(before)
 
 
-def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], crop: int,
-              folds: list[tuple[np.ndarray, np.ndarray]], out: Path | None) -> CVResult:
+def _train_cv(
+    config: TrainConfig,
+    cohort: Cohort,
+    sources: list[SlideSource],
+    crop: int,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    out: Path | None,
+) -> CVResult:
     """The folds; results go to ``out`` (the staged run folder) when given."""
     cfg = config.fit
     n_p = len(cohort.patients)
@@ -183,8 +189,14 @@ def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], c
             per_fold[m].append(v)
         models.append(model)
         hists.append(hist)
-        logger.info("fold %d/%d: %d epochs in %.1f s; %s", k + 1, len(folds), len(hist.train_loss), hist.seconds,
-                    ", ".join(f"{m}={v[-1]:.3f}" for m, v in per_fold.items()))
+        logger.info(
+            "fold %d/%d: %d epochs in %.1f s; %s",
+            k + 1,
+            len(folds),
+            len(hist.train_loss),
+            hist.seconds,
+            ", ".join(f"{m}={v[-1]:.3f}" for m, v in per_fold.items()),
+        )
         if out is not None:
             model.save(out / f"fold_{k}")
     allp = np.arange(n_p)
@@ -206,9 +218,15 @@ def _train_cv(config: TrainConfig, cohort: Cohort, sources: list[SlideSource], c
     frame = _prediction_frame(cohort, allp, pred, fold_of)
     if out is not None:
         frame.to_csv(out / "predictions.csv", index=False)
-        (out / "folds.json").write_text(json.dumps(
-            [{"fold": k, "test_patients": [cohort.patients[i] for i in te], "history": asdict(h)}
-             for k, ((_, te), h) in enumerate(zip(folds, hists))], indent=2))
+        (out / "folds.json").write_text(
+            json.dumps(
+                [
+                    {"fold": k, "test_patients": [cohort.patients[i] for i in te], "history": asdict(h)}
+                    for k, ((_, te), h) in enumerate(zip(folds, hists))
+                ],
+                indent=2,
+            )
+        )
         (out / "metrics.json").write_text(json.dumps(_finite_or_none(metrics), indent=2))
     return CVResult(metrics, frame, models, hists, folds)
 
@@ -258,7 +276,9 @@ def _check_run_encoder(run: Run, sources: list[SlideSource], compressed: Path) -
         if have.code_size != run.config.get("code_size"):
             raise DataError(f"{compressed}: codes have size {have.code_size}, the run {run.path} was trained on "
                             f"{run.config.get('code_size')}; compress with the training run's encoder")  # fmt: skip
-        logger.warning("%s: the run does not record its encoder (an older nic); only the code size was checked", run.path)
+        logger.warning(
+            "%s: the run does not record its encoder (an older nic); only the code size was checked", run.path
+        )
         return
     diff = have.diff(run.encoder)
     if diff:

@@ -29,7 +29,17 @@ from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_cro
 from nic.learn.losses import task_loss
 from nic.learn.models import POOLS, ModelSpec, create_model
 
-__all__ = ["resolve_device", "FitConfig", "FitHistory", "SlideModel", "fit_model", "event_batches", "default_crop", "training_view", "patient_mean"]
+__all__ = [
+    "resolve_device",
+    "FitConfig",
+    "FitHistory",
+    "SlideModel",
+    "fit_model",
+    "event_batches",
+    "default_crop",
+    "training_view",
+    "patient_mean",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +187,9 @@ class SlideModel:
         from nic._outputs import save_safetensors
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors")
+        save_safetensors(
+            {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors"
+        )
         (folder / "model.json").write_text(json.dumps(self.meta(), indent=2))
 
     @classmethod
@@ -197,16 +209,26 @@ class SlideModel:
         try:
             spec = ModelSpec(**meta["spec"])
             net = create_model(meta["model"], spec)
-            model = cls(meta["model"], spec, meta["task"], int(meta["crop"]), net, meta["target_mean"], meta["target_std"],
-                        meta["classes"])
+            model = cls(
+                meta["model"],
+                spec,
+                meta["task"],
+                int(meta["crop"]),
+                net,
+                meta["target_mean"],
+                meta["target_std"],
+                meta["classes"],
+            )
         except (KeyError, TypeError, ValueError, NicError) as e:
             why = f"no {e} entry" if isinstance(e, KeyError) else str(e)
             raise DataError(f"{folder}: model.json does not describe a nic slide model ({why}); {damaged}") from e
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            raise DataError(f"{folder}: the weights in model.safetensors do not fit the {model.name!r} model of"
-                            f" model.json ({_state_mismatch(net.state_dict(), state)}); {damaged}") from e
+            raise DataError(
+                f"{folder}: the weights in model.safetensors do not fit the {model.name!r} model of"
+                f" model.json ({_state_mismatch(net.state_dict(), state)}); {damaged}"
+            ) from e
         net.eval()
         return model
 
@@ -222,7 +244,9 @@ class SlideModel:
         return raw[:, 0]
 
     @torch.no_grad()
-    def predict_raw(self, sources: list[SlideSource], n_crops: int, variants: bool, seed: int = 0, batch: int = 16) -> np.ndarray:
+    def predict_raw(
+        self, sources: list[SlideSource], n_crops: int, variants: bool, seed: int = 0, batch: int = 16
+    ) -> np.ndarray:
         """(S, n_out) raw outputs per slide, averaged over test crops and variants.
 
         Crops: one centred window when the slide fits in the crop, else ``n_crops`` centres
@@ -264,7 +288,9 @@ def _state_mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor])
         parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
     if shaped := [k for k in want if k in got and got[k].shape != want[k].shape]:
         k = shaped[0]
-        parts.append(f"{len(shaped)} of another shape, e.g. {k} {tuple(got[k].shape)} instead of {tuple(want[k].shape)}")
+        parts.append(
+            f"{len(shaped)} of another shape, e.g. {k} {tuple(got[k].shape)} instead of {tuple(want[k].shape)}"
+        )
     return "; ".join(parts) or "the tensors do not match"
 
 
@@ -355,8 +381,9 @@ def fit_model(
     if task == "survival" and len(val_slides) and not cohort.y[val_patients].any():
         # the Cox loss of a validation part without events is a constant 0: selecting on it
         # would silently keep the epoch-0 weights, so train all epochs and keep the last
-        logger.warning("no events among the %d validation patients; no early stopping, keeping the last epoch",
-                       len(val_patients))
+        logger.warning(
+            "no events among the %d validation patients; no early stopping, keeping the last epoch", len(val_patients)
+        )
         val_patients, val_slides = val_patients[:0], val_slides[:0]
     val_sources = [sources[i] for i in val_slides]
     for epoch in range(cfg.epochs):
@@ -391,8 +418,14 @@ def fit_model(
         hist.train_loss.append(float(np.mean(losses)))
         hist.lr.append(opt.param_groups[0]["lr"])
         if n_stepped < len(batches):
-            logger.warning("epoch %d: %d of %d training batches had a non-finite loss or gradient and were skipped;"
-                           " a lower --lr (now %g) may help", epoch, len(batches) - n_stepped, len(batches), cfg.lr)
+            logger.warning(
+                "epoch %d: %d of %d training batches had a non-finite loss or gradient and were skipped;"
+                " a lower --lr (now %g) may help",
+                epoch,
+                len(batches) - n_stepped,
+                len(batches),
+                cfg.lr,
+            )
         failed = n_stepped == 0
         n_trained += not failed
         if len(val_slides):
@@ -423,8 +456,10 @@ def fit_model(
             logger.debug("epoch %d: train %.4f", epoch, hist.train_loss[-1])
     if n_good == 0:
         what = "training" if n_trained == 0 else "validation"
-        raise DataError(f"the {what} loss was not finite in any of the {len(hist.train_loss)} epochs, so no model was"
-                        f" kept; try a lower --lr (now {cfg.lr:g})")
+        raise DataError(
+            f"the {what} loss was not finite in any of the {len(hist.train_loss)} epochs, so no model was"
+            f" kept; try a lower --lr (now {cfg.lr:g})"
+        )
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()  # stays on ``dev``: the fold's test predictions run there too

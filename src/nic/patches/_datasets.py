@@ -45,7 +45,14 @@ __all__ = [
 Kind = Literal["class", "regr"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _GROUP_COLUMNS = ("group", "source_group")  # looked for when no group column is named
-_KIND_ALIASES = {"class": "class", "cls": "class", "classification": "class", "regr": "regr", "reg": "regr", "regression": "regr"}
+_KIND_ALIASES = {
+    "class": "class",
+    "cls": "class",
+    "classification": "class",
+    "regr": "regr",
+    "reg": "regr",
+    "regression": "regr",
+}
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,9 @@ class PatchTable:
 
 def _read_folder(root: Path, kind: Kind | None) -> PatchTable:
     if kind == "regr":
-        raise DataError(f"{root}: a folder of class folders is a classification dataset; use class:{root} or a CSV for regression")
+        raise DataError(
+            f"{root}: a folder of class folders is a classification dataset; use class:{root} or a CSV for regression"
+        )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class folders inside; expected {root}/<class>/<image>.png or a CSV path,label")
@@ -186,7 +195,9 @@ def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
     cols = list(rows[0])
     for need in (spec.path_col, spec.label):
         if need not in cols:
-            raise DataError(f"{path}: no column {need!r} (columns: {', '.join(cols)}); name it with ?path=COL / ?label=COL")
+            raise DataError(
+                f"{path}: no column {need!r} (columns: {', '.join(cols)}); name it with ?path=COL / ?label=COL"
+            )
     group_col = spec.group
     if group_col is not None and group_col not in cols:
         raise DataError(f"{path}: no group column {group_col!r} (columns: {', '.join(cols)})")
@@ -207,7 +218,9 @@ def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
     if kind == "regr":
         if not numeric:
             bad = next(v for v in raw if not _is_float(v))
-            raise DataError(f"{path}: regression label {spec.label!r} holds {bad!r}, not a number; use class:{path} for classes")
+            raise DataError(
+                f"{path}: regression label {spec.label!r} holds {bad!r}, not a number; use class:{path} for classes"
+            )
         labels = np.asarray([float(v) for v in raw], np.float32)
         if not np.isfinite(labels).all():
             raise DataError(f"{path}: regression label {spec.label!r} has NaN or infinite values; drop those rows")
@@ -223,9 +236,16 @@ def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
             lookup = {c: i for i, c in enumerate(classes)}
             labels = np.asarray([lookup[v] for v in raw], np.int64)
         if len(classes) < 2:
-            raise DataError(f"{path}: label {spec.label!r} has one class only ({classes[0]!r}); a classifier needs two or more")
+            raise DataError(
+                f"{path}: label {spec.label!r} has one class only ({classes[0]!r}); a classifier needs two or more"
+            )
     base = path.parent
-    paths = [(base / r[spec.path_col].strip()) if not Path(r[spec.path_col].strip()).is_absolute() else Path(r[spec.path_col].strip()) for r in rows]
+    paths = [
+        (base / r[spec.path_col].strip())
+        if not Path(r[spec.path_col].strip()).is_absolute()
+        else Path(r[spec.path_col].strip())
+        for r in rows
+    ]
     groups = None
     if group_col:
         groups = np.asarray([r[group_col].strip() for r in rows], dtype=object)
@@ -260,7 +280,10 @@ def read_patch_table(spec: str | Path | DatasetSpec, check_files: bool = True) -
     if check_files:
         missing = [p for p in table.paths if not p.is_file()]
         if missing:
-            raise DataError(f"{table.source}: {len(missing)} image file(s) missing, e.g. {missing[0]}; fix the paths (relative to the CSV)")
+            raise DataError(
+                f"{table.source}: {len(missing)} image file(s) missing, e.g. {missing[0]}; "
+                "fix the paths (relative to the CSV)"
+            )
     logger.info("dataset %s: %s", table.source, table.describe())
     return table
 
@@ -300,7 +323,9 @@ def _crop_or_pad(a: np.ndarray, p: int) -> np.ndarray:
     h, w = a.shape[:2]
     if h < p or w < p:
         ph, pw = max(0, p - h), max(0, p - w)
-        a = np.pad(a, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+        a = np.pad(
+            a, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge"
+        )
         h, w = a.shape[:2]
     y, x = (h - p) // 2, (w - p) // 2
     return np.ascontiguousarray(a[y : y + p, x : x + p])
@@ -390,6 +415,8 @@ def group_split(
         k = min(max(k, 1), len(s) - 1) if len(s) > 1 else 0
         test_groups += list(s[:k])
     if not test_groups:
-        raise DataError(f"cannot split {len(uniq)} group(s) into train and test; give more groups or a separate test set")
+        raise DataError(
+            f"cannot split {len(uniq)} group(s) into train and test; give more groups or a separate test set"
+        )
     is_test = np.isin(inv, np.asarray(test_groups))
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)

@@ -206,9 +206,10 @@ def nuclei_patch_dataset(
     ``mpp`` um/px (``stride`` in the same pixels, default ``patch_size``): a window of
     ``patch_size * mpp / source_mpp`` image pixels, saved resized to ``patch_size`` as
     ``out/patches/<image>_<y>_<x>.png``.  ``source_mpp`` (um/px of the images) overrides
-    the annotation's ``MicronsPerPixel``; ``fallback_mpp`` is used where a file states none.  The CSV ``out/nuclei.csv`` has columns
-    ``path,label,group,count``: ``label`` is the count or the density (nuclei per mm^2).
-    It is written last (through a temporary file), so a folder without it is unfinished.
+    the annotation's ``MicronsPerPixel``; ``fallback_mpp`` is used where a file states none.
+    The CSV ``out/nuclei.csv`` has columns ``path,label,group,count``: ``label`` is the count
+    or the density (nuclei per mm^2).  It is written last (through a temporary file), so a
+    folder without it is unfinished.
     An existing dataset in ``out`` is a :class:`DataError` unless ``overwrite``, which
     removes its patches first.
     """
@@ -230,7 +231,9 @@ def nuclei_patch_dataset(
         ann = read_nuclei(ann_path)
         smpp = source_mpp or ann.mpp or fallback_mpp
         if not smpp:
-            raise DataError(f"{ann_path}: states no MicronsPerPixel; pass the images' um/px (--source-mpp or --fallback-mpp)")
+            raise DataError(
+                f"{ann_path}: states no MicronsPerPixel; pass the images' um/px (--source-mpp or --fallback-mpp)"
+            )
         try:
             with Image.open(image_path) as im:
                 img = im.convert("RGB")
@@ -240,7 +243,9 @@ def nuclei_patch_dataset(
         win = patch_size * mpp / smpp  # window side in image pixels
         step = stride * mpp / smpp
         if win > min(w, h):
-            raise DataError(f"{image_path}: {w}x{h} px at {smpp} um/px is smaller than one {patch_size} px patch at {mpp} um/px")
+            raise DataError(
+                f"{image_path}: {w}x{h} px at {smpp} um/px is smaller than one {patch_size} px patch at {mpp} um/px"
+            )
         nx, ny = int((w - win) // step) + 1, int((h - win) // step) + 1
         xs = np.arange(nx) * step
         ys = np.arange(ny) * step

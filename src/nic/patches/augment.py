@@ -143,7 +143,9 @@ def scale_jitter(x: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
     m = torch.zeros(x.shape[0], 2, 2, device=x.device, dtype=x.dtype)
     m[:, 0, 0] = inv
     m[:, 1, 1] = inv
-    return F.grid_sample(x, _linear_grid(m, x.shape[-2], x.shape[-1]), mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(
+        x, _linear_grid(m, x.shape[-2], x.shape[-1]), mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 # ----------------------------------------------------------------------------- stains
@@ -280,7 +282,9 @@ def _geometry(x: torch.Tensor, k: torch.Tensor, flip: torch.Tensor, zoom: torch.
     if zoom is None:
         return dihedral(x, k, flip)
     m = (_dihedral_matrices(k, flip) / zoom.to(torch.float64).cpu().view(-1, 1, 1)).to(x.device, x.dtype)
-    return F.grid_sample(x, _linear_grid(m, x.shape[-2], x.shape[-1]), mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(
+        x, _linear_grid(m, x.shape[-2], x.shape[-1]), mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 def _linear_grid(m: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -353,7 +357,9 @@ def _colour_affine(
 # ----------------------------------------------------------------------------- all together
 
 
-def augment(x: torch.Tensor, config: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, config: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Augment a batch: float RGB (N, 3, H, W) in [0, 1] -> same shape, clipped to [0, 1].
 
     Draws one setting per sample from ``generator`` (which must live on ``x``'s device,
@@ -369,8 +375,16 @@ def augment(x: torch.Tensor, config: AugmentConfig = AugmentConfig(), generator:
         return x
     n = x.shape[0]
     gd = _gen_device(generator, x)
-    k = torch.randint(0, 4, (n,), generator=generator, device=gd) if config.rot90 else torch.zeros(n, dtype=torch.long, device=gd)
-    flip = torch.rand(n, generator=generator, device=gd) < 0.5 if config.flips else torch.zeros(n, dtype=torch.bool, device=gd)
+    k = (
+        torch.randint(0, 4, (n,), generator=generator, device=gd)
+        if config.rot90
+        else torch.zeros(n, dtype=torch.long, device=gd)
+    )
+    flip = (
+        torch.rand(n, generator=generator, device=gd) < 0.5
+        if config.flips
+        else torch.zeros(n, dtype=torch.bool, device=gd)
+    )
     zoom = None
     if config.scale > 0:
         a = min(config.scale * s, 0.9)

@@ -60,7 +60,10 @@ def mpp_from_resolution(value: float | None, unit: str | int | None) -> tuple[fl
             return None, f"resolution tags give an implausible {mpp:.4g} um/px"
         return mpp, "TIFF resolution tags (centimetre)"
     if name in {"2", "inch"}:
-        return None, f"the TIFF resolution tags say {float(value):g} dpi in inches, an image-software default, not the scan's"
+        return (
+            None,
+            f"the TIFF resolution tags say {float(value):g} dpi in inches, an image-software default, not the scan's",
+        )
     return None, "resolution tags have no unit"
 
 

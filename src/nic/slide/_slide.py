@@ -160,8 +160,7 @@ class Slide:
             "mpp_y": self.mpp[1],
             "mpp_source": self.mpp_source,
             "levels": [
-                {"width": lv.width, "height": lv.height, "downsample": round(lv.downsample, 4)}
-                for lv in self.levels
+                {"width": lv.width, "height": lv.height, "downsample": round(lv.downsample, 4)} for lv in self.levels
             ],
             "backend": self.backend,
         }
@@ -306,7 +305,7 @@ _DICOM_WSI_UID = b"1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
 def _dicom_kind(p: Path) -> str:
-    """"wsi" for a DICOM file of the whole-slide SOP class, "other" for another DICOM, "" else."""
+    """ "wsi" for a DICOM file of the whole-slide SOP class, "other" for another DICOM, "" else."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(1 << 16)
@@ -406,7 +405,8 @@ def _check_extent(p: Path, pages: list[Any | None]) -> None:
         ends = np.asarray(pg.dataoffsets, np.int64) + np.asarray(pg.databytecounts, np.int64)
         if len(ends) and int(ends.max()) > size:
             raise SlideError(
-                f"{p}: the file is truncated (tiles end at byte {int(ends.max())}, the file has {size}); copy the slide again"
+                f"{p}: the file is truncated (tiles end at byte {int(ends.max())}, the file has {size}); "
+                "copy the slide again"
             )
 
 
@@ -415,7 +415,8 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
     tif = _try_tiff(p)
     if (tif is None or not len(tif.pages)) and _tiff_magic(p):
         raise SlideError(
-            f"{p}: a TIFF file whose image directory is missing or cut off; the file is truncated or damaged, copy it again"
+            f"{p}: a TIFF file whose image directory is missing or cut off; the file is truncated or damaged, "
+            "copy it again"
         )
     if (tif is None or not len(tif.pages)) and _dicom_kind(p):
         what = (
@@ -423,7 +424,9 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
             if _dicom_kind(p) == "wsi"
             else "a DICOM file, but not a whole-slide image (nic reads DICOM VL Whole Slide Microscopy images)"
         )
-        raise SlideError(f"{p}: {what}; give the slide's WSI file, or export the slide as a conformant DICOM WSI or a tiled TIFF")
+        raise SlideError(
+            f"{p}: {what}; give the slide's WSI file, or export the slide as a conformant DICOM WSI or a tiled TIFF"
+        )
     if tif is None or not len(tif.pages):
         raise SlideError(
             f"{p}: not a slide nic can read (OpenSlide and tifffile both refused it); "
@@ -436,8 +439,7 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
         vendor = "ome-tiff" if tif.is_ome else "tiff"
         if tiled_rgb_page(base):
             pages = [lv.pages[0] for lv in series.levels if tiled_rgb_page(lv.pages[0])]
-            W, H = base.imagewidth, base.imagelength
-            levels = [Level(pg.imagewidth, pg.imagelength, W / pg.imagewidth) for pg in pages]
+            levels = [Level(pg.imagewidth, pg.imagelength, base.imagewidth / pg.imagewidth) for pg in pages]
             mpp_xy, source = _tiff_only_mpp(p, tif, mpp, vendor, props)
             _check_extent(p, pages)
             return Slide(p, TiffTileReader(p, levels, pages, None, tif), mpp_xy, source, vendor, props, "tiff")
@@ -474,7 +476,8 @@ def _open_plain(p: Path, mpp: float | tuple[float, float] | None) -> Slide:
         with Image.open(p) as img:
             if img.width * img.height > MAX_PLAIN_PIXELS:
                 raise SlideError(
-                    f"{p}: a plain image of {img.width}x{img.height} px is too large to hold whole; save it as a tiled pyramidal TIFF"
+                    f"{p}: a plain image of {img.width}x{img.height} px is too large to hold whole; "
+                    "save it as a tiled pyramidal TIFF"
                 )
             img.load()
             rgb = _as_rgb(p, np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB")))

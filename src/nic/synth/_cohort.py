@@ -136,14 +136,16 @@ def _patient_params(rng: np.random.Generator, cfg: CohortConfig) -> dict[str, fl
     }
 
 
-def _slide_layout(rng: np.random.Generator, rows: int, cols: int, pp: dict[str, Any],
-                  cfg: CohortConfig) -> Layout:
+def _slide_layout(rng: np.random.Generator, rows: int, cols: int, pp: dict[str, Any], cfg: CohortConfig) -> Layout:
     """Draw a layout for the patient parameters ``pp``, retrying when amounts do not fit."""
     tumour = pp["tumour"]
     for attempt in range(60):
         gp = GrowthParams(
-            tumour=tumour, necrosis=pp["necrosis"], extra_stroma=pp["extra_stroma"],
-            lymphocytes=pp["lymphocytes"], fat=pp["fat"],
+            tumour=tumour,
+            necrosis=pp["necrosis"],
+            extra_stroma=pp["extra_stroma"],
+            lymphocytes=pp["lymphocytes"],
+            fat=pp["fat"],
             nodules=int(rng.integers(1, 2 + max(1, rows * cols // 400))),
             coverage=float(rng.uniform(*cfg.coverage)),
         )
@@ -161,8 +163,9 @@ def _slide_layout(rng: np.random.Generator, rows: int, cols: int, pp: dict[str, 
     return layout
 
 
-def plan_cohort(n_slides: int, size: int | tuple[int, int], seed: int,
-                config: CohortConfig | None = None) -> list[SlidePlan]:
+def plan_cohort(
+    n_slides: int, size: int | tuple[int, int], seed: int, config: CohortConfig | None = None
+) -> list[SlidePlan]:
     """Draw patients, slide layouts and labels without writing anything.
 
     ``size`` is the level-0 size in pixels at 0.5 um/px (rounded up to whole 256-px tiles).
@@ -191,8 +194,9 @@ def plan_cohort(n_slides: int, size: int | tuple[int, int], seed: int,
         mit = sum(int(sp.layout.mitoses.sum()) for sp in sps)
         prolif[pid] = mit / (sum(tum) * TILE_MM2)
     pids = sorted(by_patient)
-    times, events = draw_survival(_rng(seed, 3), np.array([burden[p] for p in pids]),
-                                  cfg.hazard_per_burden, cfg.median_survival, cfg.censoring)
+    times, events = draw_survival(
+        _rng(seed, 3), np.array([burden[p] for p in pids]), cfg.hazard_per_burden, cfg.median_survival, cfg.censoring
+    )
     surv = {p: (float(t), int(e)) for p, t, e in zip(pids, times, events, strict=True)}
     for sp in plans:
         lay, pp = sp.layout, params[int(sp.patient_id.split("_")[1])]
@@ -206,8 +210,11 @@ def plan_cohort(n_slides: int, size: int | tuple[int, int], seed: int,
             "survival_event": surv[sp.patient_id][1],
             "tumour_burden": burden[sp.patient_id],
             "tumour_fraction": lay.count(TUMOUR) / n_tissue,
-            **{f"{c}_fraction": lay.count(i) / n_tissue for i, c in enumerate(CLASSES)
-               if c not in ("background", "tumour")},
+            **{
+                f"{c}_fraction": lay.count(i) / n_tissue
+                for i, c in enumerate(CLASSES)
+                if c not in ("background", "tumour")
+            },
             "mitoses": int(lay.mitoses.sum()),
             "tumour_tiles": lay.count(TUMOUR),
             "tissue_tiles": n_tissue,
@@ -255,8 +262,9 @@ def _dihedral(a: np.ndarray, t: int) -> np.ndarray:
     return np.ascontiguousarray(a[:, ::-1] if t >= 4 else a)
 
 
-def _slide_library(pool: TexturePool, stain: Stain, cfg: CohortConfig
-                   ) -> tuple[TileLibrary, dict[tuple[int, int], np.ndarray]]:
+def _slide_library(
+    pool: TexturePool, stain: Stain, cfg: CohortConfig
+) -> tuple[TileLibrary, dict[tuple[int, int], np.ndarray]]:
     """Encode the pool in one slide's staining; returns the library and entries per key."""
     tiles, halves, blank, keys = [], [], [], []
     for i, key in enumerate(pool.keys):
@@ -274,8 +282,7 @@ def _slide_library(pool: TexturePool, stain: Stain, cfg: CohortConfig
     return lib, {k: np.asarray(v) for k, v in groups.items()}
 
 
-def _entry_map(rng: np.random.Generator, layout: Layout,
-               groups: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+def _entry_map(rng: np.random.Generator, layout: Layout, groups: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
     """Library entry of every tile: a random variant of the tile's (class, mitoses)."""
     entries = np.zeros(layout.classes.shape, np.int64)
     for key, ids in groups.items():
@@ -300,8 +307,9 @@ def _init_worker(pool: TexturePool) -> None:
     _POOL = pool
 
 
-def _render(out: Path, sp: SlidePlan, seed: int, cfg: CohortConfig,
-            pool: TexturePool | None = None) -> tuple[Path, float]:
+def _render(
+    out: Path, sp: SlidePlan, seed: int, cfg: CohortConfig, pool: TexturePool | None = None
+) -> tuple[Path, float]:
     """Write one planned slide and its truth maps; returns (path, seconds)."""
     pool = pool or _POOL
     assert pool is not None
@@ -373,8 +381,7 @@ def make_cohort(
     pool = TexturePool.draw(seed, cfg)
     paths: list[Path] = []
     if workers > 1 and len(plans) > 1:
-        with ProcessPoolExecutor(min(workers, len(plans)), initializer=_init_worker,
-                                 initargs=(pool,)) as ex:
+        with ProcessPoolExecutor(min(workers, len(plans)), initializer=_init_worker, initargs=(pool,)) as ex:
             futures = [ex.submit(_render, out, sp, seed, cfg) for sp in plans]
             for i, fut in enumerate(futures):
                 paths.append(fut.result()[0])
@@ -388,8 +395,9 @@ def make_cohort(
     rows = [sp.row for sp in plans]
     labels = out / "labels.csv"
     write_labels(labels, rows)
-    write_legend(out, "procedural", seed, {"size": [plans[0].row["width"], plans[0].row["height"]],
-                                           "config": asdict(cfg)})
+    write_legend(
+        out, "procedural", seed, {"size": [plans[0].row["width"], plans[0].row["height"]], "config": asdict(cfg)}
+    )
     seconds = time.perf_counter() - t0
     logger.info("cohort of %d slides in %s (%.1f s)", len(paths), out, seconds)
     return Cohort(out, paths, labels, rows, seconds)

@@ -82,8 +82,9 @@ def tissue_shape(rng: np.random.Generator, rows: int, cols: int, coverage: float
     return ndi.binary_fill_holes(mask) & inner
 
 
-def place_field(rng: np.random.Generator, candidates: np.ndarray, n: int,
-                sigma: float | tuple[float, float]) -> np.ndarray:
+def place_field(
+    rng: np.random.Generator, candidates: np.ndarray, n: int, sigma: float | tuple[float, float]
+) -> np.ndarray:
     """Choose ``n`` tiles among ``candidates`` (bool map) where a smooth random field peaks.
 
     A small isotropic ``sigma`` gives blobs; an anisotropic one gives bands.  Raises
@@ -118,8 +119,7 @@ class GrowthParams:
     coverage: float
 
 
-def growth_layout(rng: np.random.Generator, rows: int, cols: int, p: GrowthParams,
-                  desmoplastic: bool) -> Layout:
+def growth_layout(rng: np.random.Generator, rows: int, cols: int, p: GrowthParams, desmoplastic: bool) -> Layout:
     """Draw a layout with tumour nodules, then make it desmoplastic or replacement.
 
     Both variants are built from the same draw (the ``rng`` state is consumed

@@ -90,8 +90,9 @@ def _load_tile(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({e}); remove it from the labels CSV") from e
 
 
-def _arrangement(rng: np.random.Generator, rows: int, cols: int, tumour_fraction: float,
-                 coverage: float, clustered: bool) -> Layout:
+def _arrangement(
+    rng: np.random.Generator, rows: int, cols: int, tumour_fraction: float, coverage: float, clustered: bool
+) -> Layout:
     """Tissue with ``tumour_fraction`` of its tiles tumour, in one nodule or scattered."""
     tissue = tissue_shape(rng, rows, cols, coverage)
     depth = ndi.distance_transform_cdt(np.pad(tissue, 1), metric="chessboard")[1:-1, 1:-1]
@@ -204,21 +205,37 @@ def make_mosaic_cohort(
     params: list[dict[str, Any]] = []
     for p in range(max(owner) + 1):
         r = _rng(seed, 22, p)
-        params.append({
-            "clustered": int(r.integers(2)),
-            "tumour_fraction": float(r.uniform(*cfg.tumour_fraction)),
-            "tumour_label": cfg.tumour[int(r.integers(len(cfg.tumour)))],
-        })
+        params.append(
+            {
+                "clustered": int(r.integers(2)),
+                "tumour_fraction": float(r.uniform(*cfg.tumour_fraction)),
+                "tumour_label": cfg.tumour[int(r.integers(len(cfg.tumour)))],
+            }
+        )
     layouts: list[Layout] = []
     for i, p in enumerate(owner):
         r = _rng(seed, 23, i)
-        layouts.append(_arrangement(r, rows_, cols_, params[p]["tumour_fraction"],
-                                    float(r.uniform(*cfg.coverage)), bool(params[p]["clustered"])))
+        layouts.append(
+            _arrangement(
+                r,
+                rows_,
+                cols_,
+                params[p]["tumour_fraction"],
+                float(r.uniform(*cfg.coverage)),
+                bool(params[p]["clustered"]),
+            )
+        )
     fractions = [lay.count(TUMOUR) / lay.tissue for lay in layouts]
-    burden = {p: float(np.mean([f for f, o in zip(fractions, owner, strict=True) if o == p]))
-              for p in range(len(params))}
-    times, events = draw_survival(_rng(seed, 24), np.array([burden[p] for p in range(len(params))]),
-                                  cfg.hazard_per_burden, cfg.median_survival, cfg.censoring)
+    burden = {
+        p: float(np.mean([f for f, o in zip(fractions, owner, strict=True) if o == p])) for p in range(len(params))
+    }
+    times, events = draw_survival(
+        _rng(seed, 24),
+        np.array([burden[p] for p in range(len(params))]),
+        cfg.hazard_per_burden,
+        cfg.median_survival,
+        cfg.censoring,
+    )
     written: list[Path] = []
     rows: list[dict[str, Any]] = []
     for i, (p, lay) in enumerate(zip(owner, layouts, strict=True)):
@@ -232,38 +249,52 @@ def make_mosaic_cohort(
         entries.flat[cells] = normal[r.integers(len(normal), size=len(cells))]
         slide_id, patient_id = f"slide_{i:04d}", f"patient_{p:04d}"
         path = out / "slides" / f"{slide_id}.tiff"
-        write_pyramid(path, entries, lib, mpp=MPP, quality=cfg.quality,
-                      description=f"nic.synth mosaic slide {slide_id}; patient {patient_id}; seed {seed}; mpp {MPP}")
+        write_pyramid(
+            path,
+            entries,
+            lib,
+            mpp=MPP,
+            quality=cfg.quality,
+            description=f"nic.synth mosaic slide {slide_id}; patient {patient_id}; seed {seed}; mpp {MPP}",
+        )
         from PIL import Image
 
         Image.fromarray(lay.classes).save(out / "truth" / f"{slide_id}.classes.png")
         Image.fromarray(lay.mitoses).save(out / "truth" / f"{slide_id}.mitoses.png")
         written.append(path)
-        rows.append({
-            "slide": slide_id,
-            "patient": patient_id,
-            "clustered": params[p]["clustered"],
-            "tumour_label": params[p]["tumour_label"],
-            "tumour_fraction": fractions[i],
-            "tumour_burden": burden[p],
-            "survival_time": float(times[p]),
-            "survival_event": int(events[p]),
-            "tumour_contact": tumour_contact(lay.classes),
-            "tumour_tiles": lay.count(TUMOUR),
-            "tissue_tiles": lay.tissue,
-            "width": cols_ * TILE,
-            "height": rows_ * TILE,
-        })
+        rows.append(
+            {
+                "slide": slide_id,
+                "patient": patient_id,
+                "clustered": params[p]["clustered"],
+                "tumour_label": params[p]["tumour_label"],
+                "tumour_fraction": fractions[i],
+                "tumour_burden": burden[p],
+                "survival_time": float(times[p]),
+                "survival_event": int(events[p]),
+                "tumour_contact": tumour_contact(lay.classes),
+                "tumour_tiles": lay.count(TUMOUR),
+                "tissue_tiles": lay.tissue,
+                "width": cols_ * TILE,
+                "height": rows_ * TILE,
+            }
+        )
         if progress:
             progress(i + 1, len(owner))
     labels_out = out / "labels.csv"
     write_labels(labels_out, rows)
-    write_legend(out, "mosaic", seed, {
-        "size": [cols_ * TILE, rows_ * TILE], "tiles": str(tiles), "tile_labels": str(labels),
-        "config": asdict(cfg),
-        "note": "truth class ids: 0 background, 1 tumour tile, 3 normal tile",
-    })
+    write_legend(
+        out,
+        "mosaic",
+        seed,
+        {
+            "size": [cols_ * TILE, rows_ * TILE],
+            "tiles": str(tiles),
+            "tile_labels": str(labels),
+            "config": asdict(cfg),
+            "note": "truth class ids: 0 background, 1 tumour tile, 3 normal tile",
+        },
+    )
     seconds = time.perf_counter() - t0
     logger.info("mosaic cohort of %d slides in %s (%.1f s)", len(written), out, seconds)
     return Cohort(out, written, labels_out, rows, seconds)
-

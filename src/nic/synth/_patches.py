@@ -61,8 +61,9 @@ def _write_csv(path: Path, rows: list[tuple[str, float | int | str]]) -> None:
         w.writerows((*r, str(i)) for i, r in enumerate(rows))
 
 
-def make_patch_datasets(out: str | Path, n: int = 200, seed: int = 0, *, size: int = 128,
-                        overwrite: bool = False) -> PatchDatasets:
+def make_patch_datasets(
+    out: str | Path, n: int = 200, seed: int = 0, *, size: int = 128, overwrite: bool = False
+) -> PatchDatasets:
     """Write the tissue-type, nuclei-density and mitosis datasets under ``out``.
 
     ``n`` patches per tissue class for tissue type, ``n`` patches for nuclei density and

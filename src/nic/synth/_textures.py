@@ -99,8 +99,9 @@ class Drawing:
 # -- noise ---------------------------------------------------------------------------------
 
 
-def _noise(rng: np.random.Generator, size: int, sigma: float, along: float | None = None,
-           angle: float = 0.0) -> np.ndarray:
+def _noise(
+    rng: np.random.Generator, size: int, sigma: float, along: float | None = None, angle: float = 0.0
+) -> np.ndarray:
     """Smooth periodic noise (size, size) with unit standard deviation.
 
     ``sigma`` is the correlation length in pixels; with ``along`` the noise is stretched
@@ -122,8 +123,9 @@ def _noise(rng: np.random.Generator, size: int, sigma: float, along: float | Non
     return out / sd if sd > 0 else out
 
 
-def _jittered_grid(rng: np.random.Generator, size: int, spacing: float, jitter: float,
-                   margin: float = 0.0) -> np.ndarray:
+def _jittered_grid(
+    rng: np.random.Generator, size: int, spacing: float, jitter: float, margin: float = 0.0
+) -> np.ndarray:
     """Points (n, 2) as (x, y) on a jittered square grid covering [-margin, size+margin)."""
     start = -margin + rng.uniform(0, spacing)
     ticks = np.arange(start, size + margin, spacing, dtype=np.float32)
@@ -175,8 +177,7 @@ def _stamp(
     if irregular >= 0.06 and rng is not None:
         phi = np.arctan2(v, u)
         bound = 1.0 + sum(
-            irregular * rng.uniform(0.3, 1.0) * np.cos(k * phi + rng.uniform(0, 2 * math.pi))
-            for k in (2, 3, 5)
+            irregular * rng.uniform(0.3, 1.0) * np.cos(k * phi + rng.uniform(0, 2 * math.pi)) for k in (2, 3, 5)
         )
     mask = np.clip((bound - rho) * max(a, b) / edge + 0.5, 0.0, 1.0).astype(np.float32)
     sl = (slice(y0, y1), slice(x0, x1))
@@ -196,9 +197,20 @@ def _chromatin(rng: np.random.Generator, size: int, coarse: float = 1.0) -> np.n
     return np.clip(1.0 + 0.28 * _noise(rng, size, 1.0 * coarse), 0.45, 1.6)
 
 
-def _nucleus(h: np.ndarray, e: np.ndarray, rng: np.random.Generator, cx: float, cy: float,
-             a: float, b: float, theta: float, value: float, irregular: float,
-             texture: np.ndarray, clear: float = 0.55) -> None:
+def _nucleus(
+    h: np.ndarray,
+    e: np.ndarray,
+    rng: np.random.Generator,
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    theta: float,
+    value: float,
+    irregular: float,
+    texture: np.ndarray,
+    clear: float = 0.55,
+) -> None:
     """A nucleus: haematoxylin added, eosin partly cleared under it."""
     res = _stamp(h, cx, cy, a, b, theta, value, rng, irregular, texture=texture)
     if res is not None:
@@ -226,8 +238,9 @@ def _tumour(rng: np.random.Generator, size: int) -> Drawing:
         big = rng.random() < 0.06
         a = rng.uniform(8.5, 13.0) * (1.5 if big else 1.0)
         b = a * rng.uniform(0.65, 0.95)
-        _nucleus(h, e, rng, cx, cy, a, b, rng.uniform(0, math.pi), base * rng.uniform(0.8, 1.25),
-                 rng.uniform(0.08, 0.2), tex)
+        _nucleus(
+            h, e, rng, cx, cy, a, b, rng.uniform(0, math.pi), base * rng.uniform(0.8, 1.25), rng.uniform(0.08, 0.2), tex
+        )
         if rng.random() < 0.6:  # prominent nucleolus
             _stamp(h, cx + rng.normal(0, 2), cy + rng.normal(0, 2), 2.0, 1.7, 0.0, 0.7)
     return Drawing(np.clip(h, 0, None), np.clip(e, 0, None), _inside(pts, size), 0)
@@ -263,8 +276,19 @@ def _mitosis(h: np.ndarray, e: np.ndarray, rng: np.random.Generator, cx: float, 
                 blobs.append((cx + t * c - off * s, cy + t * s + off * c))
     for bx, by in blobs:
         a = rng.uniform(1.8, 3.2)
-        _stamp(h, bx, by, a, a * rng.uniform(0.6, 1.0), rng.uniform(0, math.pi),
-               rng.uniform(1.6, 2.3), rng, 0.15, edge=0.8, mode="max")
+        _stamp(
+            h,
+            bx,
+            by,
+            a,
+            a * rng.uniform(0.6, 1.0),
+            rng.uniform(0, math.pi),
+            rng.uniform(1.6, 2.3),
+            rng,
+            0.15,
+            edge=0.8,
+            mode="max",
+        )
 
 
 def _lymphocytes(rng: np.random.Generator, size: int) -> Drawing:
@@ -276,8 +300,7 @@ def _lymphocytes(rng: np.random.Generator, size: int) -> Drawing:
     tex = _chromatin(rng, size, coarse=0.8)
     for cx, cy in pts:
         r = rng.uniform(5.0, 6.8)
-        _nucleus(h, e, rng, cx, cy, r, r * rng.uniform(0.85, 1.0), 0.0, rng.uniform(1.25, 1.6),
-                 0.05, tex, clear=0.7)
+        _nucleus(h, e, rng, cx, cy, r, r * rng.uniform(0.85, 1.0), 0.0, rng.uniform(1.25, 1.6), 0.05, tex, clear=0.7)
     return Drawing(np.clip(h, 0, None), np.clip(e, 0, None), _inside(pts, size), 0)
 
 
@@ -311,8 +334,7 @@ def _normal(rng: np.random.Generator, size: int) -> Drawing:
         for nx, ny in centres:
             nx, ny = nx + rng.normal(0, 1.2), ny + rng.normal(0, 1.2)
             r = rng.uniform(5.5, 7.0)
-            _nucleus(h, e, rng, nx, ny, r, r * rng.uniform(0.9, 1.0), 0.0, rng.uniform(0.7, 0.85),
-                     0.03, tex, clear=0.4)
+            _nucleus(h, e, rng, nx, ny, r, r * rng.uniform(0.9, 1.0), 0.0, rng.uniform(0.7, 0.85), 0.03, tex, clear=0.4)
             _stamp(h, nx, ny, 1.6, 1.6, 0.0, 0.55)
             count += int(0 <= nx < size and 0 <= ny < size)
     return Drawing(np.clip(h, 0, None), np.clip(e, 0, None), count, 0)
@@ -331,8 +353,20 @@ def _stroma(rng: np.random.Generator, size: int) -> Drawing:
     xy = rng.uniform(0, size, (n, 2))
     for cx, cy in xy:
         a = rng.uniform(7.0, 11.0)
-        _nucleus(h, e, rng, cx, cy, a, rng.uniform(1.8, 2.8), angle + rng.normal(0, 0.15),
-                 rng.uniform(0.9, 1.2), 0.05, tex, clear=0.5)
+        _nucleus(
+            h,
+            e,
+            rng,
+            cx,
+            cy,
+            a,
+            rng.uniform(1.8, 2.8),
+            angle + rng.normal(0, 0.15),
+            rng.uniform(0.9, 1.2),
+            0.05,
+            tex,
+            clear=0.5,
+        )
     return Drawing(np.clip(h, 0, None), np.clip(e, 0, None), n, 0)
 
 
@@ -349,8 +383,19 @@ def _fat(rng: np.random.Generator, size: int) -> Drawing:
     if len(edge_pixels):
         for _ in range(int(rng.integers(0, max(1, 4 * (size // 128))))):
             py, px = edge_pixels[rng.integers(len(edge_pixels))]
-            _nucleus(h, e, rng, float(px), float(py), rng.uniform(5, 7), 1.8, rng.uniform(0, math.pi),
-                     0.9, 0.0, np.ones_like(h))
+            _nucleus(
+                h,
+                e,
+                rng,
+                float(px),
+                float(py),
+                rng.uniform(5, 7),
+                1.8,
+                rng.uniform(0, math.pi),
+                0.9,
+                0.0,
+                np.ones_like(h),
+            )
             count += 1
     return Drawing(np.clip(h, 0, None), np.clip(e, 0, None), count, 0)
 
@@ -369,8 +414,17 @@ def _necrosis(rng: np.random.Generator, size: int) -> Drawing:
         ccx, ccy = rng.uniform(0, size, 2)
         for _ in range(int(rng.integers(4, 14))):
             a = rng.uniform(0.8, 2.4)
-            _stamp(h, ccx + rng.normal(0, 9), ccy + rng.normal(0, 9), a, a, 0.0,
-                   rng.uniform(0.8, 1.4), edge=0.7, mode="max")
+            _stamp(
+                h,
+                ccx + rng.normal(0, 9),
+                ccy + rng.normal(0, 9),
+                a,
+                a,
+                0.0,
+                rng.uniform(0.8, 1.4),
+                edge=0.7,
+                mode="max",
+            )
     return Drawing(np.clip(h, 0, None), np.clip(e, 0, None), 0, 0)
 
 
@@ -385,8 +439,7 @@ _DRAW = {
 }
 
 
-def draw_tile(cls: str, rng: np.random.Generator, size: int = 256, mitoses: int = 0,
-              margin: int = 16) -> Drawing:
+def draw_tile(cls: str, rng: np.random.Generator, size: int = 256, mitoses: int = 0, margin: int = 16) -> Drawing:
     """Draw one texture of class ``cls`` (a name in :data:`CLASSES`), ``size`` x ``size`` px.
 
     ``mitoses`` mitosis-like figures (each about 20 px across) are drawn with their centre

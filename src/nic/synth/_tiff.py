@@ -39,7 +39,10 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
     return bytes(
         imagecodecs.jpeg8_encode(
-            np.ascontiguousarray(rgb), level=quality, colorspace="RGB", outcolorspace="YCBCR",
+            np.ascontiguousarray(rgb),
+            level=quality,
+            colorspace="RGB",
+            outcolorspace="YCBCR",
             subsampling=(2, 2),
         )
     )
@@ -67,8 +70,9 @@ class TileLibrary:
     _pyramid: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_tiles(cls, tiles: list[np.ndarray], blank: list[bool], quality: int,
-                   half: list[np.ndarray] | None = None) -> TileLibrary:
+    def from_tiles(
+        cls, tiles: list[np.ndarray], blank: list[bool], quality: int, half: list[np.ndarray] | None = None
+    ) -> TileLibrary:
         """Encode RGB uint8 tiles (256, 256, 3) once.
 
         ``half`` may give the tiles' 2x area downsamples (128, 128, 3) when known.
@@ -148,8 +152,13 @@ def write_pyramid(
     res_cm = 1e4 / mpp
     encoded = 0
     common = dict(
-        dtype=np.uint8, tile=(TILE, TILE), compression="jpeg", photometric="rgb",
-        subsampling=(2, 2), resolutionunit="CENTIMETER", metadata=None,
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        compression="jpeg",
+        photometric="rgb",
+        subsampling=(2, 2),
+        resolutionunit="CENTIMETER",
+        metadata=None,
     )
 
     def level0() -> Iterator[bytes]:
@@ -180,14 +189,19 @@ def write_pyramid(
         for k, (w, h) in enumerate(sizes):
             data = level0() if k == 0 else lower(k)
             tif.write(
-                data, shape=(h, w, 3), resolution=(res_cm / 2**k, res_cm / 2**k),
-                subfiletype=1 if k else 0, description=description if k == 0 else None,
-                software="nic.synth", **common,  # type: ignore[arg-type]
+                data,
+                shape=(h, w, 3),
+                resolution=(res_cm / 2**k, res_cm / 2**k),
+                subfiletype=1 if k else 0,
+                description=description if k == 0 else None,
+                software="nic.synth",
+                **common,  # type: ignore[arg-type]
             )
     seconds = time.perf_counter() - t0
     size = path.stat().st_size
-    logger.info("wrote %s: %dx%d px, %d levels, %.1f MB in %.1f s", path, width, height,
-                len(sizes), size / 1e6, seconds)
+    logger.info(
+        "wrote %s: %dx%d px, %d levels, %.1f MB in %.1f s", path, width, height, len(sizes), size / 1e6, seconds
+    )
     return WriteStats(path, size, sizes, seconds, encoded)
 
 
