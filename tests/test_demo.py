@@ -20,7 +20,7 @@ def test_demo_runs_every_stage(tmp_path):
     )
     summary = run_demo(out, cfg, say=lines.append)
     stages = summary["stages"]
-    assert list(stages) == ["cohort", "inspect", "grid", "encoder", "compress", "learn"]
+    assert list(stages) == ["cohort", "inspect", "grid", "encoder", "compress", "learn", "explain"]
     assert len(stages["cohort"]["slides"]) == 10
     assert stages["grid"]["grid_shape"] == [32, 32]
     assert (out / "tissue_overlay.png").is_file() and (out / "compressed_slide.png").is_file()
@@ -29,6 +29,11 @@ def test_demo_runs_every_stage(tmp_path):
     assert "spearman" in stages["learn"]["proliferation"] and "c_index" in stages["learn"]["survival"]
     for task in ("proliferation", "growth_pattern", "survival"):
         assert (out / "runs" / task / "metrics.json").is_file()
+    for task in ("proliferation", "growth_pattern", "survival"):
+        report = (out / "reports" / f"{task}.html").read_text()
+        assert "<h2>Metrics</h2>" in report and "<h2>Heatmaps</h2>" in report and "data:image/png;base64" in report
+        assert len(list((out / "heatmaps" / task).glob("*.heatmap.tiff"))) == 2
+    assert "Kaplan-Meier" in (out / "reports" / "survival.html").read_text()
     assert json.loads((out / "summary.json").read_text())["stages"]["grid"]["grid_shape"] == [32, 32]
     assert any("summary:" in line for line in lines)
 
@@ -37,3 +42,4 @@ def test_demo_refuses_a_folder_with_results(tmp_path):
     (tmp_path / "old.txt").write_text("results\\n")
     r = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "not empty" in r.stderr
+

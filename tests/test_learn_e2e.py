@@ -15,13 +15,7 @@ from nic.learn import FitConfig, LabelSpec, auc, c_index, fit_model, load_cohort
 from nic.learn._planted import PlantedCohort, make_planted_cohort
 from nic.learn.data import open_sources
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: 1 thread is ~10x faster than 2 on busy shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from nic.learn import FitConfig, LabelSpec, SlideModel, fit_model, load_cohort
 from nic.learn._planted import PlantedCohort, make_planted_cohort
 from nic.learn.data import Cohort, SlideSource, open_sources
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from nic.errors import DataError
 from nic.learn import ModelSpec, SlideModel, create_model, list_models
 from nic.learn.models import nic_cnn_strides
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: more threads only add contention on 2 shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_the_three_models() -> None:

@@ -25,12 +25,7 @@ from nic.store import StoreAttrs, create_store, mark_complete, open_store, store
 FAST = {"epochs": 2, "width": 8, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +280,17 @@ def test_compress_checks_the_output_folder_before_any_slide(tmp_path: Path, monk
     with pytest.raises(StoreError, match=r"cannot write in .*Permission denied.*--out"):
         compress_slides([tmp_path / "missing.tif"], tmp_path / "enc", tmp_path / "ro" / "out")
     assert not (tmp_path / "ro").exists()
+
+
+def test_predictions_carry_the_spread_over_views_and_folds(cohort: PlantedCohort, run: Path) -> None:
+    oof = pd.read_csv(run / "predictions.csv")
+    assert (oof["spread"] >= 0).all() and oof["spread"].gt(0).any()
+    r = load_run(run)
+    src = open_sources(sorted(cohort.stores.glob("*.zarr"))[:3])
+    fit = r.config["fit"]
+    views = [
+        [m.predict_views([s], fit["tta_crops"], fit["tta_variants"], fit["seed"])[0] for m in r.models] for s in src
+    ]
+    by_hand = [np.concatenate([m.to_prediction(v) for m, v in zip(r.models, vs)]).std() for vs in views]
+    shown = predict_run(run, cohort.stores).set_index("slide").loc[[s.slide_id for s in src], "spread"]
+    np.testing.assert_allclose(shown.to_numpy(), by_hand, rtol=1e-6)

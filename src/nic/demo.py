@@ -4,8 +4,9 @@ Stages: generate a cohort of slides with known labels; inspect one slide (info, 
 lay the patch grids; generate labelled patch datasets and train a small supervised
 multitask encoder on them; compress every slide with that encoder and draw one
 compressed slide; train and cross-validate slide-level models for the three label kinds
-(regression, binary, survival).  Each stage writes under ``out`` and reports what it
-made through ``say`` (one line per result).
+(regression, binary, survival); draw where each run's evidence lies (heatmaps) and write
+one HTML report per run.  Each stage writes under ``out`` and reports what it made through
+``say`` (one line per result).
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Size of the demo: slides, their side in level-0 pixels at 0.5 um/px, and the seed."""
+    """Size of the demo: slides, their side in level-0 pixels at 0.5 um/px, and the seed.
+
+    ``encoder_method`` ``multitask`` trains the supervised encoder on generated patch
+    datasets; ``vae``, ``contrastive`` or ``bigan`` train that unsupervised encoder on
+    ``unsupervised_patches`` patches (pairs) sampled from the cohort's slides instead.
+    """
 
     slides: int = 36
     size: int = 4096
     seed: int = 0
     patches_per_class: int = 120
     encoder_epochs: int = 2
+    encoder_method: str = "multitask"
+    unsupervised_patches: int = 1500
     slide_epochs: int = 25
     folds: int = 3
     workers: int = 2
@@ -59,9 +67,10 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     cohort = stage("cohort", lambda: _cohort(out, config, say))
     stage("inspect", lambda: _inspect(out, Path(cohort["slides"][0]), say))
     stage("grid", lambda: _grids([Path(p) for p in cohort["slides"]], say))
-    enc = stage("encoder", lambda: _encoder(out, config, say))
+    enc = stage("encoder", lambda: _encoder(out, config, say, cohort["slides"]))
     stage("compress", lambda: _compress(out, cohort["slides"], enc["encoder"], config, say))
     stage("learn", lambda: _learn(out, Path(cohort["labels"]), config, say))
+    stage("explain", lambda: _explain(out, say))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(f"summary: {out / 'summary.json'}")
     return summary
@@ -115,9 +124,26 @@ def _grids(paths: list[Path], say: Callable[[str], None]) -> dict[str, Any]:
     return {"grid_shape": list(g.shape), "tissue_cells": cells}
 
 
-def _encoder(out: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+def _encoder(out: Path, config: DemoConfig, say: Callable[[str], None], slides: list[str]) -> dict[str, Any]:
     from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
     from nic.synth import make_patch_datasets
+
+    if config.encoder_method != "multitask":
+        from nic.encoder_training._unsupervised import UnsupervisedConfig, train_unsupervised
+
+        ucfg = UnsupervisedConfig(
+            method=config.encoder_method,
+            slides=tuple(slides),
+            patches=config.unsupervised_patches,
+            val_patches=min(256, max(16, config.unsupervised_patches // 8)),
+            epochs=config.encoder_epochs,
+            seed=config.seed,
+            progress=False,
+        )
+        result = train_unsupervised(ucfg, out / "encoder_run")
+        say(f"  {config.encoder_method} nic-cnn on {len(slides)} slides, {result.epochs} epochs")
+        say(f"  preview: {out / 'encoder_run' / 'preview.png'}; encoder: {result.encoder_path}")
+        return {"encoder": str(result.encoder_path), "metrics": result.metrics}
 
     ds = make_patch_datasets(out / "patches", n=config.patches_per_class, seed=config.seed)
     say(f"  patch datasets (tissue type, nuclei density, mitosis): {ds.out}")
@@ -178,3 +204,20 @@ def _learn(out: Path, labels: Path, config: DemoConfig, say: Callable[[str], Non
         say(f"    {run / 'metrics.json'}, {run / 'predictions.csv'}")
         results[name] = res.metrics
     return results
+
+
+def _explain(out: Path, say: Callable[[str], None], n_slides: int = 2) -> dict[str, Any]:
+    from nic.explain import write_heatmaps, write_report
+    from nic.learn import load_run
+    from nic.learn.data import open_sources
+    from nic.store import list_stores
+
+    sources = open_sources(list_stores(out / "compressed")[:n_slides])
+    made: dict[str, Any] = {}
+    for name in ("proliferation", "growth_pattern", "survival"):
+        run_dir = out / "runs" / name
+        records = write_heatmaps(load_run(run_dir), sources, out / "heatmaps" / name)
+        report = write_report(run_dir, out / "reports" / f"{name}.html")
+        say(f"  {name}: heatmaps ({records[0]['method']}) {out / 'heatmaps' / name}; report {report}")
+        made[name] = {"heatmaps": records, "report": str(report)}
+    return made

@@ -119,7 +119,8 @@ class EncoderIdentity:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def diff(self, other: EncoderIdentity) -> list[str]:
-        """What differs, as ``"field X (other: Y)"`` phrases (empty when equal)."""
+        """What differs, as ``"field X (not Y)"`` phrases (empty when equal); checksums are
+        shortened to their first 12 hex digits."""
         labels = {"name": "encoder", "checksum": "weights sha256", "mpp": "um/px", "patch": "patch px",
                   "code_size": "code size", "variants": "variants", "random_init": "random init",
                   "random_seed": "random seed"}  # fmt: skip
@@ -127,20 +128,27 @@ class EncoderIdentity:
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if a != b:
-                short = lambda v: v[:12] if isinstance(v, str) and len(v) > 12 else v  # noqa: E731
-                out.append(f"{labels[f.name]} {short(a)!r} (not {short(b)!r})")
+                if f.name == "checksum":
+                    a, b = a[:12], b[:12]
+                out.append(f"{labels[f.name]} {a!r} (not {b!r})")
         return out
 
     def describe(self) -> str:
-        weights = (
-            "random init" + (f" seed {self.random_seed}" if self.random_seed is not None else "")
-            if self.random_init
-            else (f"weights {self.checksum[:12]}" if self.checksum else "no weight checksum")
-        )
-        dihedral = ", 8 dihedral variants" if self.variants == 8 else ""
-        return (
-            f"{self.name or '?'} ({weights}, {self.mpp} um/px, {self.patch} px, code size {self.code_size}{dihedral})"
-        )
+        """One line for messages: name, weights, um/px, patch, code size, variants."""
+        if self.random_init:
+            weights = "random init" + (f" seed {self.random_seed}" if self.random_seed is not None else "")
+        else:
+            weights = f"weights {self.checksum[:12]}" if self.checksum else "no weight checksum"
+        parts = [weights]
+        if self.mpp is not None:
+            parts.append(f"{self.mpp:g} um/px")
+        if self.patch is not None:
+            parts.append(f"{self.patch} px")
+        if self.code_size is not None:
+            parts.append(f"code size {self.code_size}")
+        if self.variants == 8:
+            parts.append("8 dihedral variants")
+        return f"{self.name or 'an unnamed encoder'} ({', '.join(parts)})"
 
 
 def _pair(v: Any, kind: type = float) -> tuple[Any, Any] | None:

@@ -35,6 +35,7 @@ __all__ = [
     "crop_weights",
     "sample_crop_origin",
     "dihedral",
+    "dihedral_inverse",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,6 +330,14 @@ def dihedral(a: np.ndarray, k: int) -> np.ndarray:
     if k >= 4:
         a = a[..., ::-1]
     return np.rot90(a, k % 4, axes=(-2, -1))
+
+
+def dihedral_inverse(a: np.ndarray, k: int) -> np.ndarray:
+    """Undo :func:`dihedral`: ``dihedral_inverse(dihedral(a, k), k) == a``."""
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral index must be 0..7, got {k}")
+    a = np.rot90(a, -(k % 4), axes=(-2, -1))
+    return a[..., ::-1] if k >= 4 else a
 
 
 @dataclass

@@ -86,7 +86,10 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def _prediction_frame(cohort: Cohort, pidx: np.ndarray, pred: np.ndarray, fold: np.ndarray | None):  # -> DataFrame
+def _prediction_frame(cohort: Cohort, pidx: np.ndarray, pred: np.ndarray, fold: np.ndarray | None,
+                      spread: np.ndarray | None = None):  # fmt: skip  # -> DataFrame
+    """One row per patient; ``spread``: the standard deviation of the prediction over the
+    test views (crops x dihedral variants) of the patient's slides."""
     import pandas as pd
 
     d: dict[str, Any] = {"patient": [cohort.patients[i] for i in pidx]}
@@ -107,7 +110,14 @@ def _prediction_frame(cohort: Cohort, pidx: np.ndarray, pred: np.ndarray, fold: 
             for k, c in enumerate(cohort.classes):
                 d[f"prob_{c}"] = pred[:, k]
             d["prediction"] = [cohort.classes[c] for c in pred.argmax(1)]
+    if spread is not None:
+        d["spread"] = spread
     return pd.DataFrame(d)
+
+
+def _views_of_patients(views: list[np.ndarray], slide_patient: np.ndarray, patients: np.ndarray) -> list[np.ndarray]:
+    """Per patient (in ``patients`` order) the views (V, n_out) of all its slides, stacked."""
+    return [np.concatenate([v for v, sp in zip(views, slide_patient) if sp == p]) for p in patients]
 
 
 def _per_fold_prediction(models: list[SlideModel], raw: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
@@ -175,6 +185,7 @@ def _train_cv(
     n_p = len(cohort.patients)
     oof_raw = np.full((n_p, cohort.n_outputs), np.nan)
     fold_of = np.full(n_p, -1)
+    spread = np.full(n_p, np.nan)
     models, hists = [], []
     per_fold: dict[str, list[float]] = {m: [] for m in TASK_METRICS[cohort.task]}
     for k, (train_p, test_p) in enumerate(folds):
@@ -182,8 +193,11 @@ def _train_cv(
         fit_cfg = FitConfig(**{**asdict(cfg), "crop": crop})
         model, hist = fit_model(cohort, sources, fit_p, val_p, fit_cfg, cfg.seed * 1000 + k)
         test_s = cohort.slides_of(test_p)
-        raw = model.predict_raw([sources[i] for i in test_s], cfg.tta_crops, cfg.tta_variants, cfg.seed)
+        views = model.predict_views([sources[i] for i in test_s], cfg.tta_crops, cfg.tta_variants, cfg.seed)
+        raw = np.stack([v.mean(0) for v in views])
         oof_raw[test_p] = patient_mean(raw, cohort.slide_patient[test_s], test_p)
+        pv = _views_of_patients(views, cohort.slide_patient[test_s], test_p)
+        spread[test_p] = [model.spread(v) for v in pv]
         fold_of[test_p] = k
         for m, v in _metrics(cohort, test_p, model.to_prediction(oof_raw[test_p])).items():
             per_fold[m].append(v)
@@ -206,7 +220,9 @@ def _train_cv(
         for k in range(len(folds)):
             sel = fold_of == k
             r = oof_raw[sel]
-            oof_raw[sel] = (r - r.mean(axis=0)) / (r.std(axis=0) + 1e-12)
+            scale = r.std(axis=0) + 1e-12
+            oof_raw[sel] = (r - r.mean(axis=0)) / scale
+            spread[sel] /= scale[0]
     # each fold's model converts its own outputs (its own target scaling)
     pred = _per_fold_prediction(models, oof_raw, fold_of)
     pooled = _metrics(cohort, allp, pred)
@@ -215,7 +231,7 @@ def _train_cv(
     for m, v in pooled.items():
         lo, hi = bootstrap_ci(m, cohort.y, pred, t, config.n_bootstrap, seed=cfg.seed)
         metrics[m] = {"value": v, "ci95": [lo, hi], "folds": per_fold[m]}
-    frame = _prediction_frame(cohort, allp, pred, fold_of)
+    frame = _prediction_frame(cohort, allp, pred, fold_of, spread)
     if out is not None:
         frame.to_csv(out / "predictions.csv", index=False)
         (out / "folds.json").write_text(
@@ -270,7 +286,8 @@ def load_run(run: str | Path) -> Run:
     return Run(run, cfg, models, EncoderIdentity.from_json(enc) if isinstance(enc, dict) else None)
 
 
-def _check_run_encoder(run: Run, sources: list[SlideSource], compressed: Path) -> None:
+def check_run_encoder(run: Run, sources: list[SlideSource], compressed: Path) -> None:
+    """A :class:`DataError` unless ``sources`` hold codes of the encoder ``run`` was trained on."""
     have = sources[0].encoder
     if run.encoder is None:
         if have.code_size != run.config.get("code_size"):
@@ -309,7 +326,7 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
     if not paths:
         raise DataError(f"{compressed}: no compressed slides (*.zarr) found")
     sources: list[SlideSource] = open_sources(paths, folder=compressed)
-    _check_run_encoder(r, sources, compressed)
+    check_run_encoder(r, sources, compressed)
     empty = [s.slide_id for s in sources if not s.tissue.any()]
     if empty:
         logger.warning("%d slide(s) in %s have no tissue cells and get no prediction: %s%s", len(empty), compressed,
@@ -340,12 +357,13 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
         group = np.array([keys.index(p) for p in sp])
         key_name = "patient"
     fit = r.config["fit"]
-    preds = []
+    group = np.arange(len(ids)) if group is None else group
+    preds, spread_values = [], []
     for m in r.models:
-        raw = m.predict_raw(sources, fit["tta_crops"], fit["tta_variants"], fit["seed"])
-        if group is not None:
-            raw = patient_mean(raw, group, np.arange(len(keys)))
+        views = m.predict_views(sources, fit["tta_crops"], fit["tta_variants"], fit["seed"])
+        raw = patient_mean(np.stack([v.mean(0) for v in views]), group, np.arange(len(keys)))
         preds.append(m.to_prediction(raw))
+        spread_values.append([m.to_prediction(v) for v in _views_of_patients(views, group, np.arange(len(keys)))])
     pred = np.mean(preds, axis=0)
     d: dict[str, Any] = {key_name: keys}
     if r.task == "regression":
@@ -359,4 +377,11 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
         for k, c in enumerate(classes):
             d[f"prob_{c}"] = pred[:, k]
         d["prediction"] = [classes[i] for i in pred.argmax(1)]
+    # spread: over fold models and their test views (crops x variants); multiclass: of the
+    # probability of the class the mean prediction picks
+    spread = []
+    for i in range(len(keys)):
+        v = np.concatenate([per_model[i] for per_model in spread_values])
+        spread.append(float((v[:, int(pred[i].argmax())] if v.ndim == 2 else v).std()))
+    d["spread"] = spread
     return pd.DataFrame(d)

@@ -243,11 +243,18 @@ class SlideModel:
             return e / e.sum(1, keepdims=True)
         return raw[:, 0]
 
-    @torch.no_grad()
     def predict_raw(
         self, sources: list[SlideSource], n_crops: int, variants: bool, seed: int = 0, batch: int = 16
     ) -> np.ndarray:
-        """(S, n_out) raw outputs per slide, averaged over test crops and variants.
+        """(S, n_out) raw outputs per slide, averaged over test crops and variants
+        (the mean of :meth:`predict_views`)."""
+        return np.stack([v.mean(0) for v in self.predict_views(sources, n_crops, variants, seed, batch)])
+
+    @torch.no_grad()
+    def predict_views(
+        self, sources: list[SlideSource], n_crops: int, variants: bool, seed: int = 0, batch: int = 16
+    ) -> list[np.ndarray]:
+        """Per slide, the raw outputs (V, n_out) of every test view: crops x variants.
 
         Crops: one centred window when the slide fits in the crop, else ``n_crops`` centres
         drawn (seeded) in proportion to distance from background.  Variants: the 8 stored
@@ -255,7 +262,7 @@ class SlideModel:
         """
         self.net.eval()
         dev = next(self.net.parameters()).device
-        out = np.zeros((len(sources), self.spec.n_outputs), np.float64)
+        out = []
         for si, src in enumerate(sources):
             rng = np.random.default_rng([seed, si])
             h, w = src.grid_shape
@@ -275,8 +282,16 @@ class SlideModel:
                 x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(dev)
                 mk = torch.from_numpy(np.ascontiguousarray(np.stack(ms))).to(dev)
                 acc.append(self.net(x, mk).double().cpu().numpy())
-            out[si] = np.concatenate(acc).mean(0)
+            out.append(np.concatenate(acc))
         return out
+
+    def spread(self, views: np.ndarray) -> float:
+        """Standard deviation over views (V, n_out) of the converted prediction: the value,
+        probability or log-risk (multiclass: the probability of the class the mean picks)."""
+        pred = self.to_prediction(views)
+        if pred.ndim == 2:
+            pred = pred[:, int(pred.mean(0).argmax())]
+        return float(pred.std())
 
 
 def _state_mismatch(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:

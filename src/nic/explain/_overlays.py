@@ -1,0 +1,213 @@
+"""Heatmaps placed on the slide: a PNG over the thumbnail, a pyramidal TIFF, a GeoJSON.
+
+Alignment comes from the store's attributes alone (:class:`nic.store.StoreAttrs`): cell
+(row, col) covers level-0 ``origin + (col, row) * step`` to that plus ``patch_level0``.
+A picture at ``mpp`` um/px takes, for each of its pixels, the value of the cell under
+the pixel's centre (in level-0 coordinates), so the map stays exact at any scale and for
+grids whose origin is not 0.
+
+- :func:`heatmap_png`: the slide's thumbnail, the map over it (half opaque) and a colour bar;
+- :func:`write_heatmap_tiff`: the coloured map as a tiled RGB pyramidal TIFF covering the
+  slide's physical extent (level-0 size x um/px), pixel size in the resolution tags
+  (centimetres), so OpenSlide and QuPath open it and it lies over the slide;
+- :func:`heatmap_geojson`: one polygon per tissue cell in level-0 pixels with the value as
+  a QuPath measurement (File > Import objects in QuPath).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nic.errors import StoreError
+from nic.explain._heatmap import Heatmap
+from nic.store import StoreAttrs
+
+__all__ = ["colour_scale", "rasterise", "colourise", "heatmap_png", "write_heatmap_tiff", "heatmap_geojson"]
+
+#: TIFF pixels per grid cell (at most; fewer when the slide would exceed MAX_TIFF_SIDE)
+TIFF_PX_PER_CELL = 8
+MAX_TIFF_SIDE = 16384
+
+
+def _geometry(meta: StoreAttrs) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    if meta.origin is None or meta.step is None or meta.slide_dimensions is None or meta.slide_mpp is None:
+        raise StoreError("the store has no grid geometry (origin, step, slide size and um/px); compress it with nic")
+    patch = meta.patch_level0 or meta.step
+    return meta.origin, meta.step, patch
+
+
+def rasterise(values: np.ndarray, meta: StoreAttrs, mpp: float) -> np.ndarray:
+    """The map (H, W) as an image of the whole slide at ``mpp`` um/px (NaN off the cells).
+
+    The image covers the slide's level-0 extent: ``round(size * slide_mpp / mpp)`` pixels
+    per axis; pixel ``(i, j)`` takes the cell under its centre.
+    """
+    (ox, oy), (sx, sy), (px, py) = _geometry(meta)
+    (w0, h0), (mx, my) = meta.slide_dimensions, meta.slide_mpp  # type: ignore[misc]
+    w, h = max(1, round(w0 * mx / mpp)), max(1, round(h0 * my / mpp))
+
+    def index(n: int, scale: float, origin: float, step: float, patch: float, cells: int) -> np.ndarray:
+        centre = (np.arange(n) + 0.5) * scale  # level-0 pixels
+        cell = np.floor((centre - origin) / step).astype(np.int64)
+        inside = (cell >= 0) & (cell < cells) & (centre - origin - cell * step < patch)
+        return np.where(inside, cell, -1)
+
+    rows = index(h, mpp / my, oy, sy, py, values.shape[0])
+    cols = index(w, mpp / mx, ox, sx, px, values.shape[1])
+    out = values[np.ix_(np.maximum(rows, 0), np.maximum(cols, 0))].astype(np.float64)
+    out[rows < 0, :] = np.nan
+    out[:, cols < 0] = np.nan
+    return out
+
+
+def colour_scale(values: np.ndarray, signed: bool) -> tuple[str, float, float]:
+    """(matplotlib colour map, vmin, vmax): symmetric around 0 for signed maps, the 99th
+    percentile of the magnitudes as the limit (one extreme cell does not wash out the rest)."""
+    v = values[np.isfinite(values)]
+    top = float(np.percentile(np.abs(v), 99)) if len(v) else 1.0
+    top = top if top > 0 else 1.0
+    if signed:
+        return "RdBu_r", -top, top
+    return "viridis", 0.0, top
+
+
+def colourise(image: np.ndarray, cmap: str, vmin: float, vmax: float, background: int = 255) -> np.ndarray:
+    """float (H, W) with NaN -> uint8 RGB (H, W, 3); NaN becomes ``background``."""
+    import matplotlib
+
+    colours = matplotlib.colormaps[cmap]
+    z = np.clip((np.nan_to_num(image, nan=vmin) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    rgb = np.rint(colours(z)[..., :3] * 255).astype(np.uint8)
+    rgb[~np.isfinite(image)] = background
+    return rgb
+
+
+def _slide_thumbnail(meta: StoreAttrs, mpp: float) -> np.ndarray | None:
+    from nic.slide import open_slide
+
+    path = Path(meta.slide_path) if meta.slide_path else None
+    if path is None or not path.is_file():
+        return None
+    with open_slide(path, mpp=meta.slide_mpp) as slide:
+        return np.asarray(slide.thumbnail(mpp))
+
+
+def heatmap_png(hm: Heatmap, meta: StoreAttrs, out: str | Path, max_side: int = 1200, title: str = "") -> Path:
+    """The thumbnail with the map over it and a colour bar, as a PNG (the map alone when
+    the slide file named in the store is gone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.colors import Normalize
+
+    (w0, h0), (mx, my) = meta.slide_dimensions, meta.slide_mpp  # type: ignore[misc]
+    _geometry(meta)
+    mpp = max(w0 * mx, h0 * my) / max_side
+    image = rasterise(hm.values, meta, mpp)
+    cmap, vmin, vmax = colour_scale(hm.values, hm.signed)
+    thumb = _slide_thumbnail(meta, mpp)
+    extent = (0, image.shape[1], image.shape[0], 0)
+    # the figure is about max_side pixels wide, the map's own pixels shown one to one
+    fig, ax = plt.subplots(figsize=(8, 8 * image.shape[0] / image.shape[1] + 0.6), dpi=max(50, max_side / 8))
+    if thumb is not None:
+        ax.imshow(thumb, extent=extent)
+    masked = np.ma.masked_invalid(image)
+    ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55 if thumb is not None else 1.0, extent=extent,
+              interpolation="nearest")  # fmt: skip
+    ax.set_axis_off()
+    sm = matplotlib.cm.ScalarMappable(norm=Normalize(vmin, vmax), cmap=cmap)
+    bar = fig.colorbar(sm, ax=ax, fraction=0.035, pad=0.02)
+    bar.set_label(f"{hm.output} evidence ({hm.method})" if hm.signed else f"attention ({hm.output})")
+    ax.set_title(title or hm.slide_id, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_heatmap_tiff(hm: Heatmap, meta: StoreAttrs, out: str | Path, px_per_cell: int = TIFF_PX_PER_CELL) -> Path:
+    """The coloured map as a tiled (256 px) RGB pyramidal TIFF over the slide's extent.
+
+    Its um/px is the cell's side / ``px_per_cell`` (coarser if the image would exceed
+    16,384 px); background is white.  The description holds the colour scale as JSON.
+    """
+    import tifffile
+
+    (w0, h0), (mx, my) = meta.slide_dimensions, meta.slide_mpp  # type: ignore[misc]
+    _, (sx, _sy), _ = _geometry(meta)
+    mpp = sx * mx / px_per_cell
+    mpp = max(mpp, max(w0 * mx, h0 * my) / MAX_TIFF_SIDE)
+    image = rasterise(hm.values, meta, mpp)
+    cmap, vmin, vmax = colour_scale(hm.values, hm.signed)
+    level = colourise(image, cmap, vmin, vmax)
+    desc = json.dumps({"nic_heatmap": {"slide": hm.slide_id, "output": hm.output, "method": hm.method,
+                                       "colour_map": cmap, "vmin": vmin, "vmax": vmax, "mpp": mpp}})  # fmt: skip
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part")
+    with tifffile.TiffWriter(tmp) as tw:
+        i = 0
+        while True:
+            scale = 2**i
+            tw.write(level, tile=(256, 256), compression="zlib", photometric="rgb",
+                     description=desc if i == 0 else None,
+                     resolution=(1e4 / (mpp * scale), 1e4 / (mpp * scale)), resolutionunit="CENTIMETER",
+                     subfiletype=1 if i else 0, metadata=None)  # fmt: skip
+            if max(level.shape[:2]) <= 512:
+                break
+            h2, w2 = math.ceil(level.shape[0] / 2), math.ceil(level.shape[1] / 2)
+            level = level[: 2 * h2 : 2, : 2 * w2 : 2]  # nearest: colours of the map stay exact
+            i += 1
+    tmp.replace(out)
+    return out
+
+
+def heatmap_geojson(hm: Heatmap, meta: StoreAttrs) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection: one square per tissue cell (level-0 pixels), the value
+    under ``measurements`` (``heat``, ``row``, ``col``) as QuPath reads it."""
+    (ox, oy), (sx, sy), (px, py) = _geometry(meta)
+    feats = []
+    for r, c in zip(*np.nonzero(np.isfinite(hm.values))):
+        x0, y0 = ox + c * sx, oy + r * sy
+        ring = [[x0, y0], [x0 + px, y0], [x0 + px, y0 + py], [x0, y0 + py], [x0, y0]]
+        feats.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "tile",
+                "name": f"{hm.slide_id} cell {r},{c}",
+                "measurements": {"heat": float(hm.values[r, c]), "row": int(r), "col": int(c)},
+            },
+        })  # fmt: skip
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def write_heatmaps(
+    run: Any, sources: list[Any], out: str | Path, method: str = "auto", output: str | None = None
+) -> list[dict[str, Any]]:
+    """For each source: ``<slide>.png``, ``<slide>.heatmap.tiff``, ``<slide>.geojson`` and
+    ``<slide>.heatmap.npy`` (the (H, W) map) in ``out``; returns one record per slide."""
+    from nic.explain._heatmap import slide_heatmap
+    from nic.store import open_store
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for src in sources:
+        hm = slide_heatmap(run, src, method, output)
+        meta = open_store(src.path, verify="none").meta
+        sid = src.slide_id
+        np.save(out / f"{sid}.heatmap.npy", hm.values)
+        png = heatmap_png(hm, meta, out / f"{sid}.png")
+        tiff = write_heatmap_tiff(hm, meta, out / f"{sid}.heatmap.tiff")
+        geo = out / f"{sid}.geojson"
+        geo.write_text(json.dumps(heatmap_geojson(hm, meta)))
+        records.append({"slide": sid, "png": str(png), "tiff": str(tiff), "geojson": str(geo), "method": hm.method,
+                        "output": hm.output})  # fmt: skip
+    return records
