@@ -13,7 +13,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from nic.cli import _compress, _demo, _encoders, _explain, _learn, _slides, _synth, _train_encoder
+from nic.cli import _audit, _compress, _demo, _encoders, _explain, _features, _learn, _slides, _synth, _train_encoder
 from nic.cli._common import setup_logging, state
 
 
@@ -58,7 +58,7 @@ def _root(
     setup_logging(verbose)
 
 
-for _module in (_slides, _synth, _encoders, _compress, _train_encoder, _learn, _explain, _demo):
+for _module in (_slides, _synth, _encoders, _compress, _train_encoder, _learn, _explain, _demo, _features, _audit):
     _module.register(app)
 
 
