@@ -43,3 +43,8 @@ def test_demo_refuses_a_folder_with_results(tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "not empty" in r.stderr
 
+
+def test_demo_refuses_an_unknown_encoder_method(tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--encoder-method", "simclr"])
+    assert r.exit_code == 2 and "--encoder-method must be one of" in r.stderr
+    assert not (tmp_path / "d").exists()

@@ -16,8 +16,17 @@ def demo(
     slides: int = typer.Option(36, "--slides", help="Slides in the generated cohort."),
     size: int = typer.Option(4096, "--size", help="Side of each slide in level-0 pixels (0.5 um/px)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort and of every training run."),
+    encoder_method: str = typer.Option(
+        "multitask",
+        "--encoder-method",
+        help="multitask (on generated patch datasets) | vae | contrastive | bigan (on the cohort's slides, no labels).",
+    ),
 ) -> None:
     """Generate a cohort and run every stage of the pipeline on it, printing where outputs go."""
     from nic.demo import DemoConfig, run_demo
+    from nic.errors import DataError
 
-    run_demo(out, DemoConfig(slides=slides, size=size, seed=seed), say=typer.echo)
+    methods = ("multitask", "vae", "contrastive", "bigan")
+    if encoder_method not in methods:
+        raise DataError(f"--encoder-method must be one of {', '.join(methods)} (got {encoder_method!r})")
+    run_demo(out, DemoConfig(slides=slides, size=size, seed=seed, encoder_method=encoder_method), say=typer.echo)

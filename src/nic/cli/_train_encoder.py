@@ -1,4 +1,4 @@
-"""``nic train-encoder``, ``nic probe``, ``nic augment-preview`` and ``nic nuclei-patches``.
+"""``nic train-encoder``, ``nic probe``, ``nic augment-preview``, ``nic nuclei-patches``, ``nic concat-encoders``.
 
 Thin commands over :mod:`nic.encoder_training` and :mod:`nic.patches`; heavy imports stay
 inside the functions.
@@ -34,8 +34,30 @@ def _threads(n: int | None) -> None:
 
 
 def train_encoder_cmd(
-    task: list[str] = typer.Option(..., "--task", "-t", help=_TASK_HELP),
+    task: list[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP + " Needed by --method multitask only."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (config, checkpoints, logs, encoder/)."),
+    method: str = typer.Option(
+        "multitask",
+        "--method",
+        "-m",
+        help="multitask (supervised, --task), or unsupervised on --slides: vae, contrastive (siamese: adjacent "
+        "patches vs patches of other slides) or bigan.",
+    ),
+    slides: list[str] = typer.Option(
+        None,
+        "--slides",
+        "-s",
+        help="Unsupervised methods: slides to sample tissue patches from, repeatable: files, folders, or CSVs "
+        "with a 'slide' or 'path' column (and optionally 'mpp').",
+    ),
+    slide_mpp: float = typer.Option(
+        0.0, "--slide-mpp", help="Level-0 um/px of slides whose files state none (e.g. 0.25 for 40x images)."
+    ),
+    patches: int = typer.Option(
+        4000, "--patches", help="Unsupervised methods: training patches (pairs for contrastive), drawn once by --seed."
+    ),
+    val_patches: int = typer.Option(256, "--val-patches", help="Unsupervised methods: validation patches (pairs)."),
+    kl_weight: float = typer.Option(0.01, "--kl-weight", help="VAE: weight of the KL term (small)."),
     encoder: str = typer.Option(
         "nic-cnn",
         "--encoder",
@@ -44,7 +66,12 @@ def train_encoder_cmd(
     ),
     epochs: int = typer.Option(20, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Patches per batch, all tasks mixed."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate; divided by 10 on a validation plateau."),
+    lr: float = typer.Option(
+        0.0,
+        "--lr",
+        help="Adam learning rate (0 = the method's default: 1e-3, 2e-4 for bigan); multitask divides it by 10 "
+        "on a validation plateau.",
+    ),
     aug_strength: float = typer.Option(
         1.0, "--aug-strength", help="Colour/geometry augmentation strength (0 = none, 1 = default heavy)."
     ),
@@ -66,21 +93,58 @@ def train_encoder_cmd(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Train a multitask patch encoder (shared encoder, one linear head per task) and export it.
+    """Train a patch encoder and export it to OUT/encoder (use it with 'nic compress --encoder OUT/encoder').
 
-    Each dataset labels only its own task; each patch adds only its own task's loss. The
-    encoder without heads is written to OUT/encoder (use it with 'nic compress --encoder OUT/encoder').
+    multitask: a shared encoder with one linear head per --task; each dataset labels only
+    its own task. vae, contrastive, bigan: unsupervised, on tissue patches sampled from
+    --slides (no labels); OUT/preview.png shows what it learns after every epoch.
     """
     from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
+    from nic.errors import DataError
     from nic.patches.augment import AugmentConfig
 
     _threads(threads)
+    if method != "multitask":
+        from nic.encoder_training._unsupervised import UnsupervisedConfig, train_unsupervised
+
+        if task:
+            raise DataError(f"--method {method} learns without labels; drop --task (or use --method multitask)")
+        uconfig = UnsupervisedConfig(
+            method=method,
+            slides=tuple(slides or ()),
+            slide_mpp=slide_mpp or None,
+            encoder=encoder,
+            patches=patches,
+            val_patches=val_patches,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr or None,
+            kl_weight=kl_weight,
+            augment=AugmentConfig(strength=aug_strength),
+            early_stopping_patience=patience,
+            seed=seed,
+            num_workers=workers,
+            progress=progress,
+        )
+        result = train_unsupervised(uconfig, out)
+        typer.echo(f"encoder: {result.encoder_path.parent}")
+        typer.echo(f"preview: {out / 'preview.png'}")
+        typer.echo(f"epochs: {result.epochs}, training: {result.patches_per_s:.1f} items/s")
+        for k, v in sorted(result.metrics.items()):
+            typer.echo(f"{k}: {v:.4f}")
+        return
+    if not task:
+        raise DataError(
+            "--method multitask needs at least one --task NAME=KIND:PATH (or choose vae, contrastive, bigan)"
+        )
+    if slides:
+        raise DataError("--slides is for the unsupervised methods; give --method vae, contrastive or bigan")
     config = TrainConfig(
         tasks=tuple(parse_task_spec(t) for t in task),
         encoder=encoder,
         epochs=epochs,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr or 1e-3,
         sampling=sampling,
         samples_per_epoch=samples_per_epoch or None,
         max_per_task=max_per_task or None,
@@ -230,9 +294,29 @@ def nuclei_patches_cmd(
     typer.echo(f"wrote {csv_path}; train with --task nuclei=regr:{csv_path}")
 
 
+def concat_encoders_cmd(
+    encoders: list[str] = typer.Argument(..., help="Encoder specs with weights (or mean-rgb), in code order."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the combined encoder (safetensors + JSON)."),
+) -> None:
+    """Combine encoders into one whose code is their codes concatenated (same patch size and um/px).
+
+    'nic compress --encoder OUT' then writes one store per slide with every part's codes;
+    OUT/encoder.json records each part's name, code range, checksum and source.
+    """
+    from nic.encoders import load_encoder, save_encoder
+    from nic.encoders._concat import concat_encoders
+
+    combined = concat_encoders([load_encoder(spec) for spec in encoders])
+    path = save_encoder(combined, out)
+    for part in combined.source["parts"]:
+        typer.echo(f"codes {part['codes'][0]}-{part['codes'][1] - 1}: {part['name']} ({part['checksum'][:12]})")
+    typer.echo(f"encoder: {path.parent} (code size {combined.code_size})")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
     app.command("train-encoder")(train_encoder_cmd)
     app.command("probe")(probe_cmd)
     app.command("augment-preview")(augment_preview_cmd)
     app.command("nuclei-patches")(nuclei_patches_cmd)
+    app.command("concat-encoders")(concat_encoders_cmd)

@@ -30,7 +30,7 @@ from nic.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "train_encoder", "prepare_tasks"]
+__all__ = ["TrainResult", "train_encoder", "prepare_tasks", "make_trainer"]
 
 
 @dataclass
@@ -108,14 +108,6 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
 
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import (
-        Callback,
-        EarlyStopping,
-        LearningRateMonitor,
-        ModelCheckpoint,
-        RichProgressBar,
-    )
-    from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
     from nic.encoder_training._module import MultitaskModule
@@ -165,58 +157,15 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
         seed=config.seed,
     )
 
-    class _Speed(Callback):
-        """Training patches/s over the training epochs (data loading, augmentation, step)."""
-
-        def __init__(self) -> None:
-            self.samples, self.seconds, self._t0, self.last = 0, 0.0, 0.0, float("nan")
-
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._t0 = time.perf_counter()
-            self._n = 0
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self._n += int(batch[0].shape[0])
-
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            dt = time.perf_counter() - self._t0
-            self.seconds += dt
-            self.samples += self._n
-            self.last = self._n / dt if dt > 0 else float("nan")
-
-    speed = _Speed()
-    ckpt = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best-{epoch:03d}", monitor="val_loss", mode="min", save_last=True
+    trainer, ckpt, speed, precision = make_trainer(
+        out,
+        epochs=config.epochs,
+        accelerator=config.accelerator,
+        precision=config.precision,
+        progress=config.progress,
+        n_batches=len(train_loader),
+        early_stopping_patience=config.early_stopping_patience,
     )
-    callbacks: list[Any] = [
-        ckpt,
-        EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience),
-        LearningRateMonitor(logging_interval="epoch"),
-        speed,
-    ]
-    if config.progress:
-        callbacks.append(RichProgressBar(leave=True))
-    loggers: list[Any] = [CSVLogger(out / "logs", name="", version="")]
-    if _tensorboard_available():
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(out / "logs", name="tensorboard", version=""))
-    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
-    precision = config.precision or ("16-mixed" if gpu else "32-true")
-    with _quiet_lightning():  # the device notices and a logger tip come from the constructor
-        trainer = L.Trainer(
-            max_epochs=config.epochs,
-            accelerator=config.accelerator,
-            devices=1,
-            precision=precision,  # type: ignore[arg-type]
-            callbacks=callbacks,
-            logger=loggers,
-            default_root_dir=out,
-            enable_progress_bar=config.progress,
-            enable_model_summary=False,
-            log_every_n_steps=max(1, min(50, len(train_loader) // 2)),
-            num_sanity_val_steps=0,
-        )
     logger.info(
         "training %s on %d patches (%s), %d tasks, precision %s",
         encoder.name,
@@ -261,6 +210,92 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
     )
     logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, pps, path)
     return result
+
+
+def _speed_callback() -> Any:
+    """A Lightning callback measuring training patches/s over the training epochs
+    (data loading, augmentation, step): ``last`` (last epoch), ``samples``, ``seconds``."""
+    from lightning.pytorch.callbacks import Callback
+
+    class _Speed(Callback):
+        def __init__(self) -> None:
+            self.samples, self.seconds, self._t0, self._n, self.last = 0, 0.0, 0.0, 0, float("nan")
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._t0 = time.perf_counter()
+            self._n = 0
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            first = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self._n += int(first.shape[0])
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            dt = time.perf_counter() - self._t0
+            self.seconds += dt
+            self.samples += self._n
+            self.last = self._n / dt if dt > 0 else float("nan")
+
+    return _Speed()
+
+
+def make_trainer(
+    out: Path,
+    *,
+    epochs: int,
+    accelerator: str = "auto",
+    precision: str | None = None,
+    progress: bool = True,
+    n_batches: int = 1,
+    early_stopping_patience: int | None = 6,
+    monitor: str | None = "val_loss",
+    extra_callbacks: list[Any] | None = None,
+) -> tuple[Any, Any, Any, str]:
+    """The Lightning trainer every encoder method uses: checkpoints, CSV (and TensorBoard) logs,
+    early stopping, learning-rate monitor and the patches/s callback.
+
+    ``monitor`` ``None`` keeps only the last checkpoint and stops after ``epochs`` (for
+    methods without a validation loss that means anything, e.g. GANs).  Returns
+    ``(trainer, checkpoint callback, speed callback, precision)``.
+    """
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    speed = _speed_callback()
+    if monitor is None:
+        ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
+    else:
+        ckpt = ModelCheckpoint(
+            dirpath=out / "checkpoints", filename="best-{epoch:03d}", monitor=monitor, mode="min", save_last=True
+        )
+    callbacks: list[Any] = [ckpt, LearningRateMonitor(logging_interval="epoch"), speed, *(extra_callbacks or [])]
+    if monitor is not None and early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="min", patience=early_stopping_patience))
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    loggers: list[Any] = [CSVLogger(out / "logs", name="", version="")]
+    if _tensorboard_available():
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out / "logs", name="tensorboard", version=""))
+    gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    precision = precision or ("16-mixed" if gpu else "32-true")
+    with _quiet_lightning():  # the device notices and a logger tip come from the constructor
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator=accelerator,
+            devices=1,
+            precision=precision,  # type: ignore[arg-type]
+            callbacks=callbacks,
+            logger=loggers,
+            default_root_dir=out,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            log_every_n_steps=max(1, min(50, n_batches // 2)),
+            num_sanity_val_steps=0,
+        )
+    return trainer, ckpt, speed, precision
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@
 - ``_nic_cnn``   ``nic-cnn``, the architecture of the published NIC encoders
 - ``_timm``      ``timm``: any timm backbone (``timm:<model>`` specs)
 - ``_keras``     import of the published Keras .h5 weights with h5py
+- ``_mean_rgb``  ``mean-rgb``: the mean colour of the patch (the papers' floor; no weights by design)
+- ``_concat``    one encoder whose code is several encoders' codes side by side
 - ``_io``        :func:`load_encoder` (any spec) and :func:`save_encoder` (safetensors + JSON)
 - ``_layers``    input normalisation inside the module
 

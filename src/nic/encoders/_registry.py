@@ -62,7 +62,7 @@ def register_encoder(
 
 def _ensure_builtins() -> None:
     # The built-in builders register themselves when their modules are imported.
-    from nic.encoders import _nic_cnn, _timm  # noqa: F401
+    from nic.encoders import _concat, _mean_rgb, _nic_cnn, _timm  # noqa: F401
 
 
 def list_encoders() -> list[str]:

@@ -1,0 +1,154 @@
+"""Compare patch encoders as the NIC papers do, on this machine's CPU: the LC25000 probe.
+
+Trains nic's unsupervised encoders (``vae``, ``contrastive``, ``bigan``) on tissue patches
+sampled from the shared real slides (CMU-1-Small-Region, the 13 MoNuSeg images) and a
+generated cohort's slides (``nic synth cohort``), every slide drawn equally often; then
+probes every encoder on LC25000 lung (3 classes, 1,800 patches, 450 source groups) with
+``--repeats`` group-aware 75/25 splits (logistic regression on standardised codes).
+
+Encoders: random-init nic-cnn (seeded), ``mean-rgb``, nic's VAE, contrastive and BiGAN,
+and the published Keras BiGAN and multitask-4 weights.  No encoder here has seen a
+LC25000 patch, so the whole set is the probe set.
+
+Not done yet (issue 10, item 5): the MoNuSeg nuclei-density probe, nic's multitask
+encoder in the same table, and slide-level cross-validation on compressed cohorts.
+Variants of a method go in their own run folder (``--suffix=-kl0.001``, with ``=`` since
+the value starts with a dash); ``--no-probe`` trains only.
+
+Usage (each training run takes minutes on 2 shared cores)::
+
+    python benchmarks/compare_encoders.py --work /tmp/nic_compare --patches 3000 --epochs 2
+
+Writes ``<work>/results.json`` and ``<work>/results.md``; finished runs are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LC = SHARED / "data" / "patches" / "lc25000_lung_224" / "labels.csv"
+KERAS = SHARED / "weights" / "nic-keras"
+REAL_SLIDES = (SHARED / "data" / "wsi" / "CMU-1-Small-Region.svs", SHARED / "data" / "monuseg" / "images")
+MONUSEG_MPP = 0.2527  # MoNuSeg XML MicronsPerPixel; the TIFFs state none
+
+log = logging.getLogger("compare_encoders")
+
+
+def cohort(work: Path, slides: int, size: int, seed: int) -> Path:
+    out = work / "cohort"
+    if not (out / "labels.csv").is_file():
+        cmd = ["nic", "synth", "cohort", str(out), "--slides", str(slides), "--size", str(size), "--seed", str(seed)]
+        subprocess.run(cmd, check=True)
+    return out / "slides"
+
+
+def train(work: Path, method: str, slides: tuple[str, ...], args: argparse.Namespace) -> tuple[str, dict]:
+    from nic.encoder_training._unsupervised import UnsupervisedConfig, train_unsupervised
+
+    run = work / "runs" / f"{method}{args.suffix}"
+    if (run / "metrics.json").is_file():
+        return str(run / "encoder"), json.loads((run / "metrics.json").read_text())
+    cfg = UnsupervisedConfig(
+        method=method,
+        slides=slides,
+        slide_mpp=MONUSEG_MPP,
+        patches=args.patches,
+        val_patches=256,
+        kl_weight=args.kl_weight,
+        epochs=args.epochs,
+        batch_size=64,
+        balance="slides",
+        seed=args.seed,
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    train_unsupervised(cfg, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["wall_s"] = time.perf_counter() - t0
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return str(run / "encoder"), metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nic_compare"))
+    ap.add_argument("--patches", type=int, default=3000, help="training patches (pairs) per method")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--kl-weight", type=float, default=0.01, help="VAE KL weight")
+    ap.add_argument("--suffix", default="", help="appended to the run folders' names (variants of a method)")
+    ap.add_argument("--no-probe", action="store_true", help="train only")
+    ap.add_argument("--methods", default="vae,contrastive,bigan")
+    ap.add_argument("--cohort-slides", type=int, default=8)
+    ap.add_argument("--cohort-size", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    slides = tuple(str(p) for p in REAL_SLIDES) + (str(cohort(work, args.cohort_slides, args.cohort_size, 7)),)
+
+    encoders: dict[str, str] = {
+        "nic-cnn random init (seed 0)": "nic-cnn",
+        "mean-rgb": "mean-rgb",
+        "published BiGAN (Keras)": str(KERAS / "encoder_bigan.h5"),
+        "published multitask-4 (Keras)": str(KERAS / "encoder_multitask-4.h5"),
+    }
+    training: dict[str, dict] = {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        train(work, method, slides, args)
+    if args.no_probe:
+        return
+    for run in sorted((work / "runs").glob("*/metrics.json")):  # every finished run, variants included
+        encoders[f"nic {run.parent.name}"] = str(run.parent / "encoder")
+        training[f"nic {run.parent.name}"] = json.loads(run.read_text())
+
+    from nic.encoder_training import embed_table, linear_probe
+    from nic.encoders import load_encoder
+    from nic.patches import read_patch_table
+
+    table = read_patch_table(LC)
+    results = {}
+    for name, spec in encoders.items():
+        random_init = spec == "nic-cnn"
+        enc = load_encoder(spec, seed=args.seed if random_init else None)
+        codes = embed_table(enc, table)
+        r = linear_probe(enc, table, repeats=args.repeats, seed=args.seed, codes=codes, random_init=random_init)
+        results[name] = {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test}
+        log.info("%s: %s", name, r.line())
+
+    lines = [
+        f"LC25000 lung probe ({len(table)} patches, 450 source groups, 3 classes; {args.repeats} group-aware "
+        "75/25 splits, mean ± sd; logistic regression on standardised codes). Unsupervised encoders: "
+        f"{args.patches} patches (pairs) x {args.epochs} epochs from the shared slides and a generated cohort.",
+        "",
+        "| encoder | accuracy | AUC (macro OvR) | epochs | s per 10,000 patches (training) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        m, s = r["metrics"], r["spread"]
+        t = training.get(name, {})
+        per10k = t.get("seconds_per_10k_patches")
+        lines.append(
+            f"| {name} | {m['accuracy']:.3f} ± {s['accuracy']:.3f} | {m['auc']:.3f} ± {s['auc']:.3f} | "
+            f"{t.get('epochs', '')} | {f'{per10k:.0f}' if per10k else ''} |"
+        )
+    (work / "results.json").write_text(json.dumps({"probe": results, "training": training}, indent=2) + "\n")
+    (work / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
