@@ -8,10 +8,12 @@ Modules, data flowing down:
 - ``nic.encoders``  the encoder registry (NIC CNN, timm, published Keras weights), weights I/O
 - ``nic.store``     the compressed-slide format (zarr): one group per slide
 - ``nic.compress``  slide -> compressed slide: parallel reading, batched encoding, resumable
+- ``nic.audit``     a cohort's readability, um/px, magnification and pyramid, before compressing
+- ``nic.bags``      feature bags of TRIDENT, CLAM and STAMP to and from stores
 - ``nic.patches``   labelled patch datasets, nuclei annotations, colour augmentation
-- ``nic.encoder_training``  supervised multitask encoder training and the linear probe
+- ``nic.encoder_training``  encoder training (multitask; VAE, contrastive, BiGAN on slides), linear probe
 - ``nic.learn``     slide-level models, losses, metrics and cross-validation on stores
-- ``nic.explain``   pictures: tissue overlays, code maps
+- ``nic.explain``   where the evidence lies: heatmaps on the slide, the run report, tissue/code pictures
 - ``nic.synth``     generated slides, cohorts and patch datasets for demos, tests, benchmarks
 - ``nic.demo``      the whole pipeline on a generated cohort
 - ``nic.cli``       the ``nic`` command, thin over the library
