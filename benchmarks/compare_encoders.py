@@ -10,7 +10,7 @@ Encoders: random-init nic-cnn (seeded), ``mean-rgb``, nic's VAE, contrastive and
 and the published Keras BiGAN and multitask-4 weights.  No encoder here has seen a
 LC25000 patch, so the whole set is the probe set.
 
-Not done yet (issue 10, item 5): the MoNuSeg nuclei-density probe, nic's multitask
+Not done yet: the MoNuSeg nuclei-density probe, nic's multitask
 encoder in the same table, and slide-level cross-validation on compressed cohorts.
 Variants of a method go in their own run folder (``--suffix=-kl0.001``, with ``=`` since
 the value starts with a dash); ``--no-probe`` trains only.

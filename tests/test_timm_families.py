@@ -63,7 +63,7 @@ def test_timm_family_contract(family: str, spec: str, code_size: int, tmp_path: 
 
 
 def test_mobilenetv3_compresses(tmp_path: Path) -> None:
-    """The bug of issue 14: a 1,024-wide pooled code written into a store sized 576."""
+    """A 1,024-wide pooled code once went into a store sized for num_features (576)."""
     from safetensors.torch import save_file
 
     from nic.compress import compress_slide
