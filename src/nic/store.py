@@ -57,6 +57,7 @@ __all__ = [
     "is_complete",
     "verify_store",
     "store_path",
+    "store_id",
     "slide_id_for",
     "list_stores",
     "check_same_encoder",
@@ -85,7 +86,9 @@ def store_path(out_dir: str | Path, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}{SUFFIX}"
 
 
-def _store_id(path: Path) -> str:
+def store_id(path: str | Path) -> str:
+    """The slide id of a store path: its folder name without ``.zarr``."""
+    path = Path(path)
     return path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
 
 
@@ -258,7 +261,7 @@ class CompressedSlide:
 
     @property
     def slide_id(self) -> str:
-        return _store_id(self.path)
+        return store_id(self.path)
 
     @property
     def variants(self) -> int:

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from nic.errors import DataError
-from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for
+from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for, store_id
 
 __all__ = [
     "TASKS",
@@ -186,7 +186,7 @@ def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: boo
     slides of one patient.
     """
     df = read_labels(spec)
-    stores = {p.name[: -len(".zarr")]: p for p in list_stores(compressed)}
+    stores = {store_id(p): p for p in list_stores(compressed)}
     df["slide_id"] = _resolve_ids(df["slide"].tolist(), set(stores))
     no_store = sorted(set(df["slide_id"]) - set(stores))
     if no_store:
@@ -368,7 +368,7 @@ class SlideSource:
 
     @property
     def slide_id(self) -> str:
-        return self.path.name[: -len(".zarr")] if self.path.name.endswith(".zarr") else self.path.name
+        return store_id(self.path)
 
     def _read(self, variant: int, ys: slice, xs: slice) -> np.ndarray:
         if self.cache and self._array is None:
