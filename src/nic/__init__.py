@@ -6,6 +6,7 @@ Modules, data flowing down:
 - ``nic.tissue``    low-resolution tissue masks
 - ``nic.grid``      the patch grid at a target um/px, with tissue fractions
 - ``nic.encoders``  the encoder registry (NIC CNN, timm, published Keras weights), weights I/O
+- ``nic.dihedral``  the 8 rotations/flips of the square, in one order for patches, grids and maps
 - ``nic.store``     the compressed-slide format (zarr): one group per slide
 - ``nic.compress``  slide -> compressed slide: parallel reading, batched encoding, resumable
 - ``nic.audit``     a cohort's readability, um/px, magnification and pyramid, before compressing

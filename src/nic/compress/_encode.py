@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from nic._device import torch_device
+from nic.dihedral import ORDER, dihedral, dihedral_torch
 from nic.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,12 @@ __all__ = ["BatchEncoder", "Precision", "DIHEDRAL_ORDER", "dihedral_patch"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 #: How variant k of a dihedral store was made (stored in the store's attributes).
-DIHEDRAL_ORDER = "k in 0..7: left-right flip if k >= 4, then np.rot90(patch, k % 4) over (rows, cols)"
+DIHEDRAL_ORDER = ORDER
 
 
 def dihedral_patch(patch: np.ndarray, k: int) -> np.ndarray:
-    """Variant ``k`` (0-7) of uint8 patches (..., H, W, 3): see :data:`DIHEDRAL_ORDER`."""
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be 0..7, got {k}")
-    a = patch[..., ::-1, :] if k >= 4 else patch
-    return np.ascontiguousarray(np.rot90(a, k % 4, axes=(-3, -2)))
+    """Variant ``k`` (0-7) of uint8 patches (..., H, W, 3): see :mod:`nic.dihedral`."""
+    return np.ascontiguousarray(dihedral(patch, k, axes=(-3, -2)))
 
 
 def _dihedral_tensor(x: Any, k: int) -> Any:
@@ -46,11 +44,7 @@ def _dihedral_tensor(x: Any, k: int) -> Any:
 
     if k == 0:
         return x
-    if k >= 4:
-        x = x.flip(-1)
-    if k % 4:
-        x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.contiguous(memory_format=torch.channels_last)
+    return dihedral_torch(x, k).contiguous(memory_format=torch.channels_last)
 
 
 class BatchEncoder:

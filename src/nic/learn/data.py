@@ -5,7 +5,7 @@
   slides per patient allowed).
 - :class:`SlideSource` reads crops of one compressed slide (grid cells, zero-padded).
 - :func:`crop_weights` / :func:`sample_crop_origin`: crops sampled in proportion to the
-  distance from background; :func:`dihedral`: the 8 rotations/flips of a grid.
+  distance from background; ``dihedral`` (from :mod:`nic.dihedral`): the 8 rotations/flips.
 
 Grid coordinates are cells of the compressed grid (row ``y``, column ``x``), never pixels.
 """
@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from nic.dihedral import dihedral, dihedral_inverse
 from nic.errors import DataError
 from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for, store_id
 
@@ -315,29 +316,6 @@ def sample_crop_origin(
         flat = int(rng.choice(weights.size, p=weights.ravel()))
         center = divmod(flat, w)
     return _origin_1d(center[0], crop, h, rng), _origin_1d(center[1], crop, w, rng)
-
-
-def dihedral(a: np.ndarray, k: int) -> np.ndarray:
-    """The k-th (0-7) rotation/flip of ``a`` over its last two axes (rows, columns).
-
-    ``k % 4`` quarter turns counter-clockwise (``np.rot90``), applied after a left-right
-    flip when ``k >= 4``.  Variant ``k`` of a dihedral store is expected to hold the code
-    of ``dihedral(patch, k)`` at the patch's own cell; applying ``dihedral(grid, k)`` to
-    that variant then gives the compressed image of the transformed slide.
-    """
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be 0..7, got {k}")
-    if k >= 4:
-        a = a[..., ::-1]
-    return np.rot90(a, k % 4, axes=(-2, -1))
-
-
-def dihedral_inverse(a: np.ndarray, k: int) -> np.ndarray:
-    """Undo :func:`dihedral`: ``dihedral_inverse(dihedral(a, k), k) == a``."""
-    if not 0 <= k < 8:
-        raise ValueError(f"dihedral index must be 0..7, got {k}")
-    a = np.rot90(a, -(k % 4), axes=(-2, -1))
-    return a[..., ::-1] if k >= 4 else a
 
 
 @dataclass

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nic.dihedral import compose_rot_then_flip, dihedral_torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -127,10 +129,7 @@ def dihedral(x: torch.Tensor, k: torch.Tensor, flip: torch.Tensor) -> torch.Tens
     """
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"90-degree rotations need square patches, got {tuple(x.shape[-2:])}")
-    out = []
-    for xi, q, fl in zip(x, k.tolist(), flip.tolist()):
-        y = torch.rot90(xi, q, dims=(-2, -1)) if q % 4 else xi
-        out.append(y.flip(-1) if fl else y)
+    out = [dihedral_torch(xi, compose_rot_then_flip(q, fl)) for xi, q, fl in zip(x, k.tolist(), flip.tolist())]
     return torch.stack(out) if out else x.clone()
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from nic.dihedral import compose_rot_then_flip, dihedral
 from nic.errors import DataError
 from nic.synth._labels import draw_survival, patients_for, write_labels
 from nic.synth._layout import (
@@ -257,9 +258,9 @@ class TexturePool:
 
 
 def _dihedral(a: np.ndarray, t: int) -> np.ndarray:
-    """Transform t (0-7) of the dihedral group on an (h, w, ...) array."""
-    a = np.rot90(a, t % 4)
-    return np.ascontiguousarray(a[:, ::-1] if t >= 4 else a)
+    """Texture variant t (0-7) of an (h, w, ...) array: ``t % 4`` quarter turns, then a
+    left-right flip when ``t >= 4`` (the enumeration generated cohorts were made with)."""
+    return np.ascontiguousarray(dihedral(a, compose_rot_then_flip(t % 4, t >= 4), axes=(0, 1)))
 
 
 def _slide_library(
