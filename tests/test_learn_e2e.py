@@ -94,27 +94,7 @@ def _one_error_line(res) -> str:  # type: ignore[no-untyped-def]
 
 def test_cli_train_and_predict(small: PlantedCohort, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = [
-        "train",
-        "--compressed",
-        str(small.stores),
-        "--labels",
-        str(small.labels),
-        "--task",
-        "regression",
-        "--target",
-        "proliferation",
-        "--folds",
-        "2",
-        "--epochs",
-        "2",
-        "--width",
-        "8",
-        "--batch-size",
-        "4",
-        "--out",
-        str(run),
-    ]
+    args = _train_args(small, run, "--epochs", "2")  # the last --epochs counts
     res = _run(args)
     assert res.exit_code == 0, res.output
     assert "spearman:" in res.output

@@ -107,11 +107,10 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
     import dataclasses
 
     import lightning as L
-    import torch
     from torch.utils.data import DataLoader
 
     from nic.encoder_training._module import MultitaskModule
-    from nic.encoders import load_encoder, save_encoder
+    from nic.encoders import load_encoder
     from nic.patches import MultitaskDataset, multitask_sampler
 
     out = Path(out)
@@ -177,19 +176,10 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
     with _quiet_lightning():
         trainer.fit(module, train_loader, val_loader)
 
-    best = ckpt.best_model_path
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-    if best:
-        # Metrics of the best epoch, read back from the CSV log.
-        metrics = _best_epoch_metrics(out / "logs" / "metrics.csv", ckpt.best_model_score) or metrics
-    module.encoder.eval()
-    encoder.module = module.encoder.cpu()
-    encoder.config = dataclasses.replace(encoder.config, name=f"multitask-{'-'.join(h.name for h in heads)}")
-    encoder.source = {"format": "nic-train-encoder", "run": str(out.resolve()), "tasks": [h.name for h in heads]}
-    path = save_encoder(encoder, out / "encoder")
+    best, metrics, path = export_best(
+        trainer, ckpt, module, encoder, out, f"multitask-{'-'.join(h.name for h in heads)}",
+        {"format": "nic-train-encoder", "run": str(out.resolve()), "tasks": [h.name for h in heads]},
+    )  # fmt: skip
     # The last epoch's rate: patches are cached in memory after the first epoch.
     pps = speed.last
     mean_pps = speed.samples / speed.seconds if speed.seconds > 0 else float("nan")
@@ -210,6 +200,34 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
     )
     logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, pps, path)
     return result
+
+
+def export_best(
+    trainer: Any, ckpt: Any, module: Any, encoder: Any, out: Path, name: str, source: dict[str, Any],
+    use_best: bool = True,
+) -> tuple[str, dict[str, float], Path]:  # fmt: skip
+    """After ``trainer.fit``: the best checkpoint's weights (when ``use_best`` and there is
+    one) into ``module``, the validation metrics of that epoch (read back from the CSV log),
+    and the encoder saved to ``out/encoder`` as ``name`` with ``source``.
+    Returns (best checkpoint path or "", metrics, encoder path)."""
+    import dataclasses
+
+    import torch
+
+    from nic.encoders import save_encoder
+
+    best = ckpt.best_model_path if use_best else ""
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+    if best:
+        metrics = _best_epoch_metrics(out / "logs" / "metrics.csv", ckpt.best_model_score) or metrics
+    module.encoder.eval()
+    encoder.module = module.encoder.cpu()
+    encoder.config = dataclasses.replace(encoder.config, name=name)
+    encoder.source = source
+    return best, metrics, save_encoder(encoder, out / "encoder")
 
 
 def _speed_callback() -> Any:

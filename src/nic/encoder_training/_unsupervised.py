@@ -14,7 +14,6 @@ augmentation and export as the multitask encoder::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from nic.encoder_training._train import TrainResult, _best_epoch_metrics, _quiet_lightning, make_trainer
+from nic.encoder_training._train import TrainResult, _quiet_lightning, export_best, make_trainer
 from nic.errors import DataError
 from nic.patches.augment import AugmentConfig
 
@@ -146,7 +145,7 @@ def train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResu
 
     from nic.encoder_training._methods import BiganModule, SiameseModule, VaeModule
     from nic.encoder_training._sampling import SlidePairs, SlidePatches, SlidePatchSampler, slide_paths
-    from nic.encoders import load_encoder, save_encoder
+    from nic.encoders import load_encoder
 
     out = Path(out)
     if (out / "config.json").exists() or (out / "checkpoints").exists():
@@ -226,23 +225,10 @@ def train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResu
     with _quiet_lightning():
         trainer.fit(module, train_loader, val_loader)
 
-    best = ckpt.best_model_path if monitor else ""
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-    if best:  # the best epoch's metrics, read back from the CSV log
-        metrics = _best_epoch_metrics(out / "logs" / "metrics.csv", ckpt.best_model_score) or metrics
-    module.encoder.eval()
-    encoder.module = module.encoder.cpu()
-    encoder.config = dataclasses.replace(encoder.config, name=config.method)
-    encoder.source = {
-        "format": "nic-train-encoder",
-        "method": config.method,
-        "run": str(out.resolve()),
-        "slides": len(sources),
-    }
-    path = save_encoder(encoder, out / "encoder")
+    source = {"format": "nic-train-encoder", "method": config.method, "run": str(out.resolve()), "slides": len(sources)}
+    best, metrics, path = export_best(
+        trainer, ckpt, module, encoder, out, config.method, source, use_best=monitor is not None
+    )
     pps = speed.last
     per_pair = 2 if config.method == "contrastive" else 1
     mean_pps = speed.samples / speed.seconds if speed.seconds > 0 else float("nan")
