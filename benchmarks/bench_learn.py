@@ -31,8 +31,8 @@ def main() -> None:
     import torch
 
     from nic.learn import FitConfig, LabelSpec, fit_model, load_cohort
-    from nic.learn._planted import make_planted_cohort
     from nic.learn.data import open_sources
+    from nic.synth import make_planted_cohort
 
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,12 +79,12 @@ def synth_datasets(work: Path, n: int) -> Path:
 
 
 def train(work: Path, name: str, tasks: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
-    from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
+    from nic.encoder_training import EncoderTrainConfig, parse_task_spec, train_encoder
 
     run = work / "runs" / name
     if (run / "metrics.json").is_file() and (run / "encoder" / "encoder.safetensors").is_file():
         return run / "encoder", json.loads((run / "metrics.json").read_text())
-    cfg = TrainConfig(
+    cfg = EncoderTrainConfig(
         tasks=tuple(parse_task_spec(t) for t in tasks),
         encoder="nic-cnn",
         epochs=args.epochs,

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from nic.audit import AuditOptions, audit_slide, audit_slides
 from nic.cli import app
 from nic.compress import collect_slides
-from tests.conftest import WSI
 from tests.test_compress import make_rgb, write_slide
 
 FAST = AuditOptions(tissue=False)
@@ -51,8 +50,8 @@ def odd_slides(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def test_shared_slides(shared: Path) -> None:
-    rows = {Path(r.slide).name: r for r in audit_slides([WSI])}
+def test_shared_slides(shared: Path, wsi_dir: Path) -> None:
+    rows = {Path(r.slide).name: r for r in audit_slides([wsi_dir])}
     cmu = rows["CMU-1-Small-Region.svs"]
     assert cmu.readable and not cmu.flags and not cmu.would_fail
     assert (cmu.vendor, cmu.width, cmu.height, cmu.levels, cmu.objective_power) == ("aperio", 2220, 2967, 1, 20.0)
@@ -101,13 +100,13 @@ def test_cli_exit_code_csv_and_html(odd_slides: dict[str, Path], tmp_path: Path)
     assert wrong.exit_code == 2 and ".csv or .html" in wrong.stderr
 
 
-def test_encoder_sets_grid_and_speed(odd_slides: dict[str, Path], tmp_path: Path, shared: Path) -> None:
+def test_encoder_sets_grid_and_speed(
+    odd_slides: dict[str, Path], tmp_path: Path, shared: Path, keras_dir: Path
+) -> None:
     """--encoder: its um/px and patch size lay the grid; its measured speed gives the time."""
-    from tests.conftest import KERAS
-
     out = tmp_path / "a.csv"
     r = CliRunner().invoke(
-        app, ["audit", str(odd_slides["good"]), "-e", str(KERAS / "encoder_bigan.h5"), "-o", str(out)]
+        app, ["audit", str(odd_slides["good"]), "-e", str(keras_dir / "encoder_bigan.h5"), "-o", str(out)]
     )
     assert r.exit_code == 0, r.output
     import csv

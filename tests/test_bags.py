@@ -23,19 +23,22 @@ from nic.bags import export_stores, import_bags, place_on_grid
 from nic.cli import app
 from nic.errors import DataError, StoreError
 from nic.store import check_same_encoder, open_store
-from tests.conftest import KERAS, WSI
 
-CMU = WSI / "CMU-1-Small-Region.svs"
 FORMATS = ["trident", "clam", "stamp"]
 
 
 @pytest.fixture(scope="module")
-def cmu_store(tmp_path_factory, shared: Path) -> Path:
+def cmu(wsi_dir: Path) -> Path:
+    return wsi_dir / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def cmu_store(tmp_path_factory, shared: Path, cmu: Path, keras_dir: Path) -> Path:
     """The CMU slide compressed with the published multitask encoder (folder of one store)."""
     from nic.compress import compress_slide
 
     out = tmp_path_factory.mktemp("cmu")
-    compress_slide(CMU, KERAS / "encoder_multitask-4.h5", out, workers=0)
+    compress_slide(cmu, keras_dir / "encoder_multitask-4.h5", out, workers=0)
     return out
 
 
@@ -95,9 +98,9 @@ def _stamp_loader(path: Path, stamp_version: str = "2.5.0") -> dict:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_round_trip_equal_codes_at_equal_cells(fmt: str, cmu_store: Path, tmp_path: Path) -> None:
+def test_round_trip_equal_codes_at_equal_cells(fmt: str, cmu_store: Path, tmp_path: Path, cmu: Path) -> None:
     export_stores(cmu_store, fmt, tmp_path / "bags")
-    res = import_bags(tmp_path / "bags", fmt, tmp_path / "back", slides=[CMU], extractor="multitask-4")
+    res = import_bags(tmp_path / "bags", fmt, tmp_path / "back", slides=[cmu], extractor="multitask-4")
     a = open_store(cmu_store / "CMU-1-Small-Region.zarr")
     b = open_store(res[0].store)
     assert b.grid_shape == a.grid_shape and np.array_equal(b.tissue, a.tissue)
@@ -364,25 +367,25 @@ def test_imported_real_slide_bags_train_and_predict(cmu_store: Path, tmp_path: P
     assert (tmp_path / "maps" / "cmu0.png").is_file()
 
 
-def test_slides_must_match_the_bags(cmu_store: Path, tmp_path: Path) -> None:
+def test_slides_must_match_the_bags(cmu_store: Path, tmp_path: Path, cmu: Path, wsi_dir: Path) -> None:
     export_stores(cmu_store, "trident", tmp_path / "t")
     with pytest.raises(DataError, match="no slide among --slides: CMU-1-Small-Region.h5"):
-        import_bags(tmp_path / "t", "trident", tmp_path / "a", slides=[WSI / "camelyon_lowres_wsi.dcm"])
+        import_bags(tmp_path / "t", "trident", tmp_path / "a", slides=[wsi_dir / "camelyon_lowres_wsi.dcm"])
     with h5py.File(tmp_path / "t" / "CMU-1-Small-Region.h5", "r+") as f:
         f["coords"].attrs["level0_width"] = 4000
     with pytest.raises(DataError, match="made from a 4000 x 2967 px slide.*2220 x 2967"):
-        import_bags(tmp_path / "t", "trident", tmp_path / "b", slides=[CMU])
+        import_bags(tmp_path / "t", "trident", tmp_path / "b", slides=[cmu])
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
 def test_export_refuses_a_folder_with_files(tmp_path: Path) -> None:
     from nic.bags import export_stores
-    from nic.errors import DataError
-    from nic.learn._planted import make_planted_cohort
+    from nic.errors import OutputError
+    from nic.synth import make_planted_cohort
 
     c = make_planted_cohort(tmp_path / "c", 4, grid=(12, 12), n_pairs=1, seed=0)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.h5").write_bytes(b"keep")
-    with pytest.raises(DataError, match="already holds files"):
+    with pytest.raises(OutputError, match="already holds files; pass `overwrite=True`"):
         export_stores(c.stores, "trident", tmp_path / "out")
     assert (tmp_path / "out" / "mine.h5").read_bytes() == b"keep"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
 from nic.cli import app
-from tests.conftest import WSI
 
 runner = CliRunner()
 
@@ -29,16 +29,16 @@ def test_help_on_every_command():
         assert r.exit_code == 0, group.name
 
 
-def test_info_json_reports_svs(shared):
-    r = runner.invoke(app, ["info", str(WSI / "CMU-1-Small-Region.svs"), "--json"])
+def test_info_json_reports_svs(shared, wsi_dir: Path):
+    r = runner.invoke(app, ["info", str(wsi_dir / "CMU-1-Small-Region.svs"), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert (d["width"], d["height"]) == (2220, 2967)
     assert d["mpp_x"] == 0.499 and d["vendor"] == "aperio"
 
 
-def test_info_refuses_unknown_mpp_then_accepts_flag(shared):
-    path = str(WSI / "CropBreastSlide_pyramid.tiff")
+def test_info_refuses_unknown_mpp_then_accepts_flag(shared, wsi_dir: Path):
+    path = str(wsi_dir / "CropBreastSlide_pyramid.tiff")
     r = runner.invoke(app, ["info", path])
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
@@ -62,9 +62,9 @@ def test_debug_shows_the_exception(tmp_path):
     assert r.exit_code != 0 and r.exception is not None
 
 
-def test_tissue_writes_mask_and_overlay(shared, tmp_path):
+def test_tissue_writes_mask_and_overlay(shared, tmp_path, wsi_dir: Path):
     out = tmp_path / "sub" / "mask.png"
-    r = runner.invoke(app, ["tissue", str(WSI / "CMU-1-Small-Region.svs"), "--out", str(out)])
+    r = runner.invoke(app, ["tissue", str(wsi_dir / "CMU-1-Small-Region.svs"), "--out", str(out)])
     assert r.exit_code == 0, r.output
     mask = np.asarray(Image.open(out))
     overlay = np.asarray(Image.open(tmp_path / "sub" / "mask_overlay.png"))

@@ -33,7 +33,6 @@ from nic.compress import (
 )
 from nic.errors import MppError, StoreError
 from nic.store import is_complete, open_store, store_path
-from tests.conftest import KERAS, WSI
 
 # -- fixtures -----------------------------------------------------------------------------
 
@@ -224,8 +223,8 @@ def test_dihedral_order_matches_the_grid_transform_of_learning():
         np.testing.assert_array_equal(dihedral_patch(p, k), want)
 
 
-def test_slide_much_coarser_than_the_encoder_is_refused(shared, encoder, tmp_path):
-    dcm = WSI / "camelyon_lowres_wsi.dcm"
+def test_slide_much_coarser_than_the_encoder_is_refused(shared, encoder, tmp_path, wsi_dir: Path):
+    dcm = wsi_dir / "camelyon_lowres_wsi.dcm"
     with pytest.raises(MppError, match=r"camelyon_lowres_wsi\.dcm: scanned at 28\.\d+ um/px"):
         compress_slide(dcm, encoder, tmp_path, workers=0)
     assert not any(tmp_path.iterdir())
@@ -372,9 +371,9 @@ def test_two_processes_share_one_output_folder(slides, encoder_dir, tmp_path):
 # -- command line ------------------------------------------------------------------------------
 
 
-def test_cli_skip_errors_and_exit_codes(shared, slides, encoder_dir, tmp_path):
+def test_cli_skip_errors_and_exit_codes(shared, slides, encoder_dir, tmp_path, wsi_dir: Path):
     runner = CliRunner()
-    bad = WSI / "camelyon_lowres_wsi.dcm"
+    bad = wsi_dir / "camelyon_lowres_wsi.dcm"
     args = ["compress", str(slides["b"]), str(bad), str(slides["c"]), "--encoder", str(encoder_dir), "--workers", "0"]
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "o1")])
     assert res.exit_code == 1, res.output
@@ -440,9 +439,9 @@ def test_cli_show(slides, encoder, tmp_path):
     assert res.exit_code == 2 and "no such compressed slide" in res.output
 
 
-def test_cmu_slide_with_the_published_keras_encoder(shared, tmp_path):
-    h5 = KERAS / "encoder_multitask-4.h5"
-    slide = WSI / "CMU-1-Small-Region.svs"
+def test_cmu_slide_with_the_published_keras_encoder(shared, tmp_path, keras_dir: Path, wsi_dir: Path):
+    h5 = keras_dir / "encoder_multitask-4.h5"
+    slide = wsi_dir / "CMU-1-Small-Region.svs"
     res = CliRunner().invoke(app, ["compress", str(slide), "--encoder", str(h5), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     s = open_store(store_path(tmp_path, "CMU-1-Small-Region"))

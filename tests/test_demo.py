@@ -41,7 +41,7 @@ def test_demo_runs_every_stage(tmp_path):
 def test_demo_refuses_a_folder_with_results(tmp_path):
     (tmp_path / "old.txt").write_text("results\\n")
     r = runner.invoke(app, ["demo", "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "not empty" in r.stderr
+    assert r.exit_code == 2 and f"error: {tmp_path}: already holds files; choose another --out" in r.stderr
 
 
 def test_demo_refuses_an_unknown_encoder_method(tmp_path):

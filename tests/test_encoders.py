@@ -3,6 +3,7 @@ weight formats, the pickle policy, a contract over the whole registry, and the C
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,26 +21,28 @@ from nic.encoders import (
     register_encoder,
     save_encoder,
 )
-from nic.encoders._io import file_sha256
-from nic.errors import EncoderError
-
-from .conftest import KERAS
+from nic.errors import EncoderError, OptionError
 
 KERAS_FILES = ["encoder_multitask-4.h5", "encoder_bigan.h5"]
 
 
+def file_sha256(path: Path) -> str:
+    """The checksum an encoder loaded from ``path`` must carry: sha256 of the file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
-def example(shared: Path) -> np.ndarray:
+def example(shared: Path, keras_dir: Path) -> np.ndarray:
     """example_128.jpg as uint8 (1, 128, 128, 3)."""
     from PIL import Image
 
-    with Image.open(KERAS / "example_128.jpg") as im:
+    with Image.open(keras_dir / "example_128.jpg") as im:
         return np.array(im.convert("RGB"))[None]
 
 
 @pytest.fixture(scope="module")
-def reference(shared: Path) -> dict:
-    return json.loads((KERAS / "reference_codes_example_128.json").read_text())
+def reference(shared: Path, keras_dir: Path) -> dict:
+    return json.loads((keras_dir / "reference_codes_example_128.json").read_text())
 
 
 def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -50,15 +53,15 @@ def _patches(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("filename", KERAS_FILES)
-def test_keras_port_reproduces_keras(filename: str, example: np.ndarray, reference: dict) -> None:
-    encoder = load_encoder(KERAS / filename)
+def test_keras_port_reproduces_keras(filename: str, example: np.ndarray, reference: dict, keras_dir: Path) -> None:
+    encoder = load_encoder(keras_dir / filename)
     codes = encoder.embed(example)
     expected = np.asarray(reference[filename], dtype=np.float32)
     assert codes.shape == (1, 128) and codes.dtype == np.float32
     assert np.abs(codes[0] - expected).max() <= 1e-5
     assert (encoder.code_size, encoder.patch_size, encoder.mpp) == (128, 128, 0.5)
     assert encoder.name == Path(filename).stem
-    assert encoder.checksum == file_sha256(KERAS / filename)
+    assert encoder.checksum == file_sha256(keras_dir / filename)
     assert encoder.source["format"] == "keras-h5" and encoder.source["sha256"] == encoder.checksum
 
 
@@ -72,11 +75,11 @@ def _np_conv_valid_s2(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np
     return out + bias
 
 
-def test_fused_inference_module_matches(example: np.ndarray, reference: dict, tmp_path: Path) -> None:
+def test_fused_inference_module_matches(example: np.ndarray, reference: dict, tmp_path: Path, keras_dir: Path) -> None:
     """nic-cnn's inference copy (normalisation and batch norms folded) gives the same codes."""
-    encoder = load_encoder(KERAS / "encoder_bigan.h5")
+    encoder = load_encoder(keras_dir / "encoder_bigan.h5")
     fast = encoder.for_inference()
-    assert type(fast.module).__name__ == "FusedNicCnn" and fast.checksum == encoder.checksum
+    assert type(fast.module).__name__ == "FusedNicPatchEncoder" and fast.checksum == encoder.checksum
     assert not any(p.requires_grad for p in fast.module.parameters())
     assert np.abs(fast.embed(example)[0] - np.asarray(reference["encoder_bigan.h5"])).max() <= 1e-5
     patches = _patches(16, 128)
@@ -87,11 +90,10 @@ def test_fused_inference_module_matches(example: np.ndarray, reference: dict, tm
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_keras_port_on_gpu(example: np.ndarray, reference: dict) -> None:
+def test_keras_port_on_gpu(example: np.ndarray, reference: dict, keras_dir: Path) -> None:
     """Full float32 convolutions reproduce Keras to 1e-4; cuDNN's default TF32 (10-bit
     mantissa, on by default in torch) to 2e-3 (9e-4 seen on an H200)."""
-    encoder = load_encoder(KERAS / "encoder_multitask-4.h5", device="cuda")
+    encoder = load_encoder(keras_dir / "encoder_multitask-4.h5", device="cuda")
     ref = np.asarray(reference["encoder_multitask-4.h5"])
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
@@ -103,13 +105,13 @@ def test_keras_port_on_gpu(example: np.ndarray, reference: dict) -> None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def test_keras_port_by_hand(example: np.ndarray, reference: dict) -> None:
+def test_keras_port_by_hand(example: np.ndarray, reference: dict, keras_dir: Path) -> None:
     """A numpy forward pass straight from the h5 arrays (float64, channels-last, as Keras
     computes it) against the torch module layer by layer: a transposed kernel, a wrong
     flatten order or a wrong batch-norm epsilon each fail here."""
     import h5py
 
-    encoder = load_encoder(KERAS / "encoder_multitask-4.h5")
+    encoder = load_encoder(keras_dir / "encoder_multitask-4.h5")
     captured: list[torch.Tensor] = []
     hooks = [encoder.module.blocks[0].conv.register_forward_hook(lambda m, i, o: captured.append(o))]
     hooks += [b.register_forward_hook(lambda m, i, o: captured.append(o)) for b in encoder.module.blocks]
@@ -120,7 +122,7 @@ def test_keras_port_by_hand(example: np.ndarray, reference: dict) -> None:
             h.remove()
     torch_maps = [t[0].permute(1, 2, 0).numpy() for t in captured]  # (H, W, C)
 
-    with h5py.File(KERAS / "encoder_multitask-4.h5", "r") as f:
+    with h5py.File(keras_dir / "encoder_multitask-4.h5", "r") as f:
         w = f["model_weights"]
         x = example[0].astype(np.float64) / 255 * 2 - 1  # the reference preprocessing
         x = x.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))  # 2 x 2 average pool -> (64, 64, 3)
@@ -169,10 +171,10 @@ def test_keras_rejects_other_files(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- formats
 
 
-def test_import_keras_cli_round_trip(tmp_path: Path, example: np.ndarray) -> None:
+def test_import_keras_cli_round_trip(tmp_path: Path, example: np.ndarray, keras_dir: Path) -> None:
     from nic.cli import app
 
-    src = KERAS / "encoder_multitask-4.h5"
+    src = keras_dir / "encoder_multitask-4.h5"
     out = tmp_path / "multitask"
     result = CliRunner().invoke(app, ["encoders", "import-keras", str(src), str(out)])
     assert result.exit_code == 0, result.output
@@ -326,7 +328,7 @@ def test_bad_spec_lists_registered_names(spec: str) -> None:
 def test_missing_path_and_bad_device(tmp_path: Path) -> None:
     with pytest.raises(EncoderError, match="no file at"):
         load_encoder(tmp_path / "missing.h5")
-    with pytest.raises(EncoderError, match="device"):
+    with pytest.raises(OptionError, match="`device` 'warp-drive' is not a torch device"):
         load_encoder("nic-cnn", device="warp-drive")
 
 
@@ -336,8 +338,7 @@ def test_register_encoder_adds_to_registry() -> None:
     @register_encoder("test-linear", tiny={"code_size": 4})
     def _linear(code_size: int = 8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Encoder:
         """A test encoder."""
-        from nic.encoders._base import EncoderConfig
-        from nic.encoders._layers import NormalizedEncoder
+        from nic.encoders import EncoderConfig, NormalizedEncoder
 
         body = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, code_size))
         config = EncoderConfig("test-linear", code_size, 16, arch_args={"code_size": code_size})
@@ -351,13 +352,13 @@ def test_register_encoder_adds_to_registry() -> None:
         with pytest.raises(EncoderError, match="test-linear"):
             load_encoder("nope")
     finally:
-        _registry._REGISTRY.pop("test-linear", None)
+        _registry._ENCODERS.unregister("test-linear")
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_list_and_info() -> None:
+def test_cli_list_and_info(keras_dir: Path) -> None:
     from nic.cli import app
 
     runner = CliRunner()
@@ -366,21 +367,23 @@ def test_cli_list_and_info() -> None:
         assert result.exit_code == 0, result.output
         for name in list_encoders():
             assert name in result.output
-    result = runner.invoke(app, ["encoders", "info", str(KERAS / "encoder_bigan.h5")])
+    result = runner.invoke(app, ["encoders", "info", str(keras_dir / "encoder_bigan.h5")])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["code_size"] == 128 and info["checksum"] == file_sha256(KERAS / "encoder_bigan.h5")
+    assert info["code_size"] == 128 and info["checksum"] == file_sha256(keras_dir / "encoder_bigan.h5")
 
     bad = runner.invoke(app, ["encoders", "info", "no-such-encoder"])
     assert bad.exit_code == 2
     assert bad.output.strip().startswith("error: unknown encoder") and len(bad.output.strip().splitlines()) == 1
 
 
-def test_cuda_device_without_cuda_is_an_encoder_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_device_without_cuda_is_an_option_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault has one class whoever meets it: loading an encoder, training, compressing."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(EncoderError, match="no CUDA device; use --device cpu") as info:
+    with pytest.raises(OptionError, match="no CUDA device; use `device=cpu`") as info:
         load_encoder("nic-cnn", device="cuda")
     assert "\n" not in str(info.value)
+    assert load_encoder("nic-cnn", device="auto").device == torch.device("cpu")
 
 
 def test_failed_move_to_device_is_an_encoder_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -388,6 +391,6 @@ def test_failed_move_to_device_is_an_encoder_error(monkeypatch: pytest.MonkeyPat
         raise RuntimeError("device-side failure\nmore detail")
 
     monkeypatch.setattr(Encoder, "to", broken)
-    with pytest.raises(EncoderError, match=r"device 'cpu' \(device-side failure\); try --device cpu") as info:
+    with pytest.raises(EncoderError, match=r"device 'cpu' \(device-side failure\); try `device=cpu`") as info:
         load_encoder("nic-cnn", device="cpu")
     assert "\n" not in str(info.value)

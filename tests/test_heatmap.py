@@ -17,10 +17,10 @@ from nic.cli import app
 from nic.explain import Heatmap, heatmap_geojson, slide_heatmap, write_heatmap_tiff
 from nic.explain._heatmap import default_method, window_origins
 from nic.explain._overlays import colour_scale, colourise, rasterise
-from nic.learn import FitConfig, LabelSpec, TrainConfig, load_run, train_cv
-from nic.learn._planted import PlantedCohort, make_planted_cohort
+from nic.learn import CVConfig, FitConfig, LabelSpec, load_run, train_cv
 from nic.learn.data import dihedral, dihedral_inverse, open_sources
 from nic.store import StoreAttrs
+from nic.synth import PlantedCohort, make_planted_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +37,7 @@ def growth_run(planted: PlantedCohort, tmp_path_factory: pytest.TempPathFactory)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny nets: one thread is faster than two busy ones
     try:
-        train_cv(TrainConfig(planted.stores, spec, FitConfig(epochs=25, width=32, batch_size=8), folds=2, out=out))
+        train_cv(CVConfig(planted.stores, spec, FitConfig(epochs=25, width=32, batch_size=8), folds=2, out=out))
     finally:
         torch.set_num_threads(before)
     return out
@@ -88,9 +88,7 @@ def test_abmil_contributions_sum_to_the_output(planted: PlantedCohort, tmp_path:
     from nic.explain._heatmap import _abmil
 
     spec = LabelSpec(planted.labels, "regression", target="proliferation")
-    res = train_cv(
-        TrainConfig(planted.stores, spec, FitConfig(model="abmil", epochs=2, width=16, batch_size=8), folds=2)
-    )
+    res = train_cv(CVConfig(planted.stores, spec, FitConfig(model="abmil", epochs=2, width=16, batch_size=8), folds=2))
     net = res.models[0].net
     src = open_sources(sorted(planted.stores.glob("*.zarr"))[:2])
     x = torch.from_numpy(np.stack([s.crop(0, 0, 16)[0] for s in src]))

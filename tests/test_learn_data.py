@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nic.errors import DataError
+from nic.errors import DataError, OptionError
 from nic.learn import (
     LabelSpec,
     SlideSource,
@@ -192,7 +192,6 @@ def test_missing_labels_are_dropped_with_a_count(tmp_path: Path, caplog: pytest.
         ({"slide": ["a", "b"], "patient": ["P", "Q"], "other": [1, 2]}, {}, "missing column.*'y'"),
         ({"slide": ["a", "b"], "patient": ["P", "P"], "y": [1, 2]}, {}, "different labels.*P"),
         ({"slide": ["a", "b"], "patient": ["P", "Q"], "y": [1, "x"]}, {}, "must be numeric"),
-        ({"slide": ["a", "b"], "patient": ["P", "Q"], "y": [1, 2]}, {"task": "survival"}, "--time"),
     ],
 )
 def test_bad_labels_are_data_errors(tmp_path: Path, rows: dict, spec_kw: dict, match: str) -> None:
@@ -202,6 +201,19 @@ def test_bad_labels_are_data_errors(tmp_path: Path, rows: dict, spec_kw: dict, m
     kw = {"task": "regression", "target": "y", **spec_kw}
     with pytest.raises(DataError, match=match):
         load_cohort(d, LabelSpec(csv, **kw))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"task": "survival", "target": "y"}, "task 'survival' needs `time` and `event`"),
+        ({"task": "regression"}, "task 'regression' needs `target`"),
+        ({"task": "ordinal", "target": "y"}, "`task` 'ordinal' is not a task"),
+    ],
+)
+def test_a_label_spec_that_does_not_fit_its_task_is_refused_when_made(tmp_path: Path, kw: dict, match: str) -> None:
+    with pytest.raises(OptionError, match=match):
+        LabelSpec(tmp_path / "labels.csv", **kw)
 
 
 # ----------------------------------------------------------------------------- folds and batches
@@ -239,7 +251,7 @@ def test_folds_are_by_patient_and_stratified(tmp_path: Path, task: str) -> None:
         fit, val = inner_split(co, tr, 0.2, seed=1)  # type: ignore[arg-type]
         assert not set(fit) & set(val) and set(fit) | set(val) == set(tr) and len(val) > 0
     assert [list(te) for _, te in folds] == [list(te) for _, te in patient_folds(co, 5, seed=0)]  # type: ignore[arg-type]
-    with pytest.raises(DataError, match="at least 2"):
+    with pytest.raises(OptionError, match="`folds` must be at least 2"):
         patient_folds(co, 1)  # type: ignore[arg-type]
 
 
@@ -308,34 +320,50 @@ def test_inner_split_puts_an_event_in_survival_validation() -> None:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"batch_size": 0}, "--batch-size.*at least 2"),
-        ({"batch_size": 1}, "--batch-size.*at least 2"),
-        ({"epochs": 0}, "--epochs.*at least 1"),
-        ({"lr": -1.0}, "--lr.*greater than 0"),
-        ({"lr": 0.0}, "--lr.*greater than 0"),
-        ({"lr": float("nan")}, "--lr.*greater than 0"),
+        ({"batch_size": 0}, "`batch_size`.*at least 2"),
+        ({"batch_size": 1}, "`batch_size`.*at least 2"),
+        ({"epochs": 0}, "`epochs`.*at least 1"),
+        ({"lr": -1.0}, "`lr`.*greater than 0"),
+        ({"lr": 0.0}, "`lr`.*greater than 0"),
+        ({"lr": float("nan")}, "`lr`.*greater than 0"),
+        ({"ties": "exact"}, "`ties` must be one of efron, breslow"),
+        ({"pool": "sum"}, "`pool` must be one of"),
     ],
 )
 def test_fit_config_checks_its_numbers(kw: dict, match: str) -> None:
     from nic.learn import FitConfig
 
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(OptionError, match=match):
         FitConfig(**kw)
+
+
+def test_fit_config_is_pure_the_device_is_checked_where_it_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constructing a config probes no device; training and the CLI refuse a missing one."""
+    import torch
+
+    from nic.learn import FitConfig
+    from nic.learn.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = FitConfig(device="cuda")  # no error: nothing is probed here
+    with pytest.raises(OptionError, match="`device` 'cuda' asked for, but torch sees no CUDA device"):
+        resolve_device(cfg.device)
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"folds": 1}, "--folds.*at least 2"),
-        ({"threads": -1}, "--threads.*at least 1"),
-        ({"threads": 0}, "--threads.*at least 1"),
+        ({"folds": 1}, "`folds`.*at least 2"),
+        ({"threads": -1}, "`threads`.*at least 1"),
+        ({"threads": 0}, "`threads`.*at least 1"),
     ],
 )
-def test_train_config_checks_its_numbers(tmp_path: Path, kw: dict, match: str) -> None:
-    from nic.learn import TrainConfig
+def test_cv_config_checks_its_numbers(tmp_path: Path, kw: dict, match: str) -> None:
+    from nic.learn import CVConfig
 
-    with pytest.raises(DataError, match=match):
-        TrainConfig(tmp_path, LabelSpec(tmp_path / "l.csv", "regression", target="y"), **kw)
+    with pytest.raises(OptionError, match=match):
+        CVConfig(tmp_path, LabelSpec(tmp_path / "l.csv", "regression", target="y"), **kw)
 
 
 @pytest.mark.parametrize("n,batch", [(17, 16), (33, 16), (16, 16), (3, 2), (2, 16)])

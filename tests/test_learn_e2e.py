@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from nic.learn import FitConfig, LabelSpec, auc, c_index, fit_model, load_cohort, patient_mean, spearman
-from nic.learn._planted import PlantedCohort, make_planted_cohort
+from nic.learn import FitConfig, LabelSpec, fit_model, load_cohort, patient_mean
 from nic.learn.data import open_sources
+from nic.metrics import auc, c_index, spearman
+from nic.synth import PlantedCohort, make_planted_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -298,7 +298,7 @@ def _train_args(small: PlantedCohort, out: Path, *extra: str) -> list[str]:
 def test_cli_overwrite_checks_inputs_first_and_keeps_the_old_run_until_the_new_is_whole(
         small: PlantedCohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import nic.learn.run as run_mod
-    from nic.learn import TrainConfig, train_cv
+    from nic.learn import CVConfig, train_cv
 
     run = tmp_path / "run"
     assert _run(_train_args(small, run)).exit_code == 0
@@ -324,7 +324,7 @@ def test_cli_overwrite_checks_inputs_first_and_keeps_the_old_run_until_the_new_i
         calls.clear()
         with pytest.raises(RuntimeError, match="killed"):
             train_cv(
-                TrainConfig(
+                CVConfig(
                     small.stores,
                     spec,
                     FitConfig(epochs=1, width=8, batch_size=4, seed=5),
@@ -381,6 +381,7 @@ def test_a_killed_run_leaves_no_result_and_its_leftovers_are_cleaned(small: Plan
         ("--folds", "1"),
         ("--dropout", "1"),
         ("--pool", "sum"),
+        ("--ties", "exact"),
         ("--device", "bogus"),
     ],
 )
@@ -394,7 +395,7 @@ def test_cli_numeric_options_are_checked(small: PlantedCohort, tmp_path: Path, o
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_fit_on_cuda_matches_its_cpu_copy(small: PlantedCohort, tmp_path: Path) -> None:
     co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
     src = open_sources(co.store_paths)
@@ -406,14 +407,3 @@ def test_fit_on_cuda_matches_its_cpu_copy(small: PlantedCohort, tmp_path: Path) 
     m.save(tmp_path / "m")
     on_cpu = type(m).load(tmp_path / "m").predict_raw(src, n_crops=1, variants=True)
     assert np.allclose(on_gpu, on_cpu, atol=2e-3)  # cuDNN may use TF32
-
-
-def test_cli_defaults_are_the_library_defaults() -> None:
-    import inspect
-
-    from nic.cli._learn import train
-
-    params = inspect.signature(train).parameters
-    fit = FitConfig()
-    for name in ("epochs", "batch_size", "lr", "patience", "width", "dropout", "pool", "device", "seed", "ties"):
-        assert params[name].default.default == getattr(fit, name), name

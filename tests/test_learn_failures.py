@@ -13,8 +13,8 @@ import torch
 import nic.learn.train as train_mod
 from nic.errors import DataError
 from nic.learn import FitConfig, LabelSpec, SlideModel, fit_model, load_cohort
-from nic.learn._planted import PlantedCohort, make_planted_cohort
 from nic.learn.data import Cohort, SlideSource, open_sources
+from nic.synth import PlantedCohort, make_planted_cohort
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +91,7 @@ def test_every_epoch_failing_is_an_error(
     co, src = _cohort(small)
     monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: math.inf if tr else None))
     val = np.arange(8, 12) if with_validation else np.arange(0)
-    with pytest.raises(DataError, match=r"training loss was not finite .* lower --lr") as e:
+    with pytest.raises(DataError, match=r"training loss was not finite .* lower `lr`") as e:
         fit_model(co, src, np.arange(8), val, FitConfig(epochs=2, width=8, batch_size=4), seed=0)
     assert "\n" not in str(e.value)
 
@@ -99,7 +99,7 @@ def test_every_epoch_failing_is_an_error(
 def test_validation_never_finite_is_an_error(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch) -> None:
     co, src = _cohort(small)
     monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: None if tr else math.nan))
-    with pytest.raises(DataError, match=r"validation loss was not finite in any of the 2 epochs.*lower --lr"):
+    with pytest.raises(DataError, match=r"validation loss was not finite in any of the 2 epochs.*lower `lr`"):
         fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=2, width=8, batch_size=4), seed=0)
 
 

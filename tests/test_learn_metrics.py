@@ -1,4 +1,5 @@
-"""Metrics and losses of nic.learn against reference libraries and hand-computed answers."""
+"""Losses of nic.learn and its metrics by name with bootstrap CIs, against reference libraries and
+hand-computed answers (the metric functions themselves: tests/test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -8,57 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nic.learn import auc, balanced_accuracy, bootstrap_ci, c_index, cox_ph_loss, mae, pearson, spearman, task_loss
-
-
-def test_regression_metrics_known_answers() -> None:
-    from scipy.stats import pearsonr, spearmanr
-
-    y = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert spearman(y, y[::-1]) == pytest.approx(-1.0)
-    assert spearman(y, [10, 20, 30, 40, 50]) == pytest.approx(1.0)
-    assert mae(y, y + np.array([1, -1, 2, -2, 0])) == pytest.approx(6 / 5)
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=50), rng.normal(size=50)
-    b[:10] = b[0]  # ties in ranks
-    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
-    assert pearson(a, b) == pytest.approx(pearsonr(a, b).statistic)
-    assert math.isnan(spearman(a, np.ones(50)))
-
-
-def test_auc_and_balanced_accuracy_match_sklearn() -> None:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
-    rng = np.random.default_rng(1)
-    y = rng.integers(0, 2, 80)
-    s = np.round(y * 0.3 + rng.uniform(size=80), 1)  # rounded: tied scores
-    assert auc(y, s) == pytest.approx(roc_auc_score(y, s))
-    assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)  # hand-computed
-    p = 1 / (1 + np.exp(-(s - 0.6) * 5))
-    assert balanced_accuracy(y, p) == pytest.approx(balanced_accuracy_score(y, (p >= 0.5).astype(int)))
-    y3 = rng.integers(0, 3, 90)
-    logits = rng.normal(size=(90, 3)) + np.eye(3)[y3]
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    assert auc(y3, probs) == pytest.approx(roc_auc_score(y3, probs, multi_class="ovr", average="macro"))
-    assert balanced_accuracy(y3, probs) == pytest.approx(balanced_accuracy_score(y3, probs.argmax(1)))
-
-
-def test_c_index_matches_lifelines_with_risk_sign() -> None:
-    from lifelines.utils import concordance_index
-
-    rng = np.random.default_rng(2)
-    n = 120
-    risk = rng.normal(size=n)
-    time = np.round(rng.exponential(np.exp(-risk)), 1)  # high risk -> short time; rounded: ties
-    event = rng.uniform(size=n) < 0.7
-    risk_q = np.round(risk, 1)  # tied predictions
-    ours = c_index(time, event, risk_q)
-    assert ours == pytest.approx(concordance_index(time, -risk_q, event))
-    assert ours > 0.65  # the sign is right: higher risk, earlier event
-    assert c_index(time, event, -risk_q) == pytest.approx(1 - ours, abs=1e-12)  # tied risks count 1/2 both ways
-    # hand example: times 1 (event), 2 (event), 3 (censored); risks 3, 2, 1 -> all 3 pairs concordant
-    assert c_index([1, 2, 3], [1, 1, 0], [3, 2, 1]) == 1.0
-    assert c_index([1, 2, 3], [1, 1, 0], [1, 2, 3]) == 0.0
+from nic.errors import OptionError
+from nic.learn import bootstrap_ci, cox_ph_loss, task_loss
+from nic.learn.metrics import compute_metric
+from nic.metrics import c_index, spearman
 
 
 def _hand_cox(r: np.ndarray, ties: str) -> float:
@@ -115,7 +69,7 @@ def test_cox_loss_gradient_and_no_events() -> None:
     none = cox_ph_loss(z, torch.arange(3.0), torch.zeros(3))
     none.backward()
     assert float(none.detach()) == 0.0 and z.grad is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError, match="`ties` must be one of efron, breslow"):
         cox_ph_loss(r, torch.arange(5.0), torch.ones(5), "exact")  # type: ignore[arg-type]
 
 
@@ -143,3 +97,12 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_estimate() -> None:
     ev = rng.integers(0, 2, 100)
     lo, hi = bootstrap_ci("c_index", ev, -time, time, n_boot=200)
     assert 0.5 < lo <= hi <= 1.0
+
+
+def test_compute_metric_names_the_nic_metrics() -> None:
+    rng = np.random.default_rng(5)
+    time, ev, risk = rng.exponential(size=30), rng.integers(0, 2, 30), rng.normal(size=30)
+    assert compute_metric("c_index", ev, risk, time) == c_index(time, ev, risk)
+    assert compute_metric("spearman", time, risk) == spearman(time, risk)
+    with pytest.raises(ValueError, match="times"):
+        compute_metric("c_index", ev, risk)

@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from nic.errors import DataError
-from nic.learn import ModelSpec, SlideModel, create_model, list_models
-from nic.learn.models import nic_cnn_strides
+from nic.errors import DataError, OptionError
+from nic.learn import ModelSpec, SlideModel, TargetScale, create_model, list_models, register_model
+from nic.learn.models import MeanPool, nic_cnn_strides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_the_three_models() -> None:
     assert {"nic-cnn", "meanpool", "abmil"} <= set(list_models())
-    with pytest.raises(DataError, match="abmil, meanpool, nic-cnn"):
+    with pytest.raises(OptionError, match=r"`model` must be one of abmil, meanpool, nic-cnn \(got 'resnet'\)"):
         create_model("resnet", ModelSpec(4))
+
+
+def test_registering_a_taken_name_is_refused() -> None:
+    with pytest.raises(OptionError, match="'meanpool' is already registered"):
+        register_model("meanpool")(lambda spec: torch.nn.Identity())
+    register_model("meanpool")(MeanPool)  # the same builder again (a module imported twice) is fine
+    assert "meanpool" in list_models()
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -98,9 +105,9 @@ def test_code_standardisation_makes_models_blind_to_code_scale(name: str) -> Non
 
 
 def test_code_stats_match_numpy(tmp_path: Path) -> None:
-    from nic.learn._planted import make_planted_cohort
     from nic.learn.data import code_stats, open_sources
     from nic.store import open_store
+    from nic.synth import make_planted_cohort
 
     pc = make_planted_cohort(tmp_path, 4, grid=(10, 12), code_size=5, n_pairs=1, seed=0)
     paths = sorted(pc.stores.glob("*.zarr"))
@@ -117,7 +124,7 @@ def test_slide_model_save_load_roundtrip(tmp_path: Path) -> None:
     net.train()
     net(torch.randn(4, 4, 8, 8), torch.ones(4, 8, 8, dtype=torch.bool)).sum().backward()  # move BN stats
     net.eval()
-    m = SlideModel("nic-cnn", spec, "regression", 8, net, target_mean=2.0, target_std=3.0)
+    m = SlideModel("nic-cnn", spec, "regression", 8, net, TargetScale("none", 2.0, 3.0))
     m.save(tmp_path / "m")
     assert not list((tmp_path / "m").glob("*.pt")) and (tmp_path / "m" / "model.safetensors").is_file()
     back = SlideModel.load(tmp_path / "m")

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 import nic
 from nic.cli import app
 from nic.errors import EncoderError, MppError, SlideError
-from tests.conftest import WSI
 
 
 def _cli(*args: object):
@@ -32,7 +31,7 @@ def _one_line(res) -> str:
 # -- pickled checkpoints ----------------------------------------------------------------------------
 
 
-def test_pickle_refusal_gives_a_conversion_that_works(tmp_path):
+def test_pickle_refusal_gives_a_conversion_that_works(tmp_path, wsi_dir: Path):
     """The refusal names no --unsafe option (compress, probe and train-encoder have none);
     its python -c line converts the checkpoint, and the result loads."""
     torch.manual_seed(0)
@@ -44,7 +43,7 @@ def test_pickle_refusal_gives_a_conversion_that_works(tmp_path):
         nic.load_encoder(spec)
     msg = str(info.value)
     assert "--unsafe" not in msg and "unsafe=True" in msg
-    res = _cli("compress", WSI / "CMU-1-Small-Region.svs", "--encoder", spec, "--out", tmp_path / "out")
+    res = _cli("compress", wsi_dir / "CMU-1-Small-Region.svs", "--encoder", spec, "--out", tmp_path / "out")
     assert res.exit_code == 2 and _one_line(res) == f"error: {msg}"
     command = msg.split("(python -c ", 1)[1].split(") and give that file", 1)[0]
     subprocess.run([sys.executable, "-c", shlex.split(command)[0]], check=True, cwd=tmp_path)
@@ -57,8 +56,8 @@ def test_pickle_refusal_gives_a_conversion_that_works(tmp_path):
 
 
 @pytest.mark.parametrize("mpp", ["1e-06", "500"])
-def test_an_absurd_mpp_is_refused_before_any_slide(shared, tmp_path, mpp):
-    svs = WSI / "CMU-1-Small-Region.svs"
+def test_an_absurd_mpp_is_refused_before_any_slide(shared, tmp_path, mpp, wsi_dir: Path):
+    svs = wsi_dir / "CMU-1-Small-Region.svs"
     res = _cli("compress", svs, "--encoder", tmp_path / "no-encoder-needed", "--out", tmp_path / "out", "--mpp", mpp)
     assert res.exit_code == 2
     want = f"error: --mpp {float(mpp):g} is outside 0.05-100 um/px, the level-0 pixel sizes of slide scans"
@@ -116,9 +115,9 @@ def test_a_non_conformant_dicom_wsi_is_not_called_truncated(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [500, 60_000])
-def test_a_truncated_dicom_is_called_truncated(shared, tmp_path, keep):
+def test_a_truncated_dicom_is_called_truncated(shared, tmp_path, keep, wsi_dir: Path):
     cut = tmp_path / "cut.dcm"
-    cut.write_bytes((WSI / "camelyon_lowres_wsi.dcm").read_bytes()[:keep])
+    cut.write_bytes((wsi_dir / "camelyon_lowres_wsi.dcm").read_bytes()[:keep])
     with pytest.raises(
         SlideError, match=r"cut\.dcm: .*the file ends before its data \(.*end of filehandle.*\); it is truncated"
     ):
@@ -126,8 +125,8 @@ def test_a_truncated_dicom_is_called_truncated(shared, tmp_path, keep):
             s.read_region((0, 0), s.dimensions)
 
 
-def test_running_out_of_memory_is_not_called_a_damaged_file(shared, monkeypatch):
-    with nic.open_slide(WSI / "CMU-1-Small-Region.svs") as s:
+def test_running_out_of_memory_is_not_called_a_damaged_file(shared, monkeypatch, wsi_dir: Path):
+    with nic.open_slide(wsi_dir / "CMU-1-Small-Region.svs") as s:
 
         def no_memory(*args):
             raise MemoryError(

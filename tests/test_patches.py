@@ -31,10 +31,15 @@ from nic.patches import (
 )
 from nic.patches._nuclei import polygon_centroid
 
-from .conftest import DATA
 
-MONUSEG = DATA / "monuseg"
-LC = DATA / "patches" / "lc25000_lung_224"
+@pytest.fixture(scope="module")
+def monuseg(shared_data: Path) -> Path:
+    return shared_data / "monuseg"
+
+
+@pytest.fixture(scope="module")
+def lc25000(shared_data: Path) -> Path:
+    return shared_data / "patches" / "lc25000_lung_224"
 
 
 def _img(path: Path, size: tuple[int, int] = (40, 30), value: int = 100) -> Path:
@@ -93,7 +98,7 @@ def test_read_csv_classes_groups_and_regression(tmp_path: Path) -> None:
     assert read_patch_table(f"regr:{ints}").kind == "regr"
 
 
-def test_read_folder_and_labels_csv_preference(tmp_path: Path) -> None:
+def test_read_folder_and_labels_csv_preference(tmp_path: Path, lc25000: Path) -> None:
     for c in ("tumour", "stroma"):
         for i in range(2):
             _img(tmp_path / "ds" / c / f"{i}.png")
@@ -102,7 +107,7 @@ def test_read_folder_and_labels_csv_preference(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="classification"):
         read_patch_table(f"regr:{tmp_path / 'ds'}")
     # LC25000's folder holds class folders and a labels.csv with groups: the CSV wins
-    lc = read_patch_table(LC)
+    lc = read_patch_table(lc25000)
     assert lc.groups is not None and len(np.unique(lc.groups)) == 450 and len(lc) == 1800
 
 
@@ -180,8 +185,8 @@ def test_group_split_never_shares_a_group(groups: list[int], fraction: float, se
     assert not set(g[tr]) & set(g[te])
 
 
-def test_group_split_lc25000_is_stratified_and_disjoint() -> None:
-    t = read_patch_table(LC / "labels.csv")
+def test_group_split_lc25000_is_stratified_and_disjoint(lc25000: Path) -> None:
+    t = read_patch_table(lc25000 / "labels.csv")
     tr, te = group_split(len(t), 0.25, t.groups, t.labels, seed=0)
     assert not set(t.groups[tr]) & set(t.groups[te])
     # 150 groups per class, 38 of them held out per class
@@ -209,11 +214,11 @@ def test_polygon_centroid_and_window_counts() -> None:
     assert list(count_in_windows(pts, x0, y0, 25)) == brute
 
 
-def test_xml_counts_match_the_labels_table() -> None:
-    rows = list(csv.DictReader(open(MONUSEG / "labels.csv")))
+def test_xml_counts_match_the_labels_table(monuseg: Path) -> None:
+    rows = list(csv.DictReader(open(monuseg / "labels.csv")))
     assert len(rows) == 13
     for r in rows:
-        xml = MONUSEG / "annotations_xml_gz" / f"{r['tcga_barcode']}.xml.gz"
+        xml = monuseg / "annotations_xml_gz" / f"{r['tcga_barcode']}.xml.gz"
         polygons, mpp = read_nuclei_xml(xml)
         assert len(polygons) == int(r["n_nuclei_in_xml"]), r["tcga_barcode"]
         centroids = np.asarray([polygon_centroid(p) for p in polygons])
@@ -224,7 +229,7 @@ def test_xml_counts_match_the_labels_table() -> None:
             assert mpp == pytest.approx(0.2527)
 
 
-def test_mask_components_and_instances(tmp_path: Path) -> None:
+def test_mask_components_and_instances(tmp_path: Path, monuseg: Path) -> None:
     m = np.zeros((20, 30), np.uint8)
     m[2:5, 2:5] = 1  # centre (3, 3)
     m[10:12, 20:26] = 1  # centre (x 22.5, y 10.5)
@@ -239,8 +244,8 @@ def test_mask_components_and_instances(tmp_path: Path) -> None:
     Image.fromarray(inst).save(tmp_path / "inst.png")
     assert len(read_nuclei_mask(tmp_path / "inst.png")) == 3
     # the real binary masks: touching nuclei merge, so never more components than polygons
-    xml = read_nuclei(MONUSEG / "annotations_xml_gz" / "TCGA-21-5784-01Z-00-DX1.xml.gz")
-    mask = read_nuclei(MONUSEG / "binary_masks" / "TCGA-21-5784-01Z-00-DX1.png")
+    xml = read_nuclei(monuseg / "annotations_xml_gz" / "TCGA-21-5784-01Z-00-DX1.xml.gz")
+    mask = read_nuclei(monuseg / "binary_masks" / "TCGA-21-5784-01Z-00-DX1.png")
     assert 0.5 * len(xml) < len(mask) <= len(xml) and mask.mpp is None
 
 
@@ -255,12 +260,12 @@ def test_bad_annotation_files(tmp_path: Path) -> None:
         read_nuclei(tmp_path / "c.json")
 
 
-def test_nuclei_patch_dataset_from_monuseg(tmp_path: Path) -> None:
+def test_nuclei_patch_dataset_from_monuseg(tmp_path: Path, monuseg: Path) -> None:
     stem = "TCGA-21-5784-01Z-00-DX1"
     (tmp_path / "img").mkdir()
     (tmp_path / "ann").mkdir()
-    shutil.copy(MONUSEG / "images" / f"{stem}.tif", tmp_path / "img")
-    shutil.copy(MONUSEG / "annotations_xml_gz" / f"{stem}.xml.gz", tmp_path / "ann")
+    shutil.copy(monuseg / "images" / f"{stem}.tif", tmp_path / "img")
+    shutil.copy(monuseg / "annotations_xml_gz" / f"{stem}.xml.gz", tmp_path / "ann")
     pairs = pair_images_annotations(tmp_path / "img", tmp_path / "ann")
     # 125 px at 0.5 um/px = 247 px at 0.2527 um/px: a 4 x 4 tiling of 1000 px (the last 12 px left out)
     out = nuclei_patch_dataset(pairs, tmp_path / "out", patch_size=125, mpp=0.5, target="density")
@@ -270,7 +275,7 @@ def test_nuclei_patch_dataset_from_monuseg(tmp_path: Path) -> None:
     counts = np.array([int(r["count"]) for r in rows])
     area_mm2 = (125 * 0.5 / 1000) ** 2
     np.testing.assert_allclose(t.labels, counts / area_mm2, rtol=1e-5)
-    ann = read_nuclei(MONUSEG / "annotations_xml_gz" / f"{stem}.xml.gz")
+    ann = read_nuclei(monuseg / "annotations_xml_gz" / f"{stem}.xml.gz")
     win = 125 * 0.5 / 0.2527
     gx, gy = np.meshgrid(np.arange(4) * win, np.arange(4) * win)
     assert sorted(counts) == sorted(count_in_windows(ann.centroids, gx.ravel(), gy.ravel(), win))

@@ -16,11 +16,11 @@ import zarr
 from typer.testing import CliRunner
 
 from nic.cli import app
-from nic.errors import DataError, StoreError
-from nic.learn import FitConfig, LabelSpec, TrainConfig, load_cohort, load_run, predict_run, train_cv
-from nic.learn._planted import PlantedCohort, make_planted_cohort
+from nic.errors import DataError, OutputError, StoreError
+from nic.learn import CVConfig, FitConfig, LabelSpec, load_cohort, load_run, predict_run, train_cv
 from nic.learn.data import open_sources
 from nic.store import StoreAttrs, create_store, mark_complete, open_store, store_path, verify_store
+from nic.synth import PlantedCohort, make_planted_cohort
 
 FAST = {"epochs": 2, "width": 8, "batch_size": 4}
 
@@ -39,7 +39,7 @@ def run(cohort: PlantedCohort, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A finished 3-fold meanpool regression run on ``cohort``; read-only."""
     out = tmp_path_factory.mktemp("runs") / "run"
     spec = LabelSpec(cohort.labels, "regression", target="proliferation")
-    train_cv(TrainConfig(cohort.stores, spec, FitConfig(model="meanpool", **FAST), folds=3, out=out))
+    train_cv(CVConfig(cohort.stores, spec, FitConfig(model="meanpool", **FAST), folds=3, out=out))
     return out
 
 
@@ -68,10 +68,10 @@ def _one_line(res) -> str:  # type: ignore[no-untyped-def]
 
 def test_pooled_regression_converts_each_fold_with_its_own_scaling(cohort: PlantedCohort) -> None:
     spec = LabelSpec(cohort.labels, "regression", target="proliferation")
-    res = train_cv(TrainConfig(cohort.stores, spec, FitConfig(model="meanpool", **FAST), folds=3))
+    res = train_cv(CVConfig(cohort.stores, spec, FitConfig(model="meanpool", **FAST), folds=3))
     co = load_cohort(cohort.stores, spec)
     src = open_sources(co.store_paths)
-    scalings = {(m.target_mean, m.target_std) for m in res.models}
+    scalings = {(m.target.mean, m.target.std) for m in res.models}
     assert len(scalings) == 3  # each fold standardised its targets with its own fit set
     frame = res.predictions.set_index("patient")
     for model, (_, test_p) in zip(res.models, res.folds):
@@ -277,7 +277,7 @@ def test_compress_checks_the_output_folder_before_any_slide(tmp_path: Path, monk
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("tempfile.TemporaryFile", read_only)
-    with pytest.raises(StoreError, match=r"cannot write in .*Permission denied.*--out"):
+    with pytest.raises(OutputError, match=r"cannot write in .*Permission denied.*`out`"):
         compress_slides([tmp_path / "missing.tif"], tmp_path / "enc", tmp_path / "ro" / "out")
     assert not (tmp_path / "ro").exists()
 

@@ -14,8 +14,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from .conftest import WSI
-
 TINY = "nic-cnn?code_size=16&width=8&depth=2&patch_size=32"
 
 # what Lightning and torch printed around a `nic train-encoder` run before
@@ -83,8 +81,7 @@ def test_missing_labels_are_one_clean_warning_line(
 def test_generated_patch_datasets_have_groups_the_reader_finds(patches: Path, caplog: pytest.LogCaptureFixture) -> None:
     import numpy as np
 
-    from nic.encoder_training import TrainConfig, parse_task_spec
-    from nic.encoder_training._train import prepare_tasks
+    from nic.encoder_training import EncoderTrainConfig, parse_task_spec, prepare_tasks
     from nic.patches import read_patch_table
     from nic.patches._datasets import _read_folder
 
@@ -95,7 +92,7 @@ def test_generated_patch_datasets_have_groups_the_reader_finds(patches: Path, ca
     grouped, plain = read_patch_table(patches / "tissue_type"), _read_folder(patches / "tissue_type", None)
     assert grouped.paths == plain.paths and grouped.classes == plain.classes
     np.testing.assert_array_equal(grouped.labels, plain.labels)
-    config = TrainConfig(
+    config = EncoderTrainConfig(
         tasks=(
             parse_task_spec(f"tissue=class:{patches / 'tissue_type'}"),
             parse_task_spec(f"nuclei=regr:{patches / 'nuclei_density.csv'}"),
@@ -145,11 +142,11 @@ def test_train_encoder_prints_no_lightning_notices(patches: Path, tmp_path: Path
     assert "encoder:" in r.stdout and "val_loss" in r.stdout
 
 
-def test_truncated_tiff_logs_no_tifffile_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_truncated_tiff_logs_no_tifffile_line(tmp_path: Path, caplog: pytest.LogCaptureFixture, wsi_dir: Path) -> None:
     import nic
     from nic.errors import SlideError
 
-    data = (WSI / "CMU-1-Small-Region.svs").read_bytes()
+    data = (wsi_dir / "CMU-1-Small-Region.svs").read_bytes()
     cut = tmp_path / "cut.svs"
     cut.write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.DEBUG), pytest.raises(SlideError, match="truncated"):

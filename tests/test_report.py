@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from nic.learn import FitConfig, LabelSpec, TrainConfig, train_cv
-from nic.learn._planted import make_planted_cohort
-from nic.learn.metrics import expected_calibration_error, survival_analysis
+from nic.learn import CVConfig, FitConfig, LabelSpec, train_cv
+from nic.learn.metrics import survival_analysis
+from nic.metrics import expected_calibration_error
+from nic.synth import make_planted_cohort
 
 
 def _survival_data(n: int = 150, censor: bool = True, seed: int = 0):
@@ -85,7 +86,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for task, spec in specs.items():
         out[task] = tmp_path_factory.mktemp("rep") / task
         fit = FitConfig(model="meanpool", epochs=3, width=8, batch_size=4)
-        train_cv(TrainConfig(c.stores, spec, fit, folds=2, out=out[task], n_bootstrap=50))
+        train_cv(CVConfig(c.stores, spec, fit, folds=2, out=out[task], n_bootstrap=50))
     torch.set_num_threads(before)
     return out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -9,15 +11,25 @@ import tifffile
 import nic
 from nic.errors import MppError, SlideError
 from nic.slide._mpp import mpp_from_resolution
-from tests.conftest import WSI
-
-SVS = WSI / "CMU-1-Small-Region.svs"
-PYRAMID = WSI / "CropBreastSlide_pyramid.tiff"
-DICOM = WSI / "camelyon_lowres_wsi.dcm"
 
 
-def test_svs_metadata(shared):
-    with nic.open_slide(SVS) as s:
+@pytest.fixture
+def svs(wsi_dir):
+    return wsi_dir / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture
+def pyramid(wsi_dir):
+    return wsi_dir / "CropBreastSlide_pyramid.tiff"
+
+
+@pytest.fixture
+def dicom(wsi_dir):
+    return wsi_dir / "camelyon_lowres_wsi.dcm"
+
+
+def test_svs_metadata(shared, svs: Path):
+    with nic.open_slide(svs) as s:
         assert s.dimensions == (2220, 2967)
         assert s.mpp == pytest.approx((0.499, 0.499))
         assert s.vendor == "aperio"
@@ -25,17 +37,17 @@ def test_svs_metadata(shared):
         assert s.mpp_source == "aperio metadata"
 
 
-def test_bogus_96_dpi_is_refused_and_user_mpp_wins(shared):
+def test_bogus_96_dpi_is_refused_and_user_mpp_wins(shared, pyramid: Path):
     with pytest.raises(MppError, match=r"CropBreastSlide_pyramid.tiff.*96 dpi.*--mpp"):
-        nic.open_slide(PYRAMID)
-    with nic.open_slide(PYRAMID, mpp=0.5) as s:
+        nic.open_slide(pyramid)
+    with nic.open_slide(pyramid, mpp=0.5) as s:
         assert s.mpp == (0.5, 0.5)
         assert len(s.levels) == 6
         assert s.levels[1].downsample == pytest.approx(2.0, abs=0.01)
 
 
-def test_dicom_opens_through_openslide(shared):
-    with nic.open_slide(DICOM) as s:
+def test_dicom_opens_through_openslide(shared, dicom: Path):
+    with nic.open_slide(dicom) as s:
         assert s.vendor == "dicom"
         assert s.dimensions == (1152, 700)
         assert s.mpp[0] == pytest.approx(28.969, abs=1e-3)
@@ -43,8 +55,9 @@ def test_dicom_opens_through_openslide(shared):
         assert region.shape == (32, 64, 3) and region.dtype == np.uint8
 
 
-@pytest.mark.parametrize("path,mpp", [(SVS, None), (PYRAMID, 0.5)])
-def test_fast_path_matches_openslide(shared, path, mpp):
+@pytest.mark.parametrize("name,mpp", [("CMU-1-Small-Region.svs", None), ("CropBreastSlide_pyramid.tiff", 0.5)])
+def test_fast_path_matches_openslide(wsi_dir, name, mpp):
+    path = wsi_dir / name
     fast = nic.open_slide(path, mpp=mpp)
     ref = nic.open_slide(path, mpp=mpp, backend="openslide")
     assert fast.backend == "tiff" and ref.backend == "openslide"
@@ -62,8 +75,8 @@ def test_fast_path_matches_openslide(shared, path, mpp):
     ref.close()
 
 
-def test_read_region_resamples_by_area(shared):
-    with nic.open_slide(PYRAMID, mpp=0.5) as s:
+def test_read_region_resamples_by_area(shared, pyramid: Path):
+    with nic.open_slide(pyramid, mpp=0.5) as s:
         full = s.read_region((0, 0), (400, 400)).astype(np.float64)
         half = s.read_region((0, 0), (200, 200), mpp=1.0)
         # level 1 is the scanner's own 2x downsample, so compare loosely to the block mean
@@ -90,10 +103,10 @@ def _weights(start: float, length: float) -> np.ndarray:
     return np.array([min(p + 1, start + length) - start, max(0.0, start + length - (p + 1))])
 
 
-def test_thumbnail_in_strips_equals_one_read(shared, monkeypatch):
+def test_thumbnail_in_strips_equals_one_read(shared, monkeypatch, svs: Path):
     import nic.slide._slide as slide_mod
 
-    with nic.open_slide(SVS) as s:
+    with nic.open_slide(svs) as s:
         whole = s.thumbnail(4.0)
         monkeypatch.setattr(slide_mod, "MAX_READ_PIXELS", 50_000)
         strips = s.thumbnail(4.0)
@@ -165,8 +178,8 @@ def test_bad_files(tmp_path):
         nic.open_slide(text)
 
 
-def test_truncated_slide_is_refused(shared, tmp_path):
-    data = SVS.read_bytes()
+def test_truncated_slide_is_refused(shared, tmp_path, svs: Path):
+    data = svs.read_bytes()
     cut = tmp_path / "cut.svs"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(SlideError, match="cut.svs.*truncated"):

@@ -15,13 +15,13 @@ from PIL import Image
 
 import nic
 from nic.errors import DataError
+from nic.metrics import c_index
 from nic.synth import (
     CLASSES,
     TISSUE_CLASSES,
     CohortConfig,
     MosaicConfig,
     TileLibrary,
-    concordance,
     make_cohort,
     make_mosaic_cohort,
     make_patch_datasets,
@@ -198,15 +198,8 @@ def test_patient_labels_follow_what_was_drawn() -> None:
     assert spearmanr(prolif, [r["mitosis_rate"] for r in first])[0] > 0.85
     time_, event = np.array([r["survival_time"] for r in first]), np.array([r["survival_event"] for r in first])
     assert 0.2 <= 1 - event.mean() <= 0.42  # about 30% censored
-    c = concordance(time_, event, np.array([r["tumour_burden"] for r in first]))
+    c = c_index(time_, event, np.array([r["tumour_burden"] for r in first]))
     assert 0.74 <= c <= 0.9
-
-
-def test_concordance_matches_lifelines() -> None:
-    lifelines = pytest.importorskip("lifelines.utils")
-    rng = np.random.default_rng(0)
-    t, e, r = rng.exponential(1, 50), rng.integers(0, 2, 50), rng.normal(size=50)
-    assert concordance(t, e, r) == pytest.approx(lifelines.concordance_index(t, -r, e))
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +15,11 @@ import nic
 from nic.grid import cell_fractions
 from nic.slide._readers import _over_white
 from nic.tissue import ink, mask_from_rgb, saturation
-from tests.conftest import DATA, WSI
 
-TILES = DATA / "tiles" / "histolab_tissue_vs_background"
+
+@pytest.fixture
+def tiles(shared_data: Path) -> Path:
+    return shared_data / "tiles" / "histolab_tissue_vs_background"
 
 
 def test_saturation_known_values():
@@ -31,11 +34,11 @@ def test_ink_rules():
     assert ink(rgb).tolist() == [[True, True, True, False, False, False]]
 
 
-def test_labelled_tiles(shared):
-    rows = list(csv.DictReader(open(TILES / "labels.csv")))
+def test_labelled_tiles(shared, tiles: Path):
+    rows = list(csv.DictReader(open(tiles / "labels.csv")))
     fractions = {}
     for r in rows:
-        rgb = _over_white(np.asarray(Image.open(TILES / r["filename"]).convert("RGBA")))
+        rgb = _over_white(np.asarray(Image.open(tiles / r["filename"]).convert("RGBA")))
         fractions[r["filename"]] = (r["label"], mask_from_rgb(rgb, 2.0)[0].mean())
     tissue = [f for lab, f in fractions.values() if lab == "tissue"]
     empty = {k: f for k, (lab, f) in fractions.items() if lab == "no_tissue"}
@@ -45,10 +48,10 @@ def test_labelled_tiles(shared):
         assert f < (0.4 if "red-pen" in name else 0.06), name
 
 
-def test_slide_mask_in_strips_equals_one_read(shared, monkeypatch):
+def test_slide_mask_in_strips_equals_one_read(shared, monkeypatch, wsi_dir: Path):
     import nic.slide._slide as slide_mod
 
-    with nic.open_slide(WSI / "CMU-1-Small-Region.svs") as s:
+    with nic.open_slide(wsi_dir / "CMU-1-Small-Region.svs") as s:
         whole = nic.tissue_mask(s, mpp=8.0)
         monkeypatch.setattr(slide_mod, "MAX_READ_PIXELS", 20_000)
         strips = nic.tissue_mask(s, mpp=8.0)
@@ -102,8 +105,8 @@ def test_cell_fractions_match_brute_force(seed, scale, step, overlap):
     assert np.allclose(got, want, atol=1e-6)
 
 
-def test_patch_grid_geometry(shared):
-    with nic.open_slide(WSI / "CMU-1-Small-Region.svs") as s:
+def test_patch_grid_geometry(shared, wsi_dir: Path):
+    with nic.open_slide(wsi_dir / "CMU-1-Small-Region.svs") as s:
         g = nic.patch_grid(s, mpp=0.5, patch=128)
         # 2220 x 2967 px at 0.499 um/px is 2215.6 x 2961.1 px at 0.5: 17 x 23 whole patches
         assert g.shape == (23, 17)

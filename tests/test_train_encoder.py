@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,21 +13,23 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from nic.encoder_training import (
+    EncoderTrainConfig,
     MultitaskModule,
     TaskHead,
-    TrainConfig,
     linear_probe,
     masked_multitask_loss,
     parse_task_spec,
+    task_metrics,
     train_encoder,
 )
-from nic.encoder_training._losses import auc, spearman
-from nic.errors import DataError
-
-from .conftest import DATA, KERAS
+from nic.errors import DataError, OptionError, OutputError
 
 TINY = "nic-cnn?code_size=16&width=8&depth=2&patch_size=32"
-LC = DATA / "patches" / "lc25000_lung_224"
+
+
+@pytest.fixture(scope="module")
+def lc25000(shared_data: Path) -> Path:
+    return shared_data / "patches" / "lc25000_lung_224"
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +83,28 @@ def test_masked_loss_absent_task_and_bad_kind() -> None:
         masked_multitask_loss(out, torch.zeros(2), torch.tensor([1, 1]), ["class", "survival"])
 
 
-def test_metrics_match_references() -> None:
+def test_task_metrics_match_references() -> None:
+    """The per-task validation metrics are nic.metrics' (checked in full in tests/test_metrics.py)."""
     from scipy.stats import spearmanr
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import accuracy_score, roc_auc_score
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
     prob = rng.dirichlet(np.ones(3), 200)
     prob[np.arange(200), y] += 0.3  # some signal
     prob /= prob.sum(1, keepdims=True)
-    assert auc(y, prob) == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    got = task_metrics("class", y, prob)
+    assert got["auc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    assert got["acc"] == pytest.approx(accuracy_score(y, prob.argmax(1)))
+    assert np.isnan(task_metrics("class", y % 2, prob)["auc"])  # a class missing: undefined, not averaged away
     yb = rng.integers(0, 2, 100)
     pb = np.round(rng.random(100), 1)  # ties
-    two = np.stack([1 - pb, pb], 1)
-    assert auc(yb, two) == pytest.approx(roc_auc_score(yb, pb))
+    assert task_metrics("class", yb, np.stack([1 - pb, pb], 1))["auc"] == pytest.approx(roc_auc_score(yb, pb))
     a, b = rng.random(50), rng.random(50)
-    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
-    assert np.isnan(spearman(a, np.ones(50)))
+    got = task_metrics("regr", a, b)
+    assert got["spearman"] == pytest.approx(spearmanr(a, b).statistic)
+    assert got["mae"] == pytest.approx(np.abs(a - b).mean())
+    assert np.isnan(task_metrics("regr", a, np.ones(50))["spearman"])
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -114,10 +122,32 @@ def test_parse_task_spec() -> None:
     ]:
         with pytest.raises(DataError, match=match):
             parse_task_spec(bad)
-    with pytest.raises(DataError, match="twice"):
-        TrainConfig(tasks=(parse_task_spec("a=class:/x"), parse_task_spec("a=regr:/y")))
-    with pytest.raises(DataError, match="at least one"):
-        TrainConfig(tasks=())
+    with pytest.raises(OptionError, match="twice"):
+        EncoderTrainConfig(tasks=(parse_task_spec("a=class:/x"), parse_task_spec("a=regr:/y")))
+    with pytest.raises(OptionError, match="at least one task as `tasks`"):
+        EncoderTrainConfig(tasks=())
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"epochs": 0}, "`epochs` must be an integer of at least 1"),
+        ({"batch_size": 0}, "`batch_size` must be an integer of at least 1"),
+        ({"lr": 0.0}, "`lr` must be a number greater than 0"),
+        ({"sampling": "random"}, "`sampling` must be one of proportional, balanced"),
+        ({"samples_per_epoch": 0}, "`samples_per_epoch` must be an integer of at least 1"),
+        ({"val_fraction": 1.0}, r"`val_fraction` must be a number in \(0, 1\)"),
+        ({"num_workers": -1}, "`num_workers` must be an integer of at least 0"),
+    ],
+)
+def test_encoder_train_config_checks_its_values(kw: dict, match: str) -> None:
+    task = parse_task_spec("a=class:/x")
+    with pytest.raises(OptionError, match=match):
+        EncoderTrainConfig(tasks=(task,), **kw)
+    cfg = EncoderTrainConfig(tasks=(task,))
+    assert dataclasses.replace(cfg, epochs=3).epochs == 3 and cfg.epochs == 20  # frozen; copies are checked too
+    with pytest.raises(OptionError, match=match):
+        dataclasses.replace(cfg, **kw)
 
 
 # ----------------------------------------------------------------------------- module
@@ -152,7 +182,7 @@ def test_module_training_step_and_validation_metrics() -> None:
 def test_train_encoder_tiny_run(tmp_path: Path, synth: Path) -> None:
     from nic.encoders import load_encoder
 
-    cfg = TrainConfig(
+    cfg = EncoderTrainConfig(
         tasks=(
             parse_task_spec(f"tissue=class:{synth / 'tissue_type'}"),
             parse_task_spec(f"nuclei=regr:{synth / 'nuclei_density.csv'}?weight=0.5"),
@@ -190,7 +220,7 @@ def test_train_encoder_tiny_run(tmp_path: Path, synth: Path) -> None:
     ref.module.load_state_dict(state)
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(enc.embed(x), ref.embed(x), atol=1e-5)
-    with pytest.raises(DataError, match="already holds"):
+    with pytest.raises(OutputError, match="already holds training runs"):
         train_encoder(cfg, run)
     # splits keep every patch on one side
     rows = (run / "splits.csv").read_text().splitlines()[1:]
@@ -201,7 +231,9 @@ def test_train_encoder_tiny_run(tmp_path: Path, synth: Path) -> None:
 
 
 def test_train_encoder_bad_dataset_fails_before_training(tmp_path: Path) -> None:
-    cfg = TrainConfig(tasks=(parse_task_spec(f"x=class:{tmp_path / 'nothing.csv'}"),), encoder=TINY, progress=False)
+    cfg = EncoderTrainConfig(
+        tasks=(parse_task_spec(f"x=class:{tmp_path / 'nothing.csv'}"),), encoder=TINY, progress=False
+    )
     with pytest.raises(DataError, match="does not exist"):
         train_encoder(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -291,16 +323,16 @@ def test_cli_train_probe_preview(tmp_path: Path, synth: Path) -> None:
     assert Image.open(pic).size == (5 * 32 + 4 * 4, 3 * 32 + 2 * 4)
 
 
-def test_cli_probe_published_weights_on_lc25000_subset(tmp_path: Path) -> None:
-    rows = (LC / "labels.csv").read_text().splitlines()
+def test_cli_probe_published_weights_on_lc25000_subset(tmp_path: Path, keras_dir: Path, lc25000: Path) -> None:
+    rows = (lc25000 / "labels.csv").read_text().splitlines()
     header, body = rows[0], rows[1:]
     keep = [r for r in body if int(r.rsplit("_g", 1)[1]) < 12]  # 12 source groups per class
-    (tmp_path / "sub.csv").write_text("\n".join([header] + [f"{LC}/{r}" for r in keep]) + "\n")
+    (tmp_path / "sub.csv").write_text("\n".join([header] + [f"{lc25000}/{r}" for r in keep]) + "\n")
     r = _run(
         [
             "probe",
             "--encoder",
-            str(KERAS / "encoder_multitask-4.h5"),
+            str(keras_dir / "encoder_multitask-4.h5"),
             "--data",
             str(tmp_path / "sub.csv"),
             "--group-col",
@@ -330,14 +362,14 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str]) ->
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
 
 
-def test_cli_nuclei_patches(tmp_path: Path) -> None:
+def test_cli_nuclei_patches(tmp_path: Path, shared_data: Path) -> None:
     import shutil
 
     stem = "TCGA-B0-5698-01Z-00-DX1"
     (tmp_path / "img").mkdir()
     (tmp_path / "ann").mkdir()
-    shutil.copy(DATA / "monuseg" / "images" / f"{stem}.tif", tmp_path / "img")
-    shutil.copy(DATA / "monuseg" / "binary_masks" / f"{stem}.png", tmp_path / "ann")
+    shutil.copy(shared_data / "monuseg" / "images" / f"{stem}.tif", tmp_path / "img")
+    shutil.copy(shared_data / "monuseg" / "binary_masks" / f"{stem}.png", tmp_path / "ann")
     r = _run(["nuclei-patches", str(tmp_path / "img"), str(tmp_path / "ann"), "--out", str(tmp_path / "out")])
     assert r.exit_code == 2 and "um/px" in r.output  # masks state no pixel size
     r = _run(

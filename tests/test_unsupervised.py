@@ -12,10 +12,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from nic.encoder_training._sampling import SlidePairs, SlidePatches, SlidePatchSampler, slide_paths
-from nic.errors import DataError
-
-from .conftest import KERAS
+from nic.encoder_training import SlidePairs, SlidePatches, SlidePatchSampler, slide_paths
+from nic.errors import DataError, OptionError, OutputError
 
 TINY = "nic-cnn?width=8&code_size=8&patch_size=32&depth=2"
 RADIUS = 0.36  # of the image side: the tissue disc of a generated slide
@@ -72,6 +70,31 @@ def test_slide_paths_folder_csv_and_fallback_mpp(slides: Path, tmp_path: Path) -
     assert found[3].open().mpp == (0.25, 0.25) and found[0].open().mpp == (0.5, 0.5)
     with pytest.raises(DataError, match="no such slide"):
         slide_paths([tmp_path / "missing.svs"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden.png").write_bytes(b"")
+    with pytest.raises(DataError, match="no slide files inside"):  # nic.slide says what is a slide
+        slide_paths([tmp_path / "empty"])
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"method": "simclr"}, "`method` must be one of vae, contrastive, bigan"),
+        ({"slides": ()}, "learns from slides; give `slides`"),
+        ({"batch_size": 1}, "`batch_size` must be an integer of at least 2"),
+        ({"patches": 1}, "`patches` must be an integer of at least 2"),
+        ({"lr": -1.0}, "`lr` must be a number greater than 0"),
+        ({"min_tissue": 1.5}, r"`min_tissue` must be a number in \[0, 1\]"),
+        ({"balance": "patients"}, "`balance` must be one of cells, slides"),
+    ],
+)
+def test_unsupervised_config_checks_its_values(kw: dict, match: str) -> None:
+    from nic.encoder_training import UnsupervisedConfig
+
+    with pytest.raises(OptionError, match=match):
+        UnsupervisedConfig(**{"method": "vae", "slides": ("s.svs",), **kw})
+    cfg = UnsupervisedConfig(method="vae", slides=("s.svs",))
+    assert (cfg.epochs, cfg.early_stopping_patience, cfg.batch_size) == (5, 4, 64)  # its own defaults, and shared
 
 
 def test_sampler_is_seeded_and_patches_lie_in_tissue(slides: Path) -> None:
@@ -123,8 +146,7 @@ def test_mean_rgb_codes_are_the_mean_colour_and_compress_without_random_init(sli
     import zarr
 
     from nic.compress import compress_slide
-    from nic.encoders import load_encoder, save_encoder
-    from nic.encoders._io import require_weights
+    from nic.encoders import load_encoder, require_weights, save_encoder
 
     enc = load_encoder("mean-rgb")
     rng = np.random.default_rng(0)
@@ -158,7 +180,7 @@ def _val_curve(run: Path, key: str) -> list[float]:
 @pytest.mark.parametrize("method", ["vae", "contrastive", "bigan"])
 def test_method_trains_exports_and_compresses(method: str, slides: Path, tmp_path: Path) -> None:
     from nic.compress import compress_slide
-    from nic.encoder_training._unsupervised import UnsupervisedConfig, train_unsupervised
+    from nic.encoder_training import UnsupervisedConfig, train_unsupervised
     from nic.encoders import load_encoder
 
     cfg = UnsupervisedConfig(
@@ -192,7 +214,7 @@ def test_method_trains_exports_and_compresses(method: str, slides: Path, tmp_pat
     assert enc.source["method"] == method
     store = compress_slide(slides / "s1.png", enc, tmp_path / "compressed", mpp=0.5, workers=0)
     assert (store / "zarr.json").is_file()
-    with pytest.raises(DataError, match="already holds"):
+    with pytest.raises(OutputError, match="already holds training runs"):
         train_unsupervised(cfg, run)
 
 
@@ -233,16 +255,15 @@ def test_demo_encoder_stage_trains_an_unsupervised_encoder(tmp_path: Path) -> No
     assert any("preview" in line for line in lines)
 
 
-def test_concat_encoders_codes_provenance_and_compression(slides: Path, tmp_path: Path) -> None:
+def test_concat_encoders_codes_provenance_and_compression(slides: Path, tmp_path: Path, keras_dir: Path) -> None:
     import zarr
 
     from nic.cli import app
     from nic.compress import compress_slide
-    from nic.encoders import load_encoder
-    from nic.encoders._concat import concat_encoders
+    from nic.encoders import concat_encoders, load_encoder
     from nic.errors import EncoderError
 
-    bigan = KERAS / "encoder_bigan.h5"
+    bigan = keras_dir / "encoder_bigan.h5"
     parts = [load_encoder("mean-rgb"), load_encoder(bigan)]
     both = concat_encoders(parts)
     rng = np.random.default_rng(1)
@@ -282,3 +303,19 @@ def test_balance_slides_draws_small_slides_as_often_as_large_ones(tmp_path: Path
     assert share[0] < 0.2 and 0.45 < share[1] < 0.55
     s, _, _ = by_slides.neighbour_pairs(2000, seed=0)
     assert 0.45 < np.mean(s == 1) < 0.55  # positives from the same mix of slides as negatives
+
+
+def test_preview_grid_lays_tiles_out_like_a_plain_loop() -> None:
+    """Rows of different lengths on white, each tile resized to ``size`` px, ``gap`` px apart
+    (the one grid of :func:`nic.explain.image_grid`, checked against a brute-force loop)."""
+    from nic.encoder_training._unsupervised import preview_grid
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.rand(3, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)]
+    size, gap = 16, 4
+    want = np.full((2 * (size + gap) - gap, 3 * (size + gap) - gap, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        big = r.repeat_interleave(2, 2).repeat_interleave(2, 3)  # nearest-neighbour x2
+        for j, t in enumerate((big.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)):
+            want[i * (size + gap) : i * (size + gap) + size, j * (size + gap) : j * (size + gap) + size] = t
+    np.testing.assert_array_equal(preview_grid(rows, size, gap), want)

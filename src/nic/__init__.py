@@ -7,8 +7,9 @@ Modules, data flowing down:
 - ``nic.grid``      the patch grid at a target um/px, with tissue fractions
 - ``nic.encoders``  the encoder registry (NIC CNN, timm, published Keras weights), weights I/O
 - ``nic.dihedral``  the 8 rotations/flips of the square, in one order for patches, grids and maps
+- ``nic.metrics``   AUC, c-index, Spearman, accuracy ... as pure numpy functions, one definition for every layer
 - ``nic.store``     the compressed-slide format (zarr): one group per slide
-- ``nic.compress``  slide -> compressed slide: parallel reading, batched encoding, resumable
+- ``nic.compress``  slide -> compressed slide: parallel reading, batched encoding, resumable; cohorts on Dask
 - ``nic.audit``     a cohort's readability, um/px, magnification and pyramid, before compressing
 - ``nic.bags``      feature bags of TRIDENT, CLAM and STAMP to and from stores
 - ``nic.patches``   labelled patch datasets, nuclei annotations, colour augmentation

@@ -1,8 +1,12 @@
-"""Writing results without losing any: writability checked before the work, folders and
-files replaced only once the new one is whole.
+"""Writing results without losing any: writability checked before the work, existing
+results refused unless they are to be replaced, folders and files replaced only once the
+new one is whole.
 
 - :func:`check_writable`: one clean error, before hours of computing, when an output
   cannot be written (read-only folder, a file where a folder should be).
+- :func:`check_new_file` / :func:`check_new_folder`: the refusal to overwrite a result
+  (unless ``overwrite``), then :func:`check_writable`; every writer of a file or folder
+  asks them, so the refusal reads the same everywhere.
 - :func:`staged_folder`: a run folder is built as a hidden sibling
   ``.<name>.partial-<random>`` and renamed into place at the end; the folder it replaces
   (``overwrite``) stays untouched until then, so a crash or a kill leaves either the old
@@ -10,24 +14,38 @@ files replaced only once the new one is whole.
   are removed by the next run.
 - :func:`write_atomic`: the same for one file (write a sibling, then ``os.replace``).
 - :func:`save_safetensors`: weights with the file mode every other output gets (umask).
+- :func:`file_sha256`: the checksum recorded for the files a result came from (weights,
+  feature files, slides).
+
+Errors are :class:`~nic.errors.OutputError`; ``param`` names the parameter that holds
+the path (``out`` unless said otherwise), so the message says what to change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nic.errors import DataError, NicError
+from nic.errors import OutputError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_writable", "staged_folder", "write_atomic", "save_safetensors"]
+__all__ = [
+    "check_writable",
+    "check_new_file",
+    "check_new_folder",
+    "staged_folder",
+    "write_atomic",
+    "save_safetensors",
+    "file_sha256",
+]
 
 _PID_FILE = ".nic-partial"
 
@@ -39,23 +57,58 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_writable(path: str | Path, option: str = "--out", error: type[NicError] = DataError) -> None:
-    """Raise ``error`` (one line) unless ``path`` (a file or folder to create or replace)
-    can be written: its nearest existing folder must accept a new file."""
+def check_writable(path: str | Path, param: str = "out") -> None:
+    """Raise :class:`OutputError` (one line) unless ``path`` (a file or folder to create or
+    replace) can be written: its nearest existing folder must accept a new file."""
     p = Path(path)
     base = _existing_ancestor(p if not p.exists() or p.is_dir() else p.parent)
     if base == p and p.exists() and not p.is_dir():
         base = p.parent
     if not base.is_dir():
-        raise error(f"{p}: {base} is a file, not a folder; choose another {option}")
+        raise OutputError(f"{p}: {base} is a file, not a folder; choose another `{param}`")
     try:
         with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
-        raise error(
-            f"{p}: cannot write in {base} ({e.strerror or e}); choose another {option}, or free space or fix "
+        raise OutputError(
+            f"{p}: cannot write in {base} ({e.strerror or e}); choose another `{param}`, or free space or fix "
             "permissions there"
         ) from e
+
+
+def check_new_file(path: str | Path, overwrite: bool = False, param: str = "out") -> None:
+    """Refuse to write the file ``path`` over a folder, or over an existing file unless
+    ``overwrite``; then :func:`check_writable`.  Call it before the work, not after."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{p}: is a folder; `{param}` is the file to write")
+    if p.exists() and not overwrite:
+        raise OutputError(f"{p}: exists; pass `overwrite=True` to replace it, or choose another `{param}`")
+    check_writable(p, param)
+
+
+def check_new_folder(
+    out: str | Path,
+    overwrite: bool | None = False,
+    holds: Iterable[str] | None = None,
+    what: str = "results",
+    param: str = "out",
+) -> None:
+    """Refuse to write into the folder ``out`` when it is a file, or when it already holds
+    a result: any of the names ``holds`` (``None``: anything at all).  ``overwrite``
+    ``True`` allows writing over that result; ``None`` says the writer never replaces one
+    (the message then offers only another folder).  Then :func:`check_writable`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose another `{param}`")
+    if out.is_dir() and not overwrite:
+        names = list(holds) if holds is not None else None
+        taken = any(out.iterdir()) if names is None else any((out / n).exists() for n in names)
+        if taken:
+            fix = "" if overwrite is None else "pass `overwrite=True` to replace it, or "
+            never = f" ({what} are never overwritten)" if overwrite is None else ""
+            raise OutputError(f"{out}: already holds {what}; {fix}choose another `{param}`{never}")
+    check_writable(out, param)
 
 
 def _alive(pid: int) -> bool:
@@ -80,22 +133,17 @@ def _remove_dead_partials(out: Path) -> None:
 
 @contextlib.contextmanager
 def staged_folder(out: str | Path, replace: bool = False, is_ours: Callable[[Path], bool] | None = None,
-                  option: str = "--out") -> Iterator[Path]:  # fmt: skip
+                  param: str = "out") -> Iterator[Path]:  # fmt: skip
     """Yield a fresh hidden folder beside ``out``; on a clean exit it becomes ``out``.
 
-    An existing, non-empty ``out`` is a :class:`DataError` unless ``replace``, and then
+    An existing, non-empty ``out`` is an :class:`OutputError` unless ``replace``, and then
     only when ``is_ours(out)`` says it is a result this program wrote.  On an exception the
     staged folder is removed and ``out`` stays as it was.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another {option}")
-    if out.is_dir() and any(out.iterdir()):
-        if not replace:
-            raise DataError(f"{out}: exists; pass --overwrite to replace it or choose another {option}")
-        if is_ours is not None and not is_ours(out):
-            raise DataError(f"{out}: not a folder nic wrote; refusing to replace it, choose another {option}")
-    check_writable(out, option)
+    if replace and out.is_dir() and any(out.iterdir()) and is_ours is not None and not is_ours(out):
+        raise OutputError(f"{out}: not a folder nic wrote; refusing to replace it, choose another `{param}`")
+    check_new_folder(out, replace, what="files", param=param)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -150,3 +198,12 @@ def save_safetensors(
 
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

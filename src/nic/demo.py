@@ -49,9 +49,10 @@ class DemoConfig:
 
 def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage into ``out`` (which must be empty or absent); return a summary."""
+    from nic._outputs import check_new_folder
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: is not empty; give a new folder with --out (the demo never overwrites results)")
+    check_new_folder(out, None, what="files")  # the demo never overwrites anything
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"out": str(out), "stages": {}}
 
@@ -125,11 +126,11 @@ def _grids(paths: list[Path], say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _encoder(out: Path, config: DemoConfig, say: Callable[[str], None], slides: list[str]) -> dict[str, Any]:
-    from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
+    from nic.encoder_training import EncoderTrainConfig, parse_task_spec, train_encoder
     from nic.synth import make_patch_datasets
 
     if config.encoder_method != "multitask":
-        from nic.encoder_training._unsupervised import UnsupervisedConfig, train_unsupervised
+        from nic.encoder_training import UnsupervisedConfig, train_unsupervised
 
         ucfg = UnsupervisedConfig(
             method=config.encoder_method,
@@ -152,7 +153,9 @@ def _encoder(out: Path, config: DemoConfig, say: Callable[[str], None], slides: 
         parse_task_spec(f"nuclei=regr:{ds.nuclei_density}"),
         parse_task_spec(f"mitosis=class:{ds.mitosis}"),
     )
-    cfg = TrainConfig(tasks=tasks, encoder="nic-cnn", epochs=config.encoder_epochs, seed=config.seed, progress=False)
+    cfg = EncoderTrainConfig(
+        tasks=tasks, encoder="nic-cnn", epochs=config.encoder_epochs, seed=config.seed, progress=False
+    )
     result = train_encoder(cfg, out / "encoder_run")
     shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()) if k.startswith("val"))
     say(f"  multitask nic-cnn, {result.epochs} epochs at {result.patches_per_s:.0f} patches/s; {shown}")
@@ -182,7 +185,7 @@ def _compress(
 
 
 def _learn(out: Path, labels: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    from nic.learn import FitConfig, LabelSpec, TrainConfig, train_cv
+    from nic.learn import CVConfig, FitConfig, LabelSpec, train_cv
 
     jobs = {
         "proliferation": LabelSpec(labels, "regression", target="proliferation"),
@@ -193,7 +196,7 @@ def _learn(out: Path, labels: Path, config: DemoConfig, say: Callable[[str], Non
     results: dict[str, Any] = {}
     for name, spec in jobs.items():
         run = out / "runs" / name
-        res = train_cv(TrainConfig(out / "compressed", spec, fit, folds=config.folds, out=run, n_bootstrap=200))
+        res = train_cv(CVConfig(out / "compressed", spec, fit, folds=config.folds, out=run, n_bootstrap=200))
         shown = []
         for metric, v in res.metrics.items():
             if v.get("value") is None:

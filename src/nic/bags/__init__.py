@@ -94,7 +94,7 @@ def _slide_facts(path: Path | None, mpp: float | None) -> tuple[SlideInfo, dict[
 
 
 def _file_sha256(path: Path) -> str:
-    from nic.encoders._io import file_sha256
+    from nic._outputs import file_sha256
 
     return file_sha256(path)
 
@@ -218,7 +218,7 @@ def import_bags(
                 f"{out}: already holds stores for {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}; "
                 "pass --overwrite to replace them, or give another --out"
             )
-    check_writable(out, "--out", StoreError)
+    check_writable(out)
     planned = []
     for f in files:
         t0 = time.perf_counter()
@@ -280,16 +280,14 @@ def export_stores(
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown feature format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    from nic._outputs import check_writable
+    from nic._outputs import check_new_folder
     from nic.store import list_stores, open_store
 
     stores = [open_store(p) for p in list_stores(folder)]
     if not stores:
         raise StoreError(f"{folder}: no compressed slides to export")
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out}: already holds files; pass --overwrite to write into it, or choose another --out")
-    check_writable(out, "--out", StoreError)
+    check_new_folder(out, overwrite, what="files")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for s in stores:

@@ -2,8 +2,9 @@
 
 Each ``_*.py`` module here adds its commands to :data:`app` through ``register(app)``;
 heavy imports stay inside the command functions so ``nic --help`` is fast.  Errors a
-user can fix (:class:`nic.errors.NicError`) print as one line on stderr and exit with
-code 2; ``--debug`` shows the traceback instead.  nic's warnings print as one line each
+user can fix (:class:`nic.errors.NicError`) print as one line on stderr, with flags for
+the parameters they name (:func:`nic.cli._common.cli_message`), and exit with code 2;
+``--debug`` shows the traceback instead.  nic's warnings print as one line each
 on stderr; ``-v/--verbose`` adds its INFO lines.
 """
 
@@ -14,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from nic.cli import _audit, _compress, _demo, _encoders, _explain, _features, _learn, _slides, _synth, _train_encoder
-from nic.cli._common import setup_logging, state
+from nic.cli._common import cli_message, setup_logging, state
 
 
 class _Group(TyperGroup):
@@ -28,7 +29,7 @@ class _Group(TyperGroup):
         except NicError as e:
             if state.debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {cli_message(e)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             if state.debug:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from nic.cli._common import MppOption
+
+if TYPE_CHECKING:
+    from nic.compress import CompressOptions, SlideResult
 
 
 def register(app: typer.Typer) -> None:
@@ -56,6 +60,25 @@ def compress(
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bars on stderr (default: when stderr is a terminal)."
     ),
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
+        help="Compress on Dask, one task per slide: local or local:N (N worker processes on this machine), a "
+        "scheduler address (tcp://host:8786) or its scheduler file (.json). Needs the 'cluster' extra.",
+    ),
+    devices: str | None = typer.Option(
+        None,
+        "--devices",
+        help="One Dask worker per device on this machine: 0,1 (cuda:0, cuda:1), or cpu,cpu; slides are shared "
+        "among them. Implies --scheduler local.",
+    ),
+    torch_threads: int | None = typer.Option(
+        None,
+        "--torch-threads",
+        min=1,
+        help="With --scheduler/--devices: torch threads per worker (default: the worker's cores shared among "
+        "the Dask threads of its machine).",
+    ),
 ) -> None:
     """Compress slides into grids of codes, one zarr store per slide.
 
@@ -72,6 +95,12 @@ def compress(
     Exit codes: 0 every slide is done or skipped (complete); 1 some slide failed, was not
     run, had no tissue or is still busy (the others are complete, a rerun redoes only
     what is missing); 2 a bad option or input stopped the run before any slide.
+
+    With --scheduler or --devices the slides are shared among the workers of a Dask
+    cluster (the package's 'cluster' extra installs Dask): each worker loads the encoder
+    once and runs the same single-slide job, with the same locks, skips, summary and exit
+    codes; the slides, encoder files and --out must be at the same paths on every worker.
+    A slide whose worker dies is run again on another worker.
     """
     from rich.console import Console
 
@@ -86,7 +115,10 @@ def compress(
         overwrite=overwrite, min_tissue=min_tissue, random_init=random_init, seed=seed, busy_wait=wait_busy,
     )  # fmt: skip
     show_bars = sys.stderr.isatty() if progress is None else progress
-    results = compress_slides(files, encoder, out, options, skip_errors=skip_errors, progress=show_bars)
+    if scheduler is None and devices is None and torch_threads is None:
+        results = compress_slides(files, encoder, out, options, skip_errors=skip_errors, progress=show_bars)
+    else:
+        results = _on_cluster(files, encoder, out, options, scheduler, devices, torch_threads, skip_errors, show_bars)
     Console(width=160).print(summary_table(results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
@@ -113,6 +145,34 @@ def compress(
         )
     if failed or busy or empty:
         raise typer.Exit(1)
+
+
+def _on_cluster(
+    files: list[Path],
+    encoder: str,
+    out: Path,
+    options: CompressOptions,
+    scheduler: str | None,
+    devices: str | None,
+    torch_threads: int | None,
+    skip_errors: bool,
+    progress: bool,
+) -> list[SlideResult]:
+    """``compress`` on a Dask cluster: the cluster options checked, then
+    :func:`nic.compress.compress_on_cluster`."""
+    from nic.compress import ClusterOptions, compress_on_cluster, parse_devices
+    from nic.errors import OptionError
+
+    if scheduler is None and devices is None:
+        raise OptionError("`torch_threads` sets the threads of Dask workers; give it with `scheduler` or `devices`")
+    parsed = parse_devices(devices) if devices is not None else ()
+    if parsed and options.device not in ("cpu", "auto"):
+        raise OptionError(
+            f"`device` {options.device} and `devices` {devices} both given; `devices` places one worker per device, "
+            "so give only `devices`"
+        )
+    cluster = ClusterOptions(scheduler=scheduler or "local", devices=parsed, torch_threads=torch_threads)
+    return compress_on_cluster(files, encoder, out, options, cluster, skip_errors=skip_errors, progress=progress)
 
 
 def show(

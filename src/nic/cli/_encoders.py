@@ -23,26 +23,25 @@ def _encoders(ctx: typer.Context) -> None:
 
 @encoders_app.command("list")
 def list_cmd() -> None:
-    """Print the registered encoders and the other accepted specs."""
+    """Print the registered encoders and the other kinds of spec --encoder accepts."""
     from rich.console import Console
     from rich.table import Table
 
-    from nic.encoders import encoder_entry, list_encoders
+    from nic.cli._common import with_flags
+    from nic.encoders import encoder_entry, list_encoders, spec_kinds
 
     table = Table("name", "description", box=None, header_style="bold")
     for name in list_encoders():
         table.add_row(name, encoder_entry(name).description)
     console = Console(width=200)
     console.print(table)
-    console.print(
-        "Other specs: timm:<model>[?weights=FILE], a Keras .h5 file (published NIC weights), "
-        "or a directory/.safetensors written by 'nic encoders import-keras' or save_encoder."
-    )
+    others = [with_flags(k.form) for k in spec_kinds() if k.name != "name"]
+    console.print(f"Other specs: {'; '.join(others)}.", markup=False)
 
 
 @encoders_app.command("info")
 def info_cmd(
-    spec: str = typer.Argument(..., help="Registry name, timm:<model>, .h5, or saved encoder path."),
+    spec: str = typer.Argument(..., help="Encoder spec: a registered name or another kind ('nic encoders list')."),
     unsafe: bool = typer.Option(False, "--unsafe", help="Allow pickled checkpoints (they can run code)."),
 ) -> None:
     """Describe an encoder: architecture, code size, input patch size and um/px, checksum."""

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import typer
 
+from nic.cli._names import NamesCommand
+
 
 def heatmap(
     model: Path = typer.Option(..., "--model", help="Run folder written by `nic train`."),
     compressed: Path = typer.Option(..., "--compressed", help="Folder of compressed slides (<slide_id>.zarr)."),
     out: Path = typer.Option(..., "--out", help="Folder for <slide>.png, <slide>.heatmap.tiff, <slide>.geojson."),
     slides: list[str] = typer.Option([], "--slide", help="Slide ids to map (repeat the option); default: every store."),
-    method: str = typer.Option("auto", "--method", help="auto | gradcam | contribution | attention | input-gradient"),
+    method: str = typer.Option("auto", "--method", help="Evidence map: {names:nic.explain._heatmap:METHODS}."),
     output: str | None = typer.Option(None, "--output", help="Output to explain, e.g. prob_<class> (multiclass)."),
 ) -> None:
     """Heatmaps of a run's evidence on each slide: PNG over the thumbnail, pyramidal TIFF, QuPath GeoJSON."""
@@ -57,5 +59,5 @@ def report(
 
 def register(app: typer.Typer) -> None:
     """Add ``heatmap`` and ``report`` to ``app``."""
-    app.command("heatmap")(heatmap)
+    app.command("heatmap", cls=NamesCommand)(heatmap)
     app.command("report")(report)

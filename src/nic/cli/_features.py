@@ -7,13 +7,15 @@ from pathlib import Path
 
 import typer
 
-FORMAT_HELP = "Layout of the feature files: trident | clam | stamp."
+from nic.cli._names import NamesCommand
+
+FORMAT_HELP = "Layout of the feature files: {names:nic.bags._formats:FORMATS}."
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    app.command("import-features")(import_features)
-    app.command("export-features")(export_features)
+    app.command("import-features", cls=NamesCommand)(import_features)
+    app.command("export-features", cls=NamesCommand)(export_features)
 
 
 def import_features(

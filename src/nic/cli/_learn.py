@@ -6,6 +6,13 @@ from pathlib import Path
 
 import typer
 
+from nic._device import DEVICE_HELP
+from nic.cli._common import config_option
+from nic.cli._names import NamesCommand
+
+FIT = "nic.learn.train:FitConfig"
+CV = "nic.learn.run:CVConfig"
+
 
 def train(
     compressed: Path = typer.Option(..., "--compressed", help="Folder of compressed slides (<slide_id>.zarr)."),
@@ -19,32 +26,34 @@ def train(
     target: str | None = typer.Option(None, "--target", help="Label column (regression, binary, multiclass)."),
     time: str | None = typer.Option(None, "--time", help="Survival time column."),
     event: str | None = typer.Option(None, "--event", help="Survival event column (1 = event, 0 = censored)."),
-    model: str = typer.Option("nic-cnn", "--model", help="Slide model: nic-cnn, meanpool, abmil."),
-    folds: int = typer.Option(5, "--folds", help="Cross-validation folds (by patient)."),
-    epochs: int = typer.Option(
-        100, "--epochs", help="Most epochs per fold (early stopping on an inner validation split)."
+    model: str = config_option(FIT, "model", "Slide model: {names:nic.learn.models:list_models}."),
+    folds: int = config_option(CV, "folds", "Cross-validation folds (by patient)."),
+    epochs: int = config_option(FIT, "epochs", "Most epochs per fold (early stopping on an inner validation split)."),
+    crop: int | None = config_option(FIT, "crop", "Crop side in grid cells (default: min(400, largest grid side))."),
+    batch_size: int = config_option(FIT, "batch_size", "Slides per batch."),
+    lr: float = config_option(FIT, "lr", "Adam learning rate (divided by 10 on plateau)."),
+    patience: int = config_option(FIT, "patience", "Epochs without validation improvement before stopping."),
+    width: int = config_option(FIT, "width", "Filters / hidden units of the model."),
+    dropout: float = config_option(FIT, "dropout", "Dropout rate (channel dropout in nic-cnn)."),
+    pool: str = config_option(FIT, "pool", "nic-cnn global pooling: {names:nic.learn.models:POOLS}."),
+    target_transform: str = config_option(
+        FIT,
+        "target_transform",
+        "Regression target before the standard score: {names:nic.learn.targets:TARGET_TRANSFORMS}"
+        " (auto: log when it makes non-negative targets less skewed).",
     ),
-    crop: int | None = typer.Option(
-        None, "--crop", help="Crop side in grid cells [default: min(400, largest grid side)]."
-    ),
-    batch_size: int = typer.Option(16, "--batch-size", help="Slides per batch."),
-    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate (divided by 10 on plateau)."),
-    patience: int = typer.Option(20, "--patience", help="Epochs without validation improvement before stopping."),
-    width: int = typer.Option(128, "--width", help="Filters / hidden units of the model."),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout rate (channel dropout in nic-cnn)."),
-    pool: str = typer.Option("maxmean", "--pool", help="nic-cnn global pooling: maxmean | max | mean | attention."),
-    ties: str = typer.Option("efron", "--ties", help="Cox ties: efron | breslow."),
-    seed: int = typer.Option(0, "--seed", help="Seed of splits, crops and weights."),
+    ties: str = config_option(FIT, "ties", "Cox ties: efron | breslow."),
+    seed: int = config_option(FIT, "seed", "Seed of splits, crops and weights."),
     slide_column: str = typer.Option("slide", "--slide-column", help="Slide column of the labels CSV."),
     patient_column: str = typer.Option("patient", "--patient-column", help="Patient column of the labels CSV."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto (cuda when available), cpu, cuda, cuda:1."),
+    threads: int | None = config_option(CV, "threads", "CPU threads for torch (default: torch's)."),
+    device: str = config_option(FIT, "device", f"torch device: {DEVICE_HELP}."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
     """Cross-validated training of a slide-level model; prints the pooled out-of-fold metrics."""
-    from nic.learn import FitConfig, LabelSpec, TrainConfig, train_cv
+    from nic.learn import CVConfig, FitConfig, LabelSpec, train_cv
 
-    cfg = TrainConfig(
+    cfg = CVConfig(
         compressed=compressed,
         labels=LabelSpec(labels, task, target, time, event, slide_column, patient_column),  # type: ignore[arg-type]
         fit=FitConfig(
@@ -57,6 +66,7 @@ def train(
             width=width,
             dropout=dropout,
             pool=pool,
+            target_transform=target_transform,
             ties=ties,
             seed=seed,
             device=device,
@@ -66,11 +76,6 @@ def train(
         overwrite=overwrite,
         threads=threads,
     )
-    cfg.labels.check()
-    if ties not in ("efron", "breslow"):
-        from nic.errors import DataError
-
-        raise DataError(f"--ties must be efron or breslow, got {ties!r}")
     res = train_cv(cfg)
     for name, m in res.metrics.items():
         lo, hi = m["ci95"]
@@ -91,15 +96,10 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output CSV."),
 ) -> None:
     """Apply a trained run (the mean of its fold models) to a folder of compressed slides."""
-    from nic._outputs import check_writable, write_atomic
-    from nic.errors import DataError
+    from nic._outputs import check_new_file, write_atomic
     from nic.learn import predict_run
 
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise DataError(f"{out}: is a folder; --out is the CSV file to write")
-    check_writable(out)  # before the work, not after it
+    check_new_file(out, overwrite)  # before the work, not after it
     if threads:
         import torch
 
@@ -112,5 +112,5 @@ def predict(
 
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``predict`` to ``app``."""
-    app.command("train")(train)
+    app.command("train", cls=NamesCommand)(train)
     app.command("predict")(predict)

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import typer
 
+from nic.cli._common import config_option
+
+COHORT = "nic.synth._cohort:CohortConfig"
+
 synth_app = typer.Typer(
     name="synth",
     help="Generate synthetic slides, cohorts and patch datasets (demos, tests, benchmarks).",
@@ -35,15 +39,12 @@ def cohort(
     size: int = typer.Option(8192, "--size", help="Level-0 side of each slide in px at 0.5 um/px (rounded up to 256)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same files."),
     workers: int = typer.Option(1, "--workers", help="Processes writing slides in parallel."),
-    quality: int = typer.Option(80, "--quality", help="JPEG quality of the tiles (1-100)."),
+    quality: int = config_option(COHORT, "quality", "JPEG quality of the tiles (1-100)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace slides already in OUT."),
 ) -> None:
     """Write procedural H&E-like slides with patient labels (proliferation, growth pattern, survival)."""
-    from nic.errors import DataError
     from nic.synth import CohortConfig, make_cohort
 
-    if not 1 <= quality <= 100:
-        raise DataError(f"--quality must be between 1 and 100, got {quality}")
     c = make_cohort(
         out,
         slides,

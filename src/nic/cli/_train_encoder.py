@@ -7,8 +7,11 @@ inside the functions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
+
+from nic.cli._common import config_option, flag, library_default
 
 _DATASET_HELP = (
     "Dataset: [class:|regr:]PATH[?mpp=UM_PX&group=COL&label=COL]. PATH is a folder of class folders "
@@ -26,11 +29,25 @@ _TASK_HELP = (
 )
 
 
+MULTITASK = "nic.encoder_training._config:EncoderTrainConfig"
+UNSUPERVISED = "nic.encoder_training._config:UnsupervisedConfig"
+AUGMENT = "nic.patches.augment:AugmentConfig"
+
+
 def _threads(n: int | None) -> None:
     import torch
 
     if n:
         torch.set_num_threads(n)
+
+
+def _per_method(name: str, help: str, *decls: str) -> Any:
+    """An option of both kinds of run whose default is each config's own (``None`` here)."""
+    multitask, unsupervised = library_default(MULTITASK, name), library_default(UNSUPERVISED, name)
+    if multitask == unsupervised:
+        return typer.Option(multitask, flag(name), *decls, help=help)
+    shown = f"{multitask} (multitask), {unsupervised if unsupervised is not None else 'per method'} (unsupervised)"
+    return typer.Option(None, flag(name), *decls, help=help, show_default=shown)
 
 
 def train_encoder_cmd(
@@ -50,47 +67,50 @@ def train_encoder_cmd(
         help="Unsupervised methods: slides to sample tissue patches from, repeatable: files, folders, or CSVs "
         "with a 'slide' or 'path' column (and optionally 'mpp').",
     ),
-    slide_mpp: float = typer.Option(
-        0.0, "--slide-mpp", help="Level-0 um/px of slides whose files state none (e.g. 0.25 for 40x images)."
+    slide_mpp: float | None = config_option(
+        UNSUPERVISED, "slide_mpp", "Level-0 um/px of slides whose files state none (e.g. 0.25 for 40x images)."
     ),
-    patches: int = typer.Option(
-        4000, "--patches", help="Unsupervised methods: training patches (pairs for contrastive), drawn once by --seed."
+    patches: int = config_option(
+        UNSUPERVISED, "patches", "Unsupervised methods: training patches (pairs for contrastive), drawn once by --seed."
     ),
-    val_patches: int = typer.Option(256, "--val-patches", help="Unsupervised methods: validation patches (pairs)."),
-    kl_weight: float = typer.Option(0.01, "--kl-weight", help="VAE: weight of the KL term (small)."),
-    encoder: str = typer.Option(
-        "nic-cnn",
-        "--encoder",
+    val_patches: int = config_option(UNSUPERVISED, "val_patches", "Unsupervised methods: validation patches (pairs)."),
+    kl_weight: float = config_option(UNSUPERVISED, "kl_weight", "VAE: weight of the KL term (small)."),
+    encoder: str = _per_method(
+        "encoder",
+        "Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune).",
         "-e",
-        help="Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune).",
     ),
-    epochs: int = typer.Option(20, "--epochs", help="Maximum epochs (early stopping may end sooner)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Patches per batch, all tasks mixed."),
-    lr: float = typer.Option(
-        0.0,
+    epochs: int | None = _per_method("epochs", "Maximum epochs (early stopping may end sooner)."),
+    batch_size: int = _per_method("batch_size", "Patches per batch, all tasks mixed."),
+    lr: float | None = typer.Option(
+        None,
         "--lr",
-        help="Adam learning rate (0 = the method's default: 1e-3, 2e-4 for bigan); multitask divides it by 10 "
-        "on a validation plateau.",
+        help="Adam learning rate; multitask divides it by 10 on a validation plateau.",
+        show_default=f"{library_default(MULTITASK, 'lr')} (multitask); vae, contrastive 1e-3, bigan 2e-4",
     ),
     aug_strength: float = typer.Option(
-        1.0, "--aug-strength", help="Colour/geometry augmentation strength (0 = none, 1 = default heavy)."
+        library_default(AUGMENT, "strength"),
+        "--aug-strength",
+        help="Colour/geometry augmentation strength (0 = none, 1 = default heavy).",
     ),
-    sampling: str = typer.Option(
-        "proportional", "--sampling", help="'proportional' (by dataset size) or 'balanced' (tasks equally often)."
+    sampling: str = config_option(
+        MULTITASK, "sampling", "'proportional' (by dataset size) or 'balanced' (tasks equally often)."
     ),
-    samples_per_epoch: int = typer.Option(
-        0, "--samples-per-epoch", help="Epoch length in patches (0 = all training patches)."
+    samples_per_epoch: int | None = config_option(
+        MULTITASK, "samples_per_epoch", "Epoch length in patches (default: all training patches)."
     ),
-    max_per_task: int = typer.Option(
-        0, "--max-per-task", help="Use at most this many training patches per task (0 = all)."
+    max_per_task: int | None = config_option(
+        MULTITASK, "max_per_task", "Use at most this many training patches per task (default: all)."
     ),
-    val_fraction: float = typer.Option(
-        0.2, "--val-fraction", help="Fraction of each task's groups held out for validation."
+    val_fraction: float = config_option(
+        MULTITASK, "val_fraction", "Fraction of each task's groups held out for validation."
     ),
-    patience: int = typer.Option(6, "--patience", help="Early stopping: epochs without val_loss improvement."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (splits, sampling, augmentation, init)."),
-    workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
-    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch default)."),
+    patience: int | None = _per_method(
+        "early_stopping_patience", "Early stopping: epochs without val_loss improvement."
+    ),
+    seed: int = _per_method("seed", "Random seed (splits, sampling, augmentation, init)."),
+    workers: int = _per_method("num_workers", "Data-loading worker processes."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train a patch encoder and export it to OUT/encoder (use it with 'nic compress --encoder OUT/encoder').
@@ -99,65 +119,41 @@ def train_encoder_cmd(
     its own task. vae, contrastive, bigan: unsupervised, on tissue patches sampled from
     --slides (no labels); OUT/preview.png shows what it learns after every epoch.
     """
-    from nic.encoder_training import TrainConfig, parse_task_spec, train_encoder
-    from nic.errors import DataError
+    from nic.encoder_training import (
+        METHODS,
+        EncoderTrainConfig,
+        UnsupervisedConfig,
+        parse_task_spec,
+        train_encoder,
+        train_unsupervised,
+    )
+    from nic.errors import OptionError, check_choice
     from nic.patches.augment import AugmentConfig
 
+    check_choice("method", method, ("multitask", *METHODS))
     _threads(threads)
-    if method != "multitask":
-        from nic.encoder_training._unsupervised import UnsupervisedConfig, train_unsupervised
-
+    # options left out take each config's own default
+    given = {"epochs": epochs, "lr": lr, "early_stopping_patience": patience}
+    shared = {k: v for k, v in given.items() if v is not None}
+    shared |= {"encoder": encoder, "batch_size": batch_size, "augment": AugmentConfig(strength=aug_strength),
+               "seed": seed, "num_workers": workers, "progress": progress}  # fmt: skip
+    if method == "multitask":
+        if slides:
+            raise OptionError("--slides is for the unsupervised methods; give --method vae, contrastive or bigan")
+        tasks = tuple(parse_task_spec(t) for t in task or ())
+        config = EncoderTrainConfig(tasks=tasks, sampling=sampling, samples_per_epoch=samples_per_epoch,
+                                    max_per_task=max_per_task, val_fraction=val_fraction, **shared)  # fmt: skip
+        result, items = train_encoder(config, out), "patches"
+    else:
         if task:
-            raise DataError(f"--method {method} learns without labels; drop --task (or use --method multitask)")
-        uconfig = UnsupervisedConfig(
-            method=method,
-            slides=tuple(slides or ()),
-            slide_mpp=slide_mpp or None,
-            encoder=encoder,
-            patches=patches,
-            val_patches=val_patches,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr or None,
-            kl_weight=kl_weight,
-            augment=AugmentConfig(strength=aug_strength),
-            early_stopping_patience=patience,
-            seed=seed,
-            num_workers=workers,
-            progress=progress,
-        )
-        result = train_unsupervised(uconfig, out)
-        typer.echo(f"encoder: {result.encoder_path.parent}")
-        typer.echo(f"preview: {out / 'preview.png'}")
-        typer.echo(f"epochs: {result.epochs}, training: {result.patches_per_s:.1f} items/s")
-        for k, v in sorted(result.metrics.items()):
-            typer.echo(f"{k}: {v:.4f}")
-        return
-    if not task:
-        raise DataError(
-            "--method multitask needs at least one --task NAME=KIND:PATH (or choose vae, contrastive, bigan)"
-        )
-    if slides:
-        raise DataError("--slides is for the unsupervised methods; give --method vae, contrastive or bigan")
-    config = TrainConfig(
-        tasks=tuple(parse_task_spec(t) for t in task),
-        encoder=encoder,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr or 1e-3,
-        sampling=sampling,
-        samples_per_epoch=samples_per_epoch or None,
-        max_per_task=max_per_task or None,
-        val_fraction=val_fraction,
-        early_stopping_patience=patience,
-        augment=AugmentConfig(strength=aug_strength),
-        seed=seed,
-        num_workers=workers,
-        progress=progress,
-    )
-    result = train_encoder(config, out)
+            raise OptionError(f"--method {method} learns without labels; drop --task (or use --method multitask)")
+        uconfig = UnsupervisedConfig(method=method, slides=tuple(slides or ()), slide_mpp=slide_mpp, patches=patches,
+                                     val_patches=val_patches, kl_weight=kl_weight, **shared)  # fmt: skip
+        result, items = train_unsupervised(uconfig, out), "items"
     typer.echo(f"encoder: {result.encoder_path.parent}")
-    typer.echo(f"epochs: {result.epochs}, training: {result.patches_per_s:.1f} patches/s")
+    if method != "multitask":
+        typer.echo(f"preview: {out / 'preview.png'}")
+    typer.echo(f"epochs: {result.epochs}, training: {result.patches_per_s:.1f} {items}/s")
     for k, v in sorted(result.metrics.items()):
         typer.echo(f"{k}: {v:.4f}")
 
@@ -215,7 +211,7 @@ def augment_preview_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output picture (.png or .jpg)."),
     n: int = typer.Option(6, "--n", help="Number of patches (rows)."),
     variants: int = typer.Option(7, "--variants", help="Augmented variants per patch (columns after the original)."),
-    strength: float = typer.Option(1.0, "--strength", help="Augmentation strength."),
+    strength: float = config_option(AUGMENT, "strength", "Augmentation strength."),
     patch_size: int = typer.Option(128, "--patch-size", help="Patch size in pixels."),
     seed: int = typer.Option(0, "--seed", help="Random seed (patch choice and augmentation)."),
 ) -> None:
@@ -224,14 +220,18 @@ def augment_preview_cmd(
     import torch
     from PIL import Image
 
-    from nic.errors import DataError
+    from nic._outputs import check_writable, write_atomic
+    from nic.errors import OptionError, check_int
+    from nic.explain import image_grid
     from nic.patches import PatchDataset, read_patch_table
     from nic.patches.augment import AugmentConfig, augment
 
-    if n < 1 or variants < 1:
-        raise DataError(f"--n and --variants must be >= 1, got {n} and {variants}")
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise DataError(f"{out}: give a .png or .jpg output")
+    check_int("n", n, 1)
+    check_int("variants", variants, 1)
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    if out.suffix.lower() not in formats:
+        raise OptionError(f"{out}: --out is a .png or .jpg picture")
+    check_writable(out)
     table = read_patch_table(data)
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(table), size=min(n, len(table)), replace=False)
@@ -240,17 +240,11 @@ def augment_preview_cmd(
     g = torch.Generator()
     g.manual_seed(seed)
     cols = [patches] + [augment(patches, AugmentConfig(strength=strength), g) for _ in range(variants)]
-    grid = torch.stack(cols, 1)  # (rows, cols, 3, P, P)
-    r, c, _, p, _ = grid.shape
-    gap = 4
-    canvas = np.full((r * (p + gap) - gap, c * (p + gap) - gap, 3), 255, np.uint8)
-    for i in range(r):
-        for j in range(c):
-            tile = (grid[i, j].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            canvas[i * (p + gap) : i * (p + gap) + p, j * (p + gap) : j * (p + gap) + p] = tile
+    grid = (torch.stack(cols, 1).permute(0, 1, 3, 4, 2).numpy() * 255 + 0.5).astype(np.uint8)  # (rows, cols, P, P, 3)
+    picture = Image.fromarray(image_grid(list(grid)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out)
-    typer.echo(f"wrote {out} ({r} patches x {c - 1} variants, strength {strength})")
+    write_atomic(out, lambda tmp: picture.save(tmp, format=formats[out.suffix.lower()]))
+    typer.echo(f"wrote {out} ({grid.shape[0]} patches x {grid.shape[1] - 1} variants, strength {strength})")
 
 
 def nuclei_patches_cmd(

@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 from nic._outputs import check_writable
 from nic.compress._encode import BatchEncoder
-from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide, slide_checksum, task_shape
+from nic.compress._pipeline import CompressOptions, Decode, compress_planned, plan_slide, slide_checksum, task_shape
 from nic.compress._workers import ReaderPool
 from nic.errors import DataError, SlideError, StoreError
+from nic.slide import SLIDE_SUFFIXES, is_slide_file
 from nic.store import StoreAttrs, is_complete, slide_id_for, store_path, verify_store
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,6 @@ __all__ = [
 ]  # fmt: skip
 
 Status = Literal["done", "skipped", "no tissue", "busy", "failed", "not run"]
-
-#: File suffixes taken as slides when a folder is given.
-SLIDE_SUFFIXES = {
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
-    ".png", ".jpg", ".jpeg",
-}  # fmt: skip
 
 
 @dataclass
@@ -164,11 +159,7 @@ def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found += sorted(
-                f
-                for f in p.iterdir()
-                if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith(".")
-            )
+            found += sorted(f for f in p.iterdir() if is_slide_file(f))
         elif p.suffix.lower() == ".csv" and p.is_file():
             found += _from_csv(p)
         else:
@@ -265,7 +256,8 @@ class _Cohort:
     """Shared state of one cohort run: encoder, batch runner, reader pool."""
 
     def __init__(self, encoder: Any, out_dir: Path, options: CompressOptions, bars: _Bars) -> None:
-        self.encoder, self.out_dir, self.options, self.bars = encoder, out_dir, options, bars
+        self.encoder, self.out_dir, self.bars = encoder, out_dir, bars
+        self.options = options.resolved(int(encoder.patch_size))  # "auto" readers and batch size
         self.runner: BatchEncoder | None = None
         self.pool: ReaderPool | None = None
 
@@ -470,7 +462,7 @@ def compress_slides(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise StoreError(f"{out}: exists and is not a folder; give a folder for the compressed slides")
-    check_writable(out, "--out", StoreError)
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     bars = _Bars(progress, len(files))
     cohort = _Cohort(enc, out, options, bars)
@@ -505,8 +497,8 @@ def compress_slide(
     out_dir: str | Path,
     *,
     mpp: float | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
+    batch_size: int | Literal["auto"] = "auto",
+    workers: int | Literal["auto"] = "auto",
     device: str = "cpu",
     dihedral: bool = False,
     overwrite: bool = False,
@@ -515,6 +507,7 @@ def compress_slide(
     seed: int = 0,
     busy_wait: float = 600.0,
     progress: bool = False,
+    decode: Decode = "auto",
 ) -> Path:
     """Compress one slide into ``<out_dir>/<slide_id>.zarr`` and return the store's path.
 
@@ -527,11 +520,13 @@ def compress_slide(
     ``random_init`` (then built with torch seeded by ``seed``),
     :class:`~nic.errors.StoreError` when another process still holds the slide's lock
     after ``busy_wait`` seconds, :class:`~nic.errors.SlideError` when the slide has no
-    tissue: its store is then complete with ``n_tissue`` 0).
+    tissue: its store is then complete with ``n_tissue`` 0).  ``batch_size``, ``workers``
+    and ``decode``: see :class:`CompressOptions`.
     """
     options = CompressOptions(
         mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
         overwrite=overwrite, min_tissue=min_tissue, random_init=random_init, seed=seed, busy_wait=busy_wait,
+        decode=decode,
     )  # fmt: skip
     [result] = compress_slides([slide_path], encoder, out_dir, options, progress=progress)
     if result.exception is not None:

@@ -7,24 +7,33 @@ reader processes decode them while the main process encodes full batches; codes 
 in a buffer of one zarr chunk row (``BLOCK_ROWS`` grid rows), which is written as soon as
 all its tissue cells are encoded.  Memory is bounded by the batch, the read slots and two
 or three row blocks, whatever the slide's size.  ``complete`` is written last.
+
+Patches stay uint8 until the model call (:class:`~nic.compress._encode.BatchEncoder`,
+which encodes one batch per core on a CPU).  With a CUDA device, slides stored as JPEG
+tiles are decoded on the device instead (:mod:`nic.compress._tiles`), without reader
+processes.  :func:`auto_settings` sizes the readers and the batch from the cores and the
+device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
+import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from nic.compress._encode import DIHEDRAL_ORDER, BatchEncoder, Precision
+from nic.compress._tiles import DeviceTiles, open_device_tiles
 from nic.compress._workers import ReaderPool, ReadTask, Transport, read_patches
 from nic.errors import MppError
 from nic.grid import PatchGrid, patch_grid
@@ -37,6 +46,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MPP_TOLERANCE",
     "CompressOptions",
+    "Decode",
+    "auto_settings",
     "SlidePlan",
     "check_mpp",
     "compress_planned",
@@ -61,24 +72,68 @@ FULL_HASH_BYTES = 64 * 2**20
 _SAMPLES, _SAMPLE_BYTES = 16, 2**20
 
 
+Decode = Literal["auto", "readers", "device"]
+Auto = Literal["auto"]
+
+
+def auto_settings(cpus: int, device: str, patch: int) -> tuple[int, int]:
+    """(reader processes, batch size) for ``cpus`` cores, a ``device`` type ("cpu", "cuda",
+    "mps") and ``patch``-pixel patches.
+
+    Readers: on a CPU the encoder needs the cores and decoding costs about a ninth of the
+    smallest encoder's time (libjpeg-turbo ~0.1 ms per 128 px patch against ~1 ms for
+    nic-cnn on one core), so one reader per 8 cores, at least one: 1 on 2-15 cores, 2 on
+    16.  One reader decodes ~5,000 patches/s, more than a CPU encodes; more readers only
+    take cores from the encoder.  On an accelerator the encoder needs one core
+    to feed it and the other cores decode: ``cpus - 1`` readers, at least 1, at most 32
+    (a 16-core GPU machine gets 15; JPEG slides on CUDA are decoded on the device anyway,
+    the readers serve the other formats).
+
+    Batch: on a CPU one batch per core is encoded at once (see
+    :class:`~nic.compress._encode.BatchEncoder`), so about 256 patches in flight in all:
+    64 up to 4 cores, then 256 / cores as a power of two, at least 16 (throughput per core
+    is flat from ~16 patches).  On an accelerator as many patches as make about 16
+    megapixels, a power of two between 32 and 1024: 1024 at 128 px, 256 at 224 or 256 px,
+    64 at 512 px.
+    """
+    cpus = max(1, int(cpus))
+    if device == "cpu":
+        return max(1, cpus // 8), min(64, max(16, 2 ** int(math.log2(256 // cpus))))
+    batch = 2 ** int(math.log2(max(1, (16 * 2**20) // (patch * patch))))
+    return min(32, max(1, cpus - 1)), int(min(1024, max(32, batch)))
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class CompressOptions:
     """How slides are compressed.
 
     ``mpp`` overrides the slides' own level-0 um/px (None: from the file).  ``workers``:
-    reader processes (0 reads in the encoding process, without overlap).  ``dihedral``
-    stores the 8 rotations/flips of every patch.  ``min_tissue``: the share of a cell that
-    must be tissue for the cell to be encoded.  ``precision``: autocast on accelerators
-    ("auto": fp16 on CUDA, none on CPU).  ``transport``: how patches come back from the
-    readers ("shm" shared memory or "pickle").  ``random_init``: allow an encoder without
-    weights (a deliberate random baseline; refused otherwise), built with torch seeded by
-    ``seed``.  ``busy_wait``: seconds to wait, after the other slides, for slides that
-    another process holds (see :func:`nic.compress.compress_slides`).
+    reader processes (0 reads in the encoding process, without overlap) and
+    ``batch_size``: patches per encoder call; "auto" chooses both from the cores and the
+    device (:func:`auto_settings`).  ``decode``: where JPEG tiles are decoded; "auto" on
+    the device when it is CUDA and the slide allows it (:mod:`nic.compress._tiles`), else
+    by the readers; "device" on the device whatever it is (on a CPU: in the encoding
+    process); "readers" always by the readers.  ``dihedral`` stores the 8 rotations/flips
+    of every patch.  ``min_tissue``: the share of a cell that must be tissue for the cell
+    to be encoded.  ``precision``: autocast on accelerators ("auto": fp16 on CUDA, none on
+    CPU).  ``transport``: how patches come back from the readers ("shm" shared memory or
+    "pickle").  ``random_init``: allow an encoder without weights (a deliberate random
+    baseline; refused otherwise), built with torch seeded by ``seed``.  ``busy_wait``:
+    seconds to wait, after the other slides, for slides that another process holds (see
+    :func:`nic.compress.compress_slides`).
     """
 
     mpp: float | None = None
-    batch_size: int = 64
-    workers: int = 2
+    batch_size: int | Auto = "auto"
+    workers: int | Auto = "auto"
     device: str = "cpu"
     dihedral: bool = False
     overwrite: bool = False
@@ -88,16 +143,35 @@ class CompressOptions:
     random_init: bool = False
     seed: int = 0
     busy_wait: float = 600.0
+    decode: Decode = "auto"
 
     def __post_init__(self) -> None:
         if self.mpp is not None:
             check_user_mpp(self.mpp)
         if self.busy_wait < 0:
             raise ValueError(f"busy_wait must be 0 or more seconds, got {self.busy_wait}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be 'auto' or at least 1, got {self.batch_size!r}")
+        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ValueError(f"workers must be 'auto' or 0 or more, got {self.workers!r}")
+        if self.decode not in ("auto", "readers", "device"):
+            raise ValueError(f"decode must be 'auto', 'readers' or 'device', got {self.decode!r}")
+
+    def resolved(self, patch: int, cpus: int | None = None) -> CompressOptions:
+        """These options with "auto" workers and batch size replaced by :func:`auto_settings`
+        for ``patch``-pixel patches, this machine's cores (or ``cpus``) and the device."""
+        if self.workers != "auto" and self.batch_size != "auto":
+            return self
+        from nic._device import torch_device
+        from nic.errors import EncoderError
+
+        kind = torch_device(self.device, EncoderError).type
+        readers, batch = auto_settings(cpus or available_cpus(), kind, patch)
+        return dataclasses.replace(
+            self,
+            workers=readers if self.workers == "auto" else self.workers,
+            batch_size=batch if self.batch_size == "auto" else self.batch_size,
+        )
 
 
 @dataclass
@@ -280,74 +354,141 @@ class _Blocks:
             raise RuntimeError(f"internal error: row blocks {left} were not completed")
 
 
+class _Batches:
+    """Gathers patches into batches of ``runner.batch_size`` and hands them to the runner.
+
+    Host patches (uint8 (n, P, P, 3), a reader's slot or array): a whole batch that lies in
+    one array is handed over as it is (:meth:`BatchEncoder.submit_array`: read in place by
+    a one-thread CPU runner, copied once otherwise); the rest are copied into the runner's
+    input buffer.  Device patches (uint8 (n, 3, P, P), :mod:`nic.compress._tiles`)
+    are concatenated there.  ``blocks`` receives the codes.
+    """
+
+    def __init__(self, runner: BatchEncoder, blocks: _Blocks) -> None:
+        self.runner, self.blocks = runner, blocks
+        self.batch = runner.batch_size
+        self.cells = np.empty((self.batch, 2), np.int64)
+        self.filled = 0
+        self.tensors: list[Any] = []
+        self.tensor_cells: list[np.ndarray] = []
+        self.queued = 0
+
+    def _take(self, results: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        for codes, where in results:
+            self.blocks.add(codes, where)
+
+    def host(self, patches: np.ndarray, cells: np.ndarray) -> None:
+        """Encode (or buffer) host patches; ``patches`` may be reused once this returns."""
+        n, i, b = len(patches), 0, self.batch
+        while i < n:
+            if self.filled == 0 and n - i >= b:
+                self._take(self.runner.submit_array(patches[i : i + b], cells[i : i + b]))
+                i += b
+                continue
+            k = min(b - self.filled, n - i)
+            self.runner.buffer()[self.filled : self.filled + k] = patches[i : i + k]
+            self.cells[self.filled : self.filled + k] = cells[i : i + k]
+            self.filled += k
+            i += k
+            if self.filled == b:
+                self._take(self.runner.submit(self.filled, self.cells))
+                self.filled = 0
+
+    def device(self, patches: Any, cells: np.ndarray) -> None:
+        """Queue device patches; encode every full batch."""
+        import torch
+
+        self.tensors.append(patches)
+        self.tensor_cells.append(cells)
+        self.queued += len(patches)
+        if self.queued < self.batch:
+            return
+        x, c = torch.cat(self.tensors), np.concatenate(self.tensor_cells)
+        full = (len(x) // self.batch) * self.batch
+        for lo in range(0, full, self.batch):
+            self._take(self.runner.submit_tensor(x[lo : lo + self.batch], c[lo : lo + self.batch]))
+        self.tensors, self.tensor_cells = ([x[full:]], [c[full:]]) if full < len(x) else ([], [])
+        self.queued = len(x) - full
+
+    def finish(self) -> None:
+        """Encode what is left and collect what is pending."""
+        import torch
+
+        self._take(self.runner.submit(self.filled, self.cells[: self.filled]))
+        self.filled = 0
+        if self.queued:
+            self._take(self.runner.submit_tensor(torch.cat(self.tensors), np.concatenate(self.tensor_cells)))
+            self.tensors, self.tensor_cells, self.queued = [], [], 0
+        self._take(self.runner.flush())
+
+
 def encode_slide(
     plan: SlidePlan,
     runner: BatchEncoder,
     features: Any,
     pool: ReaderPool | None,
     on_patches: Callable[[int], None] | None = None,
+    tiles: DeviceTiles | None = None,
 ) -> int:
     """Encode every tissue cell of ``plan`` into ``features`` (a zarr array); returns the count.
 
-    With a ``pool``, up to ``pool.capacity`` read tasks are in flight while the current
-    batch is encoded; results are taken in task order.
+    Patches come from ``tiles`` (decoded on the device) when given, else from ``pool``
+    (up to ``pool.capacity`` read tasks in flight while the current batch is encoded;
+    results taken in task order), else are read here.
     """
     runner.reset()  # a slide that failed before may have left a batch pending
-    tissue = plan.grid.tissue
-    blocks = _Blocks(features, tissue, runner.variants, int(runner.encoder.code_size))
-    batch = runner.batch_size
-    cells = np.empty((batch, 2), np.int64)
-    filled = 0
-    done = 0
+    blocks = _Blocks(features, plan.grid.tissue, runner.variants, int(runner.encoder.code_size))
+    batches = _Batches(runner, blocks)
     tasks = plan.tasks
-    inflight: deque[tuple[Any, int]] = deque()
-    nxt = 0
-    rows, cols = task_shape(plan.grid.patch)
-    local = None if pool is not None else np.empty((rows * cols, *runner.buffer().shape[1:]), np.uint8)
+    done = 0
 
-    def top_up() -> None:
-        nonlocal nxt
-        if pool is None:
-            return
-        while nxt < len(tasks) and len(inflight) < pool.capacity:
-            inflight.append(pool.submit(tasks[nxt]))
-            nxt += 1
+    def count(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_patches is not None:
+            on_patches(n)
 
-    try:
-        top_up()
+    if tiles is not None:
+        for task, patches in tiles.stream(tasks):
+            batches.device(patches, task.cells)
+            count(task.n)
+    elif pool is None:
+        rows, cols = task_shape(plan.grid.patch)
+        local = np.empty((rows * cols, *runner.buffer().shape[1:]), np.uint8)
         for task in tasks:
-            slot = -1
-            if pool is not None:
+            batches.host(read_patches(task, slide=plan.slide, out=local), task.cells)
+            count(task.n)
+    else:
+        inflight: deque[tuple[Any, int]] = deque()
+        nxt = 0
+        try:
+            for task in tasks:
+                while nxt < len(tasks) and len(inflight) < pool.capacity:
+                    inflight.append(pool.submit(tasks[nxt]))
+                    nxt += 1
                 future, slot = inflight.popleft()
-                patches = pool.patches(future.result(), slot)
-            else:
-                patches = read_patches(task, slide=plan.slide, out=local)
-            i = 0
-            while i < task.n:
-                k = min(batch - filled, task.n - i)
-                runner.buffer()[filled : filled + k] = patches[i : i + k]
-                cells[filled : filled + k] = task.cells[i : i + k]
-                filled += k
-                i += k
-                if filled == batch:
-                    for codes, where in runner.submit(filled, cells):
-                        blocks.add(codes, where)
-                    filled = 0
-            if pool is not None:
-                pool.release(slot)
-                top_up()
-            done += task.n
-            if on_patches is not None:
-                on_patches(task.n)
-        for codes, where in runner.submit(filled, cells[:filled]):
-            blocks.add(codes, where)
-        for codes, where in runner.flush():
-            blocks.add(codes, where)
-    finally:
-        for future, _ in inflight:
-            future.cancel()
+                try:
+                    batches.host(pool.patches(future.result(), slot), task.cells)
+                finally:
+                    pool.release(slot)
+                count(task.n)
+        finally:
+            for future, _ in inflight:
+                future.cancel()
+    batches.finish()
     blocks.check_done()
     return done
+
+
+def device_tiles(plan: SlidePlan, runner: BatchEncoder, options: CompressOptions) -> DeviceTiles | None:
+    """Tiles decoded on the runner's device for this slide, when ``options.decode`` asks for
+    it ("device", or "auto" on CUDA) and the slide allows it (see :mod:`nic.compress._tiles`)."""
+    if options.decode == "readers" or (options.decode == "auto" and runner.device.type != "cuda"):
+        return None
+    tiles = open_device_tiles(plan.slide, plan.tasks, plan.grid.mpp, runner.device)
+    if tiles is None and options.decode == "device":
+        logger.info("%s: tiles decoded by reader processes (not JPEG tiles the device decodes)", plan.slide.path)
+    return tiles
 
 
 def compress_planned(
@@ -367,7 +508,12 @@ def compress_planned(
     features = create_store(
         store, int(encoder.code_size), grid.shape, grid.tissue, attrs, variants=variants, chunk=BLOCK_ROWS
     )
-    n = encode_slide(plan, runner, features, pool, on_patches)
+    tiles = device_tiles(plan, runner, options)
+    try:
+        n = encode_slide(plan, runner, features, pool if tiles is None else None, on_patches, tiles)
+    finally:
+        if tiles is not None:
+            tiles.close()
     seconds = time.perf_counter() - t0
     mark_complete(
         store, {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)}

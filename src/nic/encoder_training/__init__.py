@@ -1,7 +1,8 @@
 """Training patch encoders (supervised multitask; unsupervised VAE, contrastive, BiGAN), and
 the linear probe that compares encoders.
 
-- ``_config``  :class:`TaskSpec` (``NAME=KIND:PATH``) and :class:`TrainConfig`
+- ``_config``  :class:`TaskSpec` (``NAME=KIND:PATH``), :class:`EncoderTrainConfig` (multitask),
+  :class:`UnsupervisedConfig` and the :class:`EncoderRunSettings` they share
 - ``_losses``  the masked multitask loss and per-task metrics, as plain functions
 - ``_module``  :class:`MultitaskModule`: shared encoder + one linear head per task (Lightning)
 - ``_train``   :func:`train_encoder`: run folder, checkpoints, early stopping, export;
@@ -21,7 +22,10 @@ from typing import Any
 
 _LAZY = {
     "TaskSpec": "nic.encoder_training._config",
-    "TrainConfig": "nic.encoder_training._config",
+    "EncoderRunSettings": "nic.encoder_training._config",
+    "EncoderTrainConfig": "nic.encoder_training._config",
+    "UnsupervisedConfig": "nic.encoder_training._config",
+    "METHODS": "nic.encoder_training._config",
     "parse_task_spec": "nic.encoder_training._config",
     "masked_multitask_loss": "nic.encoder_training._losses",
     "task_metrics": "nic.encoder_training._losses",
@@ -31,9 +35,10 @@ _LAZY = {
     "train_encoder": "nic.encoder_training._train",
     "prepare_tasks": "nic.encoder_training._train",
     "make_trainer": "nic.encoder_training._train",
-    "UnsupervisedConfig": "nic.encoder_training._unsupervised",
     "train_unsupervised": "nic.encoder_training._unsupervised",
     "SlidePatchSampler": "nic.encoder_training._sampling",
+    "SlidePatches": "nic.encoder_training._sampling",
+    "SlidePairs": "nic.encoder_training._sampling",
     "slide_paths": "nic.encoder_training._sampling",
     "VaeModule": "nic.encoder_training._methods",
     "SiameseModule": "nic.encoder_training._methods",

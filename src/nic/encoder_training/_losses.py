@@ -2,7 +2,8 @@
 
 Every sample belongs to one task and is labelled for that task only, so its loss is the
 loss of its own task's head: cross-entropy for classification (target = class index),
-mean squared error for regression (target standardised by the caller).
+mean squared error for regression (target standardised by the caller).  The metrics are
+those of :mod:`nic.metrics`, the functions slide-level learning reports with too.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nic.learn.metrics import binary_auc
+from nic.metrics import accuracy, auc, mae, spearman
 
-__all__ = ["masked_multitask_loss", "accuracy", "auc", "spearman", "mae", "task_metrics"]
+__all__ = ["masked_multitask_loss", "task_metrics"]
 
 
 def masked_multitask_loss(
@@ -54,37 +55,6 @@ def masked_multitask_loss(
         total = total + w[t] * losses.sum()
         per_task[t] = losses.mean().detach()
     return total / max(n, 1), per_task
-
-
-def accuracy(y: np.ndarray, prob: np.ndarray) -> float:
-    """Fraction of class indices ``y`` (N,) equal to the argmax of ``prob`` (N, K)."""
-    return float(np.mean(np.argmax(prob, 1) == np.asarray(y))) if len(y) else float("nan")
-
-
-def auc(y: np.ndarray, prob: np.ndarray) -> float:
-    """ROC AUC of class indices ``y`` (N,) against ``prob`` (N, K): binary for K == 2,
-    else the macro mean of one-vs-rest AUCs over the classes present (Mann-Whitney, ties halved)."""
-    y = np.asarray(y).astype(int)
-    prob = np.asarray(prob, np.float64)
-    if prob.shape[1] == 2:
-        return binary_auc(y == 1, prob[:, 1])
-    vals = [binary_auc(y == k, prob[:, k]) for k in range(prob.shape[1]) if 0 < (y == k).sum() < len(y)]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
-def spearman(y: np.ndarray, pred: np.ndarray) -> float:
-    """Spearman rank correlation (NaN when either side is constant)."""
-    from scipy.stats import spearmanr
-
-    y, pred = np.asarray(y, float), np.asarray(pred, float)
-    if len(y) < 2 or np.ptp(y) == 0 or np.ptp(pred) == 0:
-        return float("nan")
-    return float(spearmanr(y, pred).statistic)
-
-
-def mae(y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean absolute error, in the target's units."""
-    return float(np.mean(np.abs(np.asarray(y, float) - np.asarray(pred, float)))) if len(y) else float("nan")
 
 
 def task_metrics(kind: str, y: np.ndarray, out: np.ndarray) -> dict[str, float]:

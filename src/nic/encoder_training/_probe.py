@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from nic.encoder_training._losses import auc, mae, spearman
 from nic.errors import DataError, NicError
+from nic.metrics import accuracy, auc, mae, spearman
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ __all__ = ["ProbeResult", "embed_table", "linear_probe", "probe_codes"]
 class ProbeResult:
     """Probe scores: ``metrics`` is the mean over repeats and ``spread`` the standard deviation.
 
-    Classification: ``accuracy`` and ``auc`` (macro one-vs-rest for > 2 classes);
+    Classification: ``accuracy`` and ``auc`` (macro one-vs-rest for > 2 classes: NaN when the
+    test part lacks one of the classes, see :func:`nic.metrics.auc`);
     regression: ``spearman`` and ``mae`` (target units).
     """
 
@@ -84,7 +85,7 @@ def probe_codes(
         model.fit(x_train, y_train)
         prob = np.zeros((len(x_test), max(n_classes, int(max(y_train.max(), y_test.max())) + 1)))
         prob[:, model.classes_] = model.predict_proba(x_test)
-        return {"accuracy": float(np.mean(prob.argmax(1) == y_test)), "auc": auc(y_test, prob)}
+        return {"accuracy": accuracy(y_test, prob), "auc": auc(y_test, prob)}
     model = pipeline.make_pipeline(preprocessing.StandardScaler(), linear_model.RidgeCV(alphas=np.logspace(-2, 4, 13)))
     model.fit(x_train, y_train)
     pred = model.predict(x_test)
@@ -109,7 +110,7 @@ def linear_probe(
     precomputed codes of ``data``.  An encoder without weights is refused
     (:class:`~nic.errors.EncoderError`) unless ``random_init`` (a deliberate baseline).
     """
-    from nic.encoders._io import require_weights
+    from nic.encoders import require_weights
     from nic.patches import group_split
 
     require_weights(encoder, None, random_init)

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from nic.errors import DataError
+from nic.errors import DataError, OptionError
+from nic.slide import SLIDE_SUFFIXES, is_slide_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SlideSource", "slide_paths", "SlidePatchSampler", "SlidePatches", "SlidePairs"]
 
-_IMAGE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".dcm", ".vms", ".png", ".jpg", ".jpeg")
 # The four neighbours of a grid cell, (row, col) offsets.
 _WHOLE_PIXELS = 17_000_000  # slides up to this many pixels at the target um/px sit in memory
 _NEIGHBOURS = np.array([(-1, 0), (1, 0), (0, -1), (0, 1)])
@@ -65,9 +65,9 @@ def slide_paths(items: list[str | Path], mpp: float | None = None) -> list[Slide
     for item in items:
         p = Path(item).expanduser()
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+            files = sorted(f for f in p.iterdir() if is_slide_file(f))
             if not files:
-                raise DataError(f"{p}: no slide files inside (looked for {', '.join(_IMAGE_SUFFIXES)})")
+                raise DataError(f"{p}: no slide files inside (looked for {', '.join(SLIDE_SUFFIXES)})")
             out += [SlideSource(f, None, mpp) for f in files]
         elif p.suffix.lower() == ".csv":
             with open(p, newline="") as f:
@@ -84,7 +84,7 @@ def slide_paths(items: list[str | Path], mpp: float | None = None) -> list[Slide
         else:
             raise DataError(f"{p}: no such slide, folder or CSV")
     if not out:
-        raise DataError("no slides given; pass --slides FILE|FOLDER|CSV")
+        raise OptionError("no slides given; pass `slides` (files, folders or CSVs)")
     return out
 
 
@@ -207,7 +207,7 @@ class SlidePatchSampler:
         Returns (slide of first (n,), first (x, y), slide of second (n,), second (x, y)).
         """
         if int((self.n_cells > 0).sum()) < 2:
-            raise DataError("pairs from different slides need at least two slides with tissue; give more --slides")
+            raise DataError("pairs from different slides need at least two slides with tissue; give more `slides`")
         rng = np.random.default_rng(seed)
         sa, pa = self.patches(n, seed=int(rng.integers(1 << 31)))
         sb, pb = self.patches(n, seed=int(rng.integers(1 << 31)))

@@ -2,7 +2,7 @@
 
 A run folder holds::
 
-    config.json        the full TrainConfig, the encoder's config, tasks, classes, target scaling
+    config.json        the full EncoderTrainConfig, the encoder's config, tasks, classes, target scaling
     splits.csv         task, split (train/val), path of every patch used
     checkpoints/       Lightning checkpoints (best by val_loss, and last)
     logs/              CSV logs (and TensorBoard, when the tensorboard package is installed)
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from nic.encoder_training._config import TrainConfig
+from nic.encoder_training._config import EncoderRunSettings, EncoderTrainConfig
 from nic.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
-def prepare_tasks(config: TrainConfig, patch_size: int, mpp: float) -> tuple[list[Any], list[Any], list[Any]]:
+def prepare_tasks(config: EncoderTrainConfig, patch_size: int, mpp: float) -> tuple[list[Any], list[Any], list[Any]]:
     """Read every task's dataset and split it by group.
 
     Returns ``(heads, train_datasets, val_datasets)``: one :class:`TaskHead` and one
@@ -96,55 +97,88 @@ def _write_splits(path: Path, heads: list[Any], train_sets: list[Any], val_sets:
                     w.writerow([h.name, split, str(p)])
 
 
-def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
+def train_encoder(config: EncoderTrainConfig, out: str | Path) -> TrainResult:
     """Train a multitask encoder as ``config`` says, in the run folder ``out``.
 
     Returns a :class:`TrainResult`; the encoder (without heads) is saved with
     :func:`nic.encoders.save_encoder` in ``out/encoder``.  Raises :class:`DataError` or
     :class:`~nic.errors.EncoderError` for bad input before any training starts, and
-    :class:`DataError` when ``out`` already holds a run.
+    :class:`~nic.errors.OutputError` when ``out`` already holds a run.
     """
-    import dataclasses
-
-    import lightning as L
-    from torch.utils.data import DataLoader
-
-    from nic.encoder_training._module import MultitaskModule
     from nic.encoders import load_encoder
-    from nic.patches import MultitaskDataset, multitask_sampler
 
-    out = Path(out)
-    if (out / "config.json").exists() or (out / "checkpoints").exists():
-        raise DataError(f"{out}: already holds a training run; give a new --out folder (runs are never overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(config.seed, workers=True, verbose=False)
+    out = start_run(out, config.seed)
     encoder = load_encoder(config.encoder)
     heads, train_sets, val_sets = prepare_tasks(config, encoder.patch_size, encoder.mpp)
+    out.mkdir(parents=True, exist_ok=True)
     _write_splits(out / "splits.csv", heads, train_sets, val_sets)
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "train": config.to_json(),
-                "encoder": encoder.config.to_json(),
-                "encoder_source": encoder.source,
-                "heads": [dataclasses.asdict(h) for h in heads],
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
-    )
+    write_run_config(out, config, encoder, heads=[dataclasses.asdict(h) for h in heads])
+    train_loader, val_loader = _multitask_loaders(config, train_sets, val_sets)
+    module = _multitask_module(config, encoder, heads)
+    trainer, ckpt, speed, precision = make_trainer(out, config, n_batches=len(train_loader))
+    logger.info("training %s on %d patches (%s), %d tasks, precision %s", encoder.name,
+                len(train_loader.dataset), config.sampling, len(heads), precision)  # fmt: skip
+    fit(trainer, module, train_loader, val_loader)
+    names = [h.name for h in heads]
+    source = {"format": "nic-train-encoder", "run": str(out.resolve()), "tasks": names}
+    best, metrics, path = export_best(trainer, ckpt, module, encoder, out, f"multitask-{'-'.join(names)}", source)
+    # The last epoch's rate: patches are cached in memory after the first epoch.
+    result = TrainResult(out, path, metrics, speed.last, int(trainer.current_epoch))
+    write_metrics(out, result, best, speed, "patches")
+    logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, speed.last, path)
+    return result
+
+
+# -- the steps every method takes -----------------------------------------------------------------
+
+
+def start_run(out: str | Path, seed: int) -> Path:
+    """The run folder ``out`` (created when the first file is written): refused when it
+    already holds a run (runs are never overwritten) or cannot be written; and every
+    generator seeded with ``seed``."""
+    import lightning as L
+
+    from nic._outputs import check_new_folder
+
+    out = Path(out)
+    check_new_folder(out, None, holds=("config.json", "checkpoints"), what="training runs")
+    L.seed_everything(seed, workers=True, verbose=False)
+    return out
+
+
+def write_run_config(out: Path, config: EncoderRunSettings, encoder: Any, **extra: Any) -> None:
+    """``out/config.json``: the run's settings, the encoder's config and source, and ``extra``."""
+    run = {"train": config.to_json(), "encoder": encoder.config.to_json(), "encoder_source": encoder.source}
+    _write_json(out / "config.json", {**run, **extra})
+
+
+def loader_args(config: EncoderRunSettings) -> dict[str, Any]:
+    """DataLoader arguments every method uses: batch size and worker processes."""
+    args: dict[str, Any] = {"batch_size": config.batch_size, "num_workers": config.num_workers}
+    if config.num_workers > 0:
+        args["persistent_workers"] = True
+    return args
+
+
+def _multitask_loaders(config: EncoderTrainConfig, train_sets: list[Any], val_sets: list[Any]) -> tuple[Any, Any]:
+    """Training batches drawn across tasks as ``config.sampling`` says; validation in order."""
+    from torch.utils.data import DataLoader
+
+    from nic.patches import MultitaskDataset, multitask_sampler
 
     train_ds, val_ds = MultitaskDataset(train_sets), MultitaskDataset(val_sets)
     sampler = multitask_sampler(train_ds.sizes, config.sampling, config.samples_per_epoch, seed=config.seed)  # type: ignore[arg-type]
-    loader_args: dict[str, Any] = {"batch_size": config.batch_size, "num_workers": config.num_workers}
-    if config.num_workers > 0:
-        loader_args["persistent_workers"] = True
-    train_loader = DataLoader(train_ds, sampler=sampler, drop_last=len(sampler) > config.batch_size, **loader_args)
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
+    args = loader_args(config)
+    train = DataLoader(train_ds, sampler=sampler, drop_last=len(sampler) > config.batch_size, **args)
+    return train, DataLoader(val_ds, shuffle=False, **args)
+
+
+def _multitask_module(config: EncoderTrainConfig, encoder: Any, heads: list[Any]) -> Any:
+    """The shared encoder (in training mode) with one head per task."""
+    from nic.encoder_training._module import MultitaskModule
 
     encoder.module.train()
-    module = MultitaskModule(
+    return MultitaskModule(
         encoder.module,
         encoder.code_size,
         heads,
@@ -156,50 +190,11 @@ def train_encoder(config: TrainConfig, out: str | Path) -> TrainResult:
         seed=config.seed,
     )
 
-    trainer, ckpt, speed, precision = make_trainer(
-        out,
-        epochs=config.epochs,
-        accelerator=config.accelerator,
-        precision=config.precision,
-        progress=config.progress,
-        n_batches=len(train_loader),
-        early_stopping_patience=config.early_stopping_patience,
-    )
-    logger.info(
-        "training %s on %d patches (%s), %d tasks, precision %s",
-        encoder.name,
-        len(train_ds),
-        config.sampling,
-        len(heads),
-        precision,
-    )
+
+def fit(trainer: Any, module: Any, train_loader: Any, val_loader: Any) -> None:
+    """``trainer.fit`` without Lightning's notices for its own users."""
     with _quiet_lightning():
         trainer.fit(module, train_loader, val_loader)
-
-    best, metrics, path = export_best(
-        trainer, ckpt, module, encoder, out, f"multitask-{'-'.join(h.name for h in heads)}",
-        {"format": "nic-train-encoder", "run": str(out.resolve()), "tasks": [h.name for h in heads]},
-    )  # fmt: skip
-    # The last epoch's rate: patches are cached in memory after the first epoch.
-    pps = speed.last
-    mean_pps = speed.samples / speed.seconds if speed.seconds > 0 else float("nan")
-    result = TrainResult(out, path, metrics, pps, int(trainer.current_epoch))
-    (out / "metrics.json").write_text(
-        json.dumps(
-            {
-                "best_checkpoint": best,
-                "epochs": result.epochs,
-                "train_patches_per_s_last_epoch": pps,
-                "train_patches_per_s_mean": mean_pps,
-                "train_seconds": speed.seconds,
-                "val": metrics,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    logger.info("run %s: %d epochs, %.1f patches/s; encoder in %s", out, result.epochs, pps, path)
-    return result
 
 
 def export_best(
@@ -208,13 +203,12 @@ def export_best(
 ) -> tuple[str, dict[str, float], Path]:  # fmt: skip
     """After ``trainer.fit``: the best checkpoint's weights (when ``use_best`` and there is
     one) into ``module``, the validation metrics of that epoch (read back from the CSV log),
-    and the encoder saved to ``out/encoder`` as ``name`` with ``source``.
+    and the trained encoder saved to ``out/encoder`` as ``name`` with ``source`` (a new
+    :class:`~nic.encoders.Encoder`; ``encoder``, the one training started from, is left as it was).
     Returns (best checkpoint path or "", metrics, encoder path)."""
-    import dataclasses
-
     import torch
 
-    from nic.encoders import save_encoder
+    from nic.encoders import Encoder, save_encoder
 
     best = ckpt.best_model_path if use_best else ""
     if best:
@@ -224,15 +218,32 @@ def export_best(
     if best:
         metrics = _best_epoch_metrics(out / "logs" / "metrics.csv", ckpt.best_model_score) or metrics
     module.encoder.eval()
-    encoder.module = module.encoder.cpu()
-    encoder.config = dataclasses.replace(encoder.config, name=name)
-    encoder.source = source
-    return best, metrics, save_encoder(encoder, out / "encoder")
+    trained = Encoder(module.encoder.cpu(), dataclasses.replace(encoder.config, name=name), encoder.checksum, source)
+    return best, metrics, save_encoder(trained, out / "encoder")
+
+
+def write_metrics(out: Path, result: TrainResult, best: str, speed: Any, unit: str, **extra: Any) -> None:
+    """``out/metrics.json``: the best checkpoint, epochs, training speed in ``unit`` per
+    second (last epoch and mean), training seconds, the validation metrics and ``extra``."""
+    summary = {
+        **extra,
+        "best_checkpoint": best,
+        "epochs": result.epochs,
+        f"train_{unit}_per_s_last_epoch": speed.last,
+        f"train_{unit}_per_s_mean": speed.mean,
+        "train_seconds": speed.seconds,
+        "val": result.metrics,
+    }
+    _write_json(out / "metrics.json", summary)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _speed_callback() -> Any:
     """A Lightning callback measuring training patches/s over the training epochs
-    (data loading, augmentation, step): ``last`` (last epoch), ``samples``, ``seconds``."""
+    (data loading, augmentation, step): ``last`` (last epoch), ``mean``, ``samples``, ``seconds``."""
     from lightning.pytorch.callbacks import Callback
 
     class _Speed(Callback):
@@ -253,28 +264,31 @@ def _speed_callback() -> Any:
             self.samples += self._n
             self.last = self._n / dt if dt > 0 else float("nan")
 
+        @property
+        def mean(self) -> float:
+            return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
     return _Speed()
 
 
 def make_trainer(
     out: Path,
+    settings: EncoderRunSettings,
     *,
-    epochs: int,
-    accelerator: str = "auto",
-    precision: str | None = None,
-    progress: bool = True,
     n_batches: int = 1,
-    early_stopping_patience: int | None = 6,
     monitor: str | None = "val_loss",
     extra_callbacks: list[Any] | None = None,
 ) -> tuple[Any, Any, Any, str]:
     """The Lightning trainer every encoder method uses: checkpoints, CSV (and TensorBoard) logs,
-    early stopping, learning-rate monitor and the patches/s callback.
+    early stopping, learning-rate monitor and the patches/s callback, as ``settings`` say
+    (epochs, early stopping patience, accelerator, precision, progress bar).
 
     ``monitor`` ``None`` keeps only the last checkpoint and stops after ``epochs`` (for
     methods without a validation loss that means anything, e.g. GANs).  Returns
     ``(trainer, checkpoint callback, speed callback, precision)``.
     """
+    epochs, accelerator, precision = settings.epochs, settings.accelerator, settings.precision
+    progress, early_stopping_patience = settings.progress, settings.early_stopping_patience
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar

@@ -14,82 +14,28 @@ augmentation and export as the multitask encoder::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nic.encoder_training._train import TrainResult, _quiet_lightning, export_best, make_trainer
-from nic.errors import DataError
-from nic.patches.augment import AugmentConfig
+from nic.encoder_training._config import METHODS, UnsupervisedConfig
+from nic.encoder_training._train import (
+    TrainResult,
+    export_best,
+    fit,
+    loader_args,
+    make_trainer,
+    start_run,
+    write_metrics,
+    write_run_config,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "UnsupervisedConfig", "train_unsupervised"]
-
-METHODS = ("vae", "contrastive", "bigan")
-_DEFAULT_LR = {"vae": 1e-3, "contrastive": 1e-3, "bigan": 2e-4}
-
-
-@dataclass(frozen=True)
-class UnsupervisedConfig:
-    """An unsupervised run; written to ``<run>/config.json``.
-
-    ``slides``: files, folders or CSVs (see :func:`~nic.encoder_training._sampling.slide_paths`);
-    ``slide_mpp`` the level-0 um/px of slides that state none.  ``patches`` training
-    patches (pairs for ``contrastive``) are drawn once by ``seed`` from the tissue cells
-    (at least ``min_tissue`` tissue) at the encoder's um/px, ``val_patches`` more with
-    another seed; ``balance`` ``slides`` draws every slide equally often (else every tissue
-    cell).  ``lr`` ``None`` is the method's default (Adam; 2e-4 for the BiGAN);
-    ``kl_weight`` weighs the VAE's KL term against its summed squared error.
-    Early stopping on ``val_loss`` (VAE, contrastive) after ``early_stopping_patience``
-    epochs; the BiGAN runs all ``epochs``.
-    """
-
-    method: str
-    slides: tuple[str, ...]
-    slide_mpp: float | None = None
-    encoder: str = "nic-cnn"
-    patches: int = 4000
-    val_patches: int = 256
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float | None = None
-    kl_weight: float = 0.01
-    min_tissue: float = 0.5
-    balance: str = "cells"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    early_stopping_patience: int = 4
-    seed: int = 0
-    num_workers: int = 0
-    accelerator: str = "auto"
-    precision: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise DataError(f"unknown unsupervised method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not self.slides:
-            raise DataError(f"method {self.method!r} learns from slides; give --slides FILE|FOLDER|CSV")
-        if self.patches < 2 or self.val_patches < 2 or self.epochs < 1 or self.batch_size < 2:
-            raise DataError(
-                f"patches, val patches and batch size must be >= 2 and epochs >= 1, got {self.patches}, "
-                f"{self.val_patches}, {self.batch_size} and {self.epochs}"
-            )
-
-    @property
-    def learning_rate(self) -> float:
-        return float(self.lr if self.lr is not None else _DEFAULT_LR[self.method])
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["augment"] = self.augment.to_json()
-        d["slides"] = list(self.slides)
-        return d
+__all__ = ["METHODS", "UnsupervisedConfig", "train_unsupervised", "preview_grid"]
 
 
 def _preview_callback(out: Path, batch: Any) -> Any:
@@ -119,136 +65,95 @@ def _preview_callback(out: Path, batch: Any) -> Any:
 
 
 def preview_grid(rows: list[Any], size: int = 96, gap: int = 4) -> np.ndarray:
-    """Rows of pictures (N, 3, H, W) in [0, 1] -> one uint8 RGB picture, each tile ``size`` px."""
+    """Rows of pictures (N, 3, H, W) in [0, 1] -> one uint8 RGB picture, each tile ``size`` px
+    (nearest-neighbour), laid out by :func:`nic.explain.image_grid`."""
     import torch.nn.functional as F
 
-    n = max(r.shape[0] for r in rows)
-    canvas = np.full((len(rows) * (size + gap) - gap, n * (size + gap) - gap, 3), 255, np.uint8)
-    for i, r in enumerate(rows):
+    from nic.explain._pictures import image_grid
+
+    tiles = []
+    for r in rows:
         t = F.interpolate(r.detach().float().cpu().clamp(0, 1), size=(size, size), mode="nearest")
-        tiles = (t.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
-        for j, tile in enumerate(tiles):
-            canvas[i * (size + gap) : i * (size + gap) + size, j * (size + gap) : j * (size + gap) + size] = tile
-    return canvas
+        tiles.append((t.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8))
+    return image_grid(tiles, gap)
 
 
 def train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResult:
     """Train ``config.method`` on patches of ``config.slides`` in the run folder ``out``.
 
     Returns a :class:`TrainResult`; the encoder is saved with :func:`nic.encoders.save_encoder`
-    in ``out/encoder``.  Bad input raises :class:`DataError` or
-    :class:`~nic.errors.EncoderError` before training; ``out`` holding a run is a :class:`DataError`.
+    in ``out/encoder``.  Bad input raises :class:`~nic.errors.DataError` or
+    :class:`~nic.errors.EncoderError` before training; ``out`` holding a run is an
+    :class:`~nic.errors.OutputError`.
     """
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader
-
-    from nic.encoder_training._methods import BiganModule, SiameseModule, VaeModule
-    from nic.encoder_training._sampling import SlidePairs, SlidePatches, SlidePatchSampler, slide_paths
+    from nic.encoder_training._sampling import SlidePatchSampler, slide_paths
     from nic.encoders import load_encoder
 
-    out = Path(out)
-    if (out / "config.json").exists() or (out / "checkpoints").exists():
-        raise DataError(f"{out}: already holds a training run; give a new --out folder (runs are never overwritten)")
+    out = start_run(out, config.seed)
     sources = slide_paths(list(config.slides), config.slide_mpp)
-    L.seed_everything(config.seed, workers=True, verbose=False)
     encoder = load_encoder(config.encoder)
     t0 = time.perf_counter()
     sampler = SlidePatchSampler(sources, encoder.mpp, encoder.patch_size, config.min_tissue, config.balance)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.method == "contrastive":
-        train_ds: Any = SlidePairs(sampler, config.patches, config.seed)
-        val_ds: Any = SlidePairs(sampler, config.val_patches, config.seed + 10_000)
-    else:
-        train_ds = SlidePatches(sampler, config.patches, config.seed)
-        val_ds = SlidePatches(sampler, config.val_patches, config.seed + 10_000)
+    train_ds, val_ds = _datasets(config, sampler)
     logger.info("sampled %d slides in %.1f s", len(sources), time.perf_counter() - t0)
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "train": config.to_json(),
-                "encoder": encoder.config.to_json(),
-                "encoder_source": encoder.source,
-                "slides": [
-                    {"path": str(s.path), "mpp": s.mpp, "fallback_mpp": s.fallback_mpp, "tissue_cells": int(n)}
-                    for s, n in zip(sources, sampler.n_cells)
-                ],
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
-    )
-    loader_args: dict[str, Any] = {"batch_size": config.batch_size, "num_workers": config.num_workers}
-    if config.num_workers > 0:
-        loader_args["persistent_workers"] = True
-    g = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        train_ds, shuffle=True, generator=g, drop_last=len(train_ds) > config.batch_size, **loader_args
-    )
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
-    preview_batch = next(iter(DataLoader(val_ds, batch_size=8, shuffle=False)))
-    if isinstance(preview_batch, list):
-        preview_batch = tuple(preview_batch)
-
-    encoder.module.train()
-    common = {"lr": config.learning_rate, "augment": config.augment, "seed": config.seed}
-    if config.method == "vae":
-        module: Any = VaeModule(
-            encoder.module, encoder.code_size, encoder.patch_size, kl_weight=config.kl_weight, **common
-        )
-    elif config.method == "contrastive":
-        module = SiameseModule(encoder.module, encoder.code_size, **common)
-    else:
-        module = BiganModule(encoder.module, encoder.code_size, encoder.patch_size, **common)
+    out.mkdir(parents=True, exist_ok=True)
+    slides = [{"path": str(s.path), "mpp": s.mpp, "fallback_mpp": s.fallback_mpp, "tissue_cells": int(n)}
+              for s, n in zip(sources, sampler.n_cells)]  # fmt: skip
+    write_run_config(out, config, encoder, slides=slides)
+    train_loader, val_loader, preview_batch = _loaders(config, train_ds, val_ds)
+    module = _module(config, encoder)
     monitor = None if config.method == "bigan" else "val_loss"
     trainer, ckpt, speed, precision = make_trainer(
-        out,
-        epochs=config.epochs,
-        accelerator=config.accelerator,
-        precision=config.precision,
-        progress=config.progress,
-        n_batches=len(train_loader),
-        early_stopping_patience=config.early_stopping_patience,
-        monitor=monitor,
+        out, config, n_batches=len(train_loader), monitor=monitor,
         extra_callbacks=[_preview_callback(out, preview_batch)],
-    )
-    logger.info(
-        "training %s (%s) on %d %s from %d slides, precision %s",
-        encoder.name,
-        config.method,
-        len(train_ds),
-        "pairs" if config.method == "contrastive" else "patches",
-        len(sources),
-        precision,
-    )
-    with _quiet_lightning():
-        trainer.fit(module, train_loader, val_loader)
+    )  # fmt: skip
+    items = "pairs" if config.method == "contrastive" else "patches"
+    logger.info("training %s (%s) on %d %s from %d slides, precision %s", encoder.name, config.method,
+                len(train_ds), items, len(sources), precision)  # fmt: skip
+    fit(trainer, module, train_loader, val_loader)
 
     source = {"format": "nic-train-encoder", "method": config.method, "run": str(out.resolve()), "slides": len(sources)}
     best, metrics, path = export_best(
         trainer, ckpt, module, encoder, out, config.method, source, use_best=monitor is not None
     )
-    pps = speed.last
-    per_pair = 2 if config.method == "contrastive" else 1
-    mean_pps = speed.samples / speed.seconds if speed.seconds > 0 else float("nan")
-    result = TrainResult(out, path, metrics, pps, int(trainer.current_epoch))
-    (out / "metrics.json").write_text(
-        json.dumps(
-            {
-                "method": config.method,
-                "best_checkpoint": best,
-                "epochs": result.epochs,
-                "train_items_per_s_last_epoch": pps,
-                "train_items_per_s_mean": mean_pps,
-                "patches_per_item": per_pair,
-                "seconds_per_10k_patches": 10_000 / (mean_pps * per_pair) if mean_pps > 0 else None,
-                "train_seconds": speed.seconds,
-                "val": metrics,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    logger.info("run %s: %d epochs, %.1f items/s; encoder in %s", out, result.epochs, pps, path)
+    result = TrainResult(out, path, metrics, speed.last, int(trainer.current_epoch))
+    per_item = 2 if config.method == "contrastive" else 1
+    seconds_10k = 10_000 / (speed.mean * per_item) if speed.mean > 0 else None
+    write_metrics(out, result, best, speed, "items", method=config.method, patches_per_item=per_item,
+                  seconds_per_10k_patches=seconds_10k)  # fmt: skip
+    logger.info("run %s: %d epochs, %.1f items/s; encoder in %s", out, result.epochs, speed.last, path)
     return result
+
+
+def _datasets(config: UnsupervisedConfig, sampler: Any) -> tuple[Any, Any]:
+    """Training and validation draws: patch pairs for ``contrastive``, single patches otherwise."""
+    from nic.encoder_training._sampling import SlidePairs, SlidePatches
+
+    kind = SlidePairs if config.method == "contrastive" else SlidePatches
+    return kind(sampler, config.patches, config.seed), kind(sampler, config.val_patches, config.seed + 10_000)
+
+
+def _loaders(config: UnsupervisedConfig, train_ds: Any, val_ds: Any) -> tuple[Any, Any, Any]:
+    """Shuffled training batches (seeded), validation batches, and the first 8 validation
+    items for the previews."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    args = loader_args(config)
+    g = torch.Generator().manual_seed(config.seed)
+    train = DataLoader(train_ds, shuffle=True, generator=g, drop_last=len(train_ds) > config.batch_size, **args)
+    preview = next(iter(DataLoader(val_ds, batch_size=8, shuffle=False)))
+    return train, DataLoader(val_ds, shuffle=False, **args), tuple(preview) if isinstance(preview, list) else preview
+
+
+def _module(config: UnsupervisedConfig, encoder: Any) -> Any:
+    """The Lightning module of ``config.method`` around the encoder (in training mode)."""
+    from nic.encoder_training._methods import BiganModule, SiameseModule, VaeModule
+
+    encoder.module.train()
+    common = {"lr": config.learning_rate, "augment": config.augment, "seed": config.seed}
+    if config.method == "vae":
+        return VaeModule(encoder.module, encoder.code_size, encoder.patch_size, kl_weight=config.kl_weight, **common)
+    if config.method == "contrastive":
+        return SiameseModule(encoder.module, encoder.code_size, **common)
+    return BiganModule(encoder.module, encoder.code_size, encoder.patch_size, **common)

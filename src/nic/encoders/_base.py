@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,48 @@ class Encoder:
             module = fuse()
         module.eval()
         return Encoder(module, self.config, self.checksum, self.source)
+
+    def uint8_module(self, check: bool = True) -> tuple[Any, bool]:
+        """(module, folded): :attr:`module` as a module of uint8 RGB (N, 3, P, P), channels-last,
+        computing the codes of ``module(x / 255)``; the float conversion happens inside it, on
+        the module's device, so patches travel as uint8 (a quarter of the bytes).
+
+        ``folded`` when the module offers ``fold_uint8_input()`` (the 1/255 and the
+        normalisation folded into its first convolution, see :mod:`nic.encoders._layers`) and
+        that form gives the plain form's codes on a probe of two random patches (float32,
+        within 1e-3 of the codes' scale; ``check=False`` skips the probe).  Otherwise the
+        plain form: the module behind a float conversion and a division by 255.  Call it on
+        the inference copy (:meth:`for_inference`) after moving it to its device.
+        """
+        import torch
+
+        from nic.encoders._layers import Uint8Input, uint8_form
+
+        plain = Uint8Input(self.module).eval()
+        folded = uint8_form(self.module)
+        if isinstance(folded, Uint8Input) and folded.scale:
+            return plain, False
+        folded.eval()
+        if not check:
+            return folded, True
+        p = self.patch_size
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, 256, (2, p, p, 3), dtype=torch.uint8, generator=gen)
+        probe = probe.to(self.device).permute(0, 3, 1, 2)  # channels-last (N, 3, P, P)
+        with torch.inference_mode():
+            want, got = plain(probe).float(), folded(probe).float()
+        err = float((got - want).abs().max())
+        tol = 1e-3 * (1.0 + float(want.abs().max()))
+        if got.shape != want.shape or not err <= tol:
+            logger.warning(
+                "%s: its input scaling folded into the first convolution gives other codes (max difference %.3g); "
+                "encoding without the fold",
+                self.name,
+                err,
+            )
+            return plain, False
+        logger.debug("%s: input scaling folded into the first convolution (probe difference %.2g)", self.name, err)
+        return folded, True
 
     def embed(self, patches: Any) -> np.ndarray:
         """Codes of uint8 RGB patches (N, H, W, 3) as float32 (N, code_size), in eval mode."""

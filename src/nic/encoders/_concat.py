@@ -41,6 +41,18 @@ class ConcatModule(nn.Module):
         module.inference_only = True  # type: ignore[assignment]  # save_encoder refuses it
         return module
 
+    def fold_uint8_input(self) -> nn.Module | None:
+        """Each part on uint8 RGB, in its folded form where it has one (see
+        :func:`nic.encoders._layers.uint8_form`); None when no part has one."""
+        from nic.encoders._layers import Uint8Input, uint8_form
+
+        parts = [uint8_form(p) for p in self.parts]
+        if all(isinstance(p, Uint8Input) and p.scale for p in parts):
+            return None
+        module = ConcatModule(parts).eval()
+        module.inference_only = True  # type: ignore[assignment]
+        return module
+
 
 @register_encoder(
     "concat",

@@ -25,8 +25,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from nic._device import torch_device
+from nic._outputs import file_sha256
 from nic.encoders._base import Encoder, EncoderConfig
-from nic.encoders._registry import create_encoder, list_encoders
+from nic.encoders._registry import create_encoder, list_encoders, register_spec_kind, spec_kind, spec_kinds
 from nic.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -38,15 +39,6 @@ _META_KEY = "nic_encoder"
 _WEIGHTS_NAME = "encoder.safetensors"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 _KERAS_SUFFIXES = (".h5", ".hdf5")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def require_weights(encoder: Encoder, spec: str | Path | None = None, random_init: bool = False) -> None:
@@ -301,6 +293,98 @@ def _load_saved(path: Path) -> Encoder:
     return encoder
 
 
+# ----------------------------------------------------------------------------- spec kinds
+# Registered in the order load_encoder asks them: a "timm:" prefix first, then files that
+# exist, then registry names (so a saved folder named like a builder is still the folder).
+
+
+def _create(
+    name: str, query: dict[str, Any], *, unsafe: bool, weights: Any, seed: int | None, arch_args: dict[str, Any]
+) -> Encoder:
+    """A registry encoder ``name`` built from query and keyword arguments, with ``weights`` loaded into it."""
+    kwargs = {**query, **arch_args}
+    file = weights if weights is not None else kwargs.pop("weights", None)
+    kwargs.pop("weights", None)
+    if seed is None:
+        encoder = create_encoder(name, **kwargs)
+    else:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            encoder = create_encoder(name, **kwargs)
+    if file not in (None, ""):
+        _load_weights_into(encoder, Path(str(file)).expanduser(), unsafe)
+    elif name == "timm" and bool(kwargs.get("pretrained")):
+        encoder.checksum = _state_sha256(encoder.module)
+        encoder.source = {"format": "timm-pretrained", "model": kwargs["model_name"], "sha256": encoder.checksum}
+    elif seed is not None:
+        encoder.source = {"init": "random", "seed": int(seed)}
+    return encoder
+
+
+@register_spec_kind("timm", form="timm:<model>[?weights=FILE]", claims=lambda text, path: text.startswith("timm:"))
+def _timm_spec(text: str, path: Path, **opts: Any) -> Encoder:
+    model, query = _split_spec(text[len("timm:") :])
+    if not model:
+        raise EncoderError("empty timm model name; write 'timm:<model>', e.g. 'timm:resnet18'")
+    return _create("timm", {"model_name": model, **query}, **opts)
+
+
+@register_spec_kind(
+    "saved",
+    form="a folder or .safetensors from save_encoder",
+    claims=lambda text, path: path.is_dir() or (path.is_file() and path.suffix.lower() == ".safetensors"),
+    fixed=True,
+)
+def _saved_spec(text: str, path: Path, **opts: Any) -> Encoder:
+    return _load_saved(path)
+
+
+@register_spec_kind(
+    "keras",
+    form="a Keras .h5 (published NIC weights)",
+    claims=lambda text, path: path.is_file() and path.suffix.lower() in _KERAS_SUFFIXES,
+    fixed=True,
+)
+def _keras_spec(text: str, path: Path, **opts: Any) -> Encoder:
+    from nic.encoders._keras import load_keras_encoder
+
+    return load_keras_encoder(path)
+
+
+@register_spec_kind(
+    "pickle",
+    form="a .pt/.pth/.ckpt state dict with its JSON (`unsafe=True`)",
+    claims=lambda text, path: path.is_file() and path.suffix.lower() in _PICKLE_SUFFIXES,
+    fixed=True,
+)
+def _pickle_spec(text: str, path: Path, *, unsafe: bool, **opts: Any) -> Encoder:
+    return _load_pickled(path, unsafe)
+
+
+@register_spec_kind(
+    "name",
+    form="a registered name[?key=value&...]",
+    claims=lambda text, path: not path.exists() and _split_spec(text)[0] in list_encoders(),
+)
+def _name_spec(text: str, path: Path, **opts: Any) -> Encoder:
+    name, query = _split_spec(text)
+    return _create(name, query, **opts)
+
+
+def _unclaimed(text: str, path: Path) -> str:
+    """The message for a spec no kind claims: an existing file of an unknown type, or an unknown name or path."""
+    files = ", ".join(k.form for k in spec_kinds() if k.fixed)
+    if path.exists():
+        return f"{path}: unknown encoder file type {path.suffix.lower()!r}; give {files}"
+    base = _split_spec(text)[0]
+    looks_like_path = any(c in base for c in "/\\") or Path(base).suffix != ""
+    what = f"no file at {path}" if looks_like_path else f"unknown encoder {base!r}"
+    others = ", ".join(k.form for k in spec_kinds() if k.name != "name")
+    return f"{what}; registered encoders: {', '.join(list_encoders())}; or {others}"
+
+
 def load_encoder(
     spec: str | Path,
     device: Any = "cpu",
@@ -312,7 +396,8 @@ def load_encoder(
 ) -> Encoder:
     """Load an encoder from ``spec``; the result is in eval mode on ``device``.
 
-    ``spec`` is one of:
+    ``spec`` is one of the registered spec kinds (:func:`~nic.encoders.spec_kinds`; more
+    can be added with :func:`~nic.encoders.register_spec_kind`), built in:
 
     - a registry name (``nic-cnn``; see :func:`list_encoders`), random init unless
       ``weights`` is given; ``name?key=value&...`` passes architecture arguments;
@@ -330,67 +415,22 @@ def load_encoder(
     ``timm:<model>?pretrained=true`` gets the sha256 of its downloaded weights as checksum.
     Errors are :class:`EncoderError` naming the fix.
     """
-    device = torch_device(device, EncoderError)
+    device = torch_device(device)
     text = str(spec)
     path = Path(text).expanduser()
-    if text.startswith("timm:") or (not path.exists() and _split_spec(text)[0] in list_encoders()):
-        if text.startswith("timm:"):
-            model, query = _split_spec(text[len("timm:") :])
-            if not model:
-                raise EncoderError("empty timm model name; write 'timm:<model>', e.g. 'timm:resnet18'")
-            name, query = "timm", {"model_name": model, **query}
-        else:
-            name, query = _split_spec(text)
-        kwargs = {**query, **arch_args}
-        file = weights if weights is not None else kwargs.pop("weights", None)
-        kwargs.pop("weights", None)
-        if seed is None:
-            encoder = create_encoder(name, **kwargs)
-        else:
-            import torch
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed))
-                encoder = create_encoder(name, **kwargs)
-        if file not in (None, ""):
-            _load_weights_into(encoder, Path(str(file)).expanduser(), unsafe)
-        elif name == "timm" and bool(kwargs.get("pretrained")):
-            encoder.checksum = _state_sha256(encoder.module)
-            encoder.source = {"format": "timm-pretrained", "model": kwargs["model_name"], "sha256": encoder.checksum}
-        elif seed is not None:
-            encoder.source = {"init": "random", "seed": int(seed)}
-    elif path.exists():
-        if arch_args or weights is not None:
-            extra = sorted(arch_args) + (["weights"] if weights is not None else [])
-            raise EncoderError(f"{path}: a weight file fixes its architecture; drop the extra arguments {extra}")
-        suffix = path.suffix.lower()
-        if path.is_dir() or suffix == ".safetensors":
-            encoder = _load_saved(path)
-        elif suffix in _KERAS_SUFFIXES:
-            from nic.encoders._keras import load_keras_encoder
-
-            encoder = load_keras_encoder(path)
-        elif suffix in _PICKLE_SUFFIXES:
-            encoder = _load_pickled(path, unsafe)
-        else:
-            raise EncoderError(
-                f"{path}: unknown encoder file type {suffix!r}; give a Keras .h5, a .safetensors or a "
-                "directory written by save_encoder"
-            )
-    else:
-        base = _split_spec(text)[0]
-        looks_like_path = any(c in base for c in "/\\") or Path(base).suffix != ""
-        what = f"no file at {path}" if looks_like_path else f"unknown encoder {base!r}"
-        raise EncoderError(
-            f"{what}; registered encoders: {', '.join(list_encoders())}; or 'timm:<model>', a Keras .h5 "
-            "file, or a directory/.safetensors written by save_encoder"
-        )
+    kind = spec_kind(text)
+    if kind is None:
+        raise EncoderError(_unclaimed(text, path))
+    if kind.fixed and (arch_args or weights is not None):
+        extra = sorted(arch_args) + (["weights"] if weights is not None else [])
+        raise EncoderError(f"{path}: a weight file fixes its architecture; drop the extra arguments {extra}")
+    encoder = kind.load(text, path, unsafe=unsafe, weights=weights, seed=seed, arch_args=arch_args)
     encoder.module.eval()
     try:
         return encoder.to(device)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EncoderError(f"cannot move the encoder to device {str(device)!r} ({first}); try --device cpu") from e
+        raise EncoderError(f"cannot move the encoder to device {str(device)!r} ({first}); try `device=cpu`") from e
 
 
 def _load_pickled(path: Path, unsafe: bool) -> Encoder:

@@ -5,7 +5,7 @@ model wrapping a Sequential); ``model_weights/<layer group>`` holds the arrays, 
 each group's ``weight_names`` attribute.  Supported: the NIC architecture, i.e. n x
 [Conv2D 3x3 stride 2 'valid' -> LeakyReLU -> BatchNormalization] -> Flatten -> Dense
 (linear).  Conversions: conv kernels HWIO -> OIHW; dense kernels (in, out) -> (out, in),
-rows in Keras's channels-last flatten order (kept by :class:`NicCnn`'s flatten).
+rows in Keras's channels-last flatten order (kept by :class:`NicPatchEncoder`'s flatten).
 """
 
 from __future__ import annotations

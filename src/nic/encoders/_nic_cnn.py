@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from nic.encoders._base import Encoder, EncoderConfig
-from nic.encoders._layers import Normalize
+from nic.encoders._layers import Normalize, sum_pool_uint8
 from nic.encoders._registry import register_encoder
 from nic.errors import EncoderError
 
-__all__ = ["NicCnn", "FusedNicCnn", "nic_cnn"]
+__all__ = ["NicPatchEncoder", "FusedNicPatchEncoder", "Uint8NicPatchEncoder", "nic_cnn"]
 
 
 def _valid_out(size: int, kernel: int = 3, stride: int = 2) -> int:
@@ -29,8 +29,11 @@ def _valid_out(size: int, kernel: int = 3, stride: int = 2) -> int:
     return (size - kernel) // stride + 1
 
 
-class NicCnn(nn.Module):
-    """The NIC encoder: float RGB in [0, 1] (N, 3, P, P) -> codes (N, code_size).
+class NicPatchEncoder(nn.Module):
+    """The NIC patch encoder: float RGB in [0, 1] (N, 3, P, P) -> codes (N, code_size).
+
+    Registered as the encoder ``nic-cnn``; the slide-level model of the same registered
+    name is :class:`nic.learn.models.NicSlideCNN`.
 
     ``pool`` is the input average-pooling factor (2 in the reference: 128 px -> 64 px);
     ``mean``/``std`` normalise after pooling ((x - 0.5) / 0.5 maps [0, 1] to [-1, 1]).
@@ -89,13 +92,13 @@ class NicCnn(nn.Module):
         # Keras flattens channels-last: (N, H, W, C) order.
         return self.head(f.permute(0, 2, 3, 1).flatten(1))
 
-    def fused_for_inference(self) -> FusedNicCnn:
+    def fused_for_inference(self) -> FusedNicPatchEncoder:
         """A frozen copy for inference with the normalisation and batch norms folded in."""
-        return FusedNicCnn(self)
+        return FusedNicPatchEncoder(self)
 
 
-class FusedNicCnn(nn.Module):
-    """Inference-only :class:`NicCnn` (same input and output, about 1e-6 apart).
+class FusedNicPatchEncoder(nn.Module):
+    """Inference-only :class:`NicPatchEncoder` (same input and output, about 1e-6 apart).
 
     'valid' convolutions see no zero padding, so a per-channel affine map in front of a
     convolution or of the dense layer folds exactly into its weights: the input
@@ -106,7 +109,7 @@ class FusedNicCnn(nn.Module):
 
     inference_only = True  # save_encoder refuses it: save the trainable encoder instead
 
-    def __init__(self, src: NicCnn) -> None:
+    def __init__(self, src: NicPatchEncoder) -> None:
         super().__init__()
         self.pool = copy.deepcopy(src.pool)
         self.feature_shape = src.feature_shape
@@ -144,6 +147,42 @@ class FusedNicCnn(nn.Module):
             x = self.act(conv(x))
         return self.head(x.permute(0, 2, 3, 1).flatten(1))
 
+    def fold_uint8_input(self) -> Uint8NicPatchEncoder:
+        """This encoder on uint8 RGB (N, 3, P, P), the 1/255 folded into the first convolution."""
+        return Uint8NicPatchEncoder(self)
+
+
+class Uint8NicPatchEncoder(nn.Module):
+    """:class:`FusedNicPatchEncoder` on uint8 RGB (N, 3, P, P), channels-last; same codes to ~1e-6.
+
+    The average pool is linear and the first convolution 'valid', so ``conv(pool(x / 255))``
+    is ``conv'(sum_pool(x))`` with the weights divided by ``255 * pool**2``: the pool is
+    summed on the integers (:func:`~nic.encoders._layers.sum_pool_uint8`) and converted to
+    float once, a quarter of the pixels.  Shares the other layers with the fused encoder.
+    """
+
+    inference_only = True
+
+    def __init__(self, src: FusedNicPatchEncoder) -> None:
+        super().__init__()
+        pool = src.pool.kernel_size if isinstance(src.pool, nn.AvgPool2d) else 1
+        self.k = int(pool[0] if isinstance(pool, tuple) else pool)
+        first = src.convs[0]
+        self.first = copy.deepcopy(first)
+        self.first.weight.data = (first.weight.detach().double() / (255.0 * self.k * self.k)).float()
+        self.first.weight.data = self.first.weight.data.contiguous(memory_format=torch.channels_last)
+        self.convs = nn.ModuleList(list(src.convs)[1:])
+        self.act, self.head = src.act, src.head
+        self.feature_shape, self.num_features = src.feature_shape, src.num_features
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.first(sum_pool_uint8(x, self.k)))
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.head(x.permute(0, 2, 3, 1).flatten(1))
+
 
 @register_encoder(
     "nic-cnn",
@@ -173,7 +212,7 @@ def nic_cnn(
         "bn_eps": float(bn_eps),
         "bn_momentum": float(bn_momentum),
     }
-    module = NicCnn(**arch_args, mean=mean, std=std)
+    module = NicPatchEncoder(**arch_args, mean=mean, std=std)
     module = module.to(memory_format=torch.channels_last).eval()
     config = EncoderConfig(
         architecture="nic-cnn",

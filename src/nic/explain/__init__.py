@@ -1,6 +1,7 @@
 """Where the evidence lies: pictures of slides, compressed slides and trained runs.
 
-- ``_pictures``: tissue overlays, code maps (PCA colours), side-by-side panels, PNG writing;
+- ``_pictures``: tissue overlays, code maps (PCA colours), side-by-side panels, grids of
+  tiles, PNG writing;
 - ``_heatmap``: per-cell evidence maps of a run's models on a compressed slide (Grad-CAM,
   attention, input x gradient), averaged over fold models and dihedral variants;
 - ``_overlays``: those maps as a PNG over the thumbnail, a pyramidal TIFF covering the
@@ -11,12 +12,13 @@
 This layer reads runs and stores; it never trains.
 """
 
-from nic.explain._pictures import pca_rgb, save_png, side_by_side, store_picture, tissue_overlay
+from nic.explain._pictures import image_grid, pca_rgb, save_png, side_by_side, store_picture, tissue_overlay
 
 __all__ = [
     "save_png",
     "tissue_overlay",
     "side_by_side",
+    "image_grid",
     "pca_rgb",
     "store_picture",
     "Heatmap",

@@ -26,7 +26,8 @@ Every view the run's predictions average over is explained and averaged the same
 each fold model, and each of the 8 dihedral variants (each view's map is rotated back to
 the slide's orientation).  Slides larger than the model's crop are covered by windows of
 the crop's size overlapping by half, averaged where they overlap.  Regression maps are in
-the target's units (each fold's scaling applied).
+the units of the transformed target (each fold's scaling applied): the target's own units
+with ``target_transform`` "none", log units with "log", normal scores with "rank".
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch.nn import functional as F
 from nic.errors import DataError
 from nic.learn.data import SlideSource, dihedral, dihedral_inverse, sample_crop_origin
 from nic.learn.run import Run
-from nic.learn.train import SlideModel
+from nic.learn.slide_model import SlideModel
 
 __all__ = ["METHODS", "Heatmap", "default_method", "output_names", "slide_heatmap", "window_origins"]
 
@@ -173,7 +174,7 @@ def model_map(model: SlideModel, src: SlideSource, method: str, k: int = 0, vari
         count[ya:yb, xa:xb] += 1
     out = total / np.maximum(count, 1)
     if model.task == "regression" and method != "attention":
-        out = out * model.target_std  # in the target's units
+        out = out * model.target.std  # in the (transformed) target's units
     out[~src.tissue] = np.nan
     return out
 

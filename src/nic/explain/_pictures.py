@@ -1,4 +1,4 @@
-"""Pictures a person can look at: tissue overlays and side-by-side panels."""
+"""Pictures a person can look at: tissue overlays, side-by-side panels and grids of tiles."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_png", "tissue_overlay", "side_by_side", "pca_rgb", "store_picture"]
+__all__ = ["save_png", "tissue_overlay", "side_by_side", "image_grid", "pca_rgb", "store_picture"]
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (temp file, then rename)."""
     from PIL import Image
 
+    from nic._outputs import write_atomic
+
     p = Path(path)
-    tmp = p.with_name(p.name + ".part")
-    Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
-    tmp.replace(p)
+    write_atomic(p, lambda tmp: Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG"))
     return p
 
 
@@ -52,6 +52,19 @@ def side_by_side(images: list[np.ndarray], gap: int = 8) -> np.ndarray:
         rgb = im if im.ndim == 3 else np.repeat(im[..., None], 3, axis=2)
         out[: rgb.shape[0], x : x + rgb.shape[1]] = rgb
         x += rgb.shape[1] + gap
+    return out
+
+
+def image_grid(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Rows of uint8 tiles, each row (N, H, W, 3), as one picture on white: the tiles of a
+    row left to right (:func:`side_by_side`), the rows top to bottom, ``gap`` px apart."""
+    lines = [side_by_side(list(r), gap) for r in rows]
+    out = np.full((sum(x.shape[0] for x in lines) + gap * (len(lines) - 1), max(x.shape[1] for x in lines), 3),
+                  255, np.uint8)  # fmt: skip
+    y = 0
+    for x in lines:
+        out[y : y + x.shape[0], : x.shape[1]] = x
+        y += x.shape[0] + gap
     return out
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from nic.learn.metrics import expected_calibration_error, survival_analysis
+from nic.learn.metrics import survival_analysis
+from nic.metrics import auc, expected_calibration_error, spearman
 
 __all__ = ["write_report", "report_html"]
 
@@ -86,12 +87,12 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
 
 def _binary_figures(y: np.ndarray, p: np.ndarray, label: str = "") -> tuple[list[str], float]:
     from sklearn.calibration import calibration_curve
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
     figs = []
     fig, ax = _figure()
     fpr, tpr, _ = roc_curve(y, p)
-    ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y, p):.3f}")
+    ax.plot(fpr, tpr, label=f"AUC {auc(y, p):.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC {label}".strip())
     ax.legend(loc="lower right")
@@ -145,15 +146,13 @@ def _task_section(task: str, pred: Any) -> str:
         parts.append(_svg(fig))
         notes = f"One-vs-rest curves per class; top-label expected calibration error {ece:.3f} (10 bins)."
     elif task == "regression":
-        from scipy.stats import spearmanr
-
         y, p = pred["target"].to_numpy(float), pred["prediction"].to_numpy(float)
         fig, ax = _figure(4.6, 4.2)
         ax.errorbar(y, p, yerr=pred["spread"].to_numpy(float) if "spread" in pred else None, fmt="o", ms=4, alpha=0.7,
                     elinewidth=0.8)  # fmt: skip
         lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
         ax.plot([lo, hi], [lo, hi], ":", color="grey", label="identity")
-        ax.set(xlabel="true", ylabel="predicted (out of fold)", title=f"Spearman {spearmanr(y, p)[0]:.3f}")
+        ax.set(xlabel="true", ylabel="predicted (out of fold)", title=f"Spearman {spearman(y, p):.3f}")
         ax.legend(loc="upper left")
         parts.append(_svg(fig))
         notes = "Error bars: the spread of each patient's prediction over its test views (crops x dihedral variants)."

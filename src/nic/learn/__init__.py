@@ -3,8 +3,10 @@
 - ``data``     labels CSV + stores -> :class:`Cohort`; crops sampled by distance from background
 - ``models``   slide-level networks in a registry: ``nic-cnn``, ``meanpool``, ``abmil``
 - ``losses``   MSE / BCE / CE and the Cox partial likelihood (Breslow, Efron)
-- ``metrics``  Spearman, Pearson, MAE, AUC, balanced accuracy, c-index, bootstrap CIs
+- ``metrics``  the metrics each task reports (functions in :mod:`nic.metrics`), bootstrap CIs, survival analysis
 - ``cv``       patient-grouped, label-stratified folds and inner validation splits
+- ``targets``  regression targets <-> outputs: log / rank transforms, standard scores
+- ``slide_model`` a trained network: save/load, test-time views and averaging
 - ``train``    one model fit (augmentation, early stopping) and test-time averaging
 - ``run``      cross-validated runs (:func:`train_cv`) and :func:`predict_run`
 
@@ -25,14 +27,19 @@ from nic.learn.data import (
     sample_crop_origin,
 )
 from nic.learn.losses import cox_ph_loss, task_loss
-from nic.learn.metrics import TASK_METRICS, auc, balanced_accuracy, bootstrap_ci, c_index, mae, pearson, spearman
+from nic.learn.metrics import TASK_METRICS, bootstrap_ci
 from nic.learn.models import ModelSpec, create_model, list_models, register_model
-from nic.learn.run import CVResult, Run, TrainConfig, load_run, predict_run, train_cv
-from nic.learn.train import FitConfig, FitHistory, SlideModel, event_batches, fit_model, patient_mean, training_view
+from nic.learn.run import CVConfig, CVResult, Run, load_run, predict_run, train_cv
+from nic.learn.slide_model import SlideModel, patient_mean
+from nic.learn.targets import TARGET_TRANSFORMS, TargetScale
+from nic.learn.train import FitConfig, FitHistory, event_batches, fit_model, training_view
 
 __all__ = [
     "TASKS",
     "TASK_METRICS",
+    "TARGET_TRANSFORMS",
+    "TargetScale",
+    "CVConfig",
     "CVResult",
     "Cohort",
     "FitConfig",
@@ -41,13 +48,9 @@ __all__ = [
     "ModelSpec",
     "SlideModel",
     "SlideSource",
-    "TrainConfig",
     "Run",
     "load_run",
-    "auc",
-    "balanced_accuracy",
     "bootstrap_ci",
-    "c_index",
     "cox_ph_loss",
     "create_model",
     "crop_weights",
@@ -57,14 +60,11 @@ __all__ = [
     "inner_split",
     "list_models",
     "load_cohort",
-    "mae",
     "patient_folds",
     "patient_mean",
-    "pearson",
     "predict_run",
     "register_model",
     "sample_crop_origin",
-    "spearman",
     "task_loss",
     "train_cv",
     "training_view",

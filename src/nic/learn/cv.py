@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from nic.errors import DataError
+from nic.errors import OptionError
 from nic.learn.data import Cohort
 
 __all__ = ["patient_folds", "inner_split"]
@@ -51,9 +51,9 @@ def patient_folds(cohort: Cohort, k: int, seed: int = 0) -> list[tuple[np.ndarra
     """
     n = len(cohort.patients)
     if k < 2:
-        raise DataError(f"--folds must be at least 2 (got {k})")
+        raise OptionError(f"`folds` must be at least 2 (got {k})")
     if k > n:
-        raise DataError(f"--folds {k} is more than the {n} patients with labels")
+        raise OptionError(f"`folds` {k} is more than the {n} patients with labels")
     sp = cohort.slide_patient
     splits = _safe_split(_strata(cohort, np.arange(n), k)[sp], sp, k, seed)
     out = []

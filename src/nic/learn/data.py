@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from nic.dihedral import dihedral, dihedral_inverse
-from nic.errors import DataError
+from nic.errors import DataError, OptionError
 from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for, store_id
 
 __all__ = [
@@ -61,15 +61,18 @@ class LabelSpec:
     slide_column: str = "slide"
     patient_column: str = "patient"
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        """Raise :class:`DataError` when the columns do not fit the task."""
+        """Raise :class:`OptionError` when the columns named do not fit the task (no file is read)."""
         if self.task not in TASKS:
-            raise DataError(f"unknown task {self.task!r}; expected one of {', '.join(TASKS)}")
+            raise OptionError(f"`task` {self.task!r} is not a task; choose one of {', '.join(TASKS)}")
         if self.task == "survival":
             if not self.time or not self.event:
-                raise DataError("task 'survival' needs --time COL and --event COL (columns of the labels CSV)")
+                raise OptionError("task 'survival' needs `time` and `event` (columns of the labels CSV)")
         elif not self.target:
-            raise DataError(f"task {self.task!r} needs --target COL (a column of the labels CSV)")
+            raise OptionError(f"task {self.task!r} needs `target` (a column of the labels CSV)")
 
 
 @dataclass
@@ -134,7 +137,7 @@ def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
     if missing:
         raise DataError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(str, df.columns))}"
-            " (name them with --slide-column/--patient-column/--target/--time/--event)"
+            " (name them with `slide_column`, `patient_column`, `target`, `time` or `event`)"
         )
     df = df[wanted].rename(columns={spec.slide_column: "slide", spec.patient_column: "patient"})
     if df["slide"].isna().any() or df["patient"].isna().any():
@@ -256,7 +259,7 @@ def _drop_tissueless(df, stores: dict[str, Path], compressed: str | Path):  # ->
         return df
     logger.warning(
         "%d slide(s) in %s have no tissue cells and are left out: %s%s (check the slides, or compress them with a "
-        "lower --min-tissue)", len(empty), compressed, ", ".join(empty[:10]), " ..." if len(empty) > 10 else "",
+        "lower `min_tissue`)", len(empty), compressed, ", ".join(empty[:10]), " ..." if len(empty) > 10 else "",
     )  # fmt: skip
     kept = df[~df["slide_id"].isin(empty)]
     lost = sorted(set(df["patient"]) - set(kept["patient"]))

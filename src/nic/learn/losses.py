@@ -12,9 +12,13 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-__all__ = ["cox_ph_loss", "task_loss"]
+from nic.errors import OptionError
+
+__all__ = ["cox_ph_loss", "task_loss", "TIES"]
 
 Ties = Literal["breslow", "efron"]
+#: The approximations for tied event times a Cox loss takes.
+TIES: tuple[str, ...] = ("efron", "breslow")
 
 
 def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, ties: Ties = "efron") -> torch.Tensor:
@@ -31,8 +35,8 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, tie
         sum_{l<d_k} log(sum_{j: t_j >= t_k} e^{r_j} - c_l sum_{i in D_k} e^{r_i})]``,
         ``c_l = 0`` (Breslow) or ``l / d_k`` (Efron).  0 (with a gradient) when no event.
     """
-    if ties not in ("breslow", "efron"):
-        raise ValueError(f"ties must be 'breslow' or 'efron', got {ties!r}")
+    if ties not in TIES:
+        raise OptionError(f"`ties` must be one of {', '.join(TIES)} (got {ties!r})")
     risk = risk.reshape(-1)
     time = time.reshape(-1).to(risk.dtype)
     ev = event.reshape(-1).bool()

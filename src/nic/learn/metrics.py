@@ -1,8 +1,10 @@
-"""Patient-level metrics as pure functions of numpy arrays, and bootstrap CIs.
+"""Which metrics each task reports, their bootstrap CIs, and the survival analysis of a run.
 
-All take ``(y, pred)`` with ``y`` (N,) targets / class indices / events and ``pred`` (N,)
-values, probabilities or log-risks (or (N, K) class probabilities for multiclass); the
-c-index also takes ``time`` (N,).  Risk convention: higher ``pred`` = higher risk.
+The metric functions themselves live in :mod:`nic.metrics` (pure numpy, shared with
+encoder training); this module names the ones each task reports (the keys of
+``metrics.json``), computes them by name, bootstraps their CIs over patients, and runs
+the Kaplan-Meier / log-rank / time-dependent AUC / Brier analysis of survival runs
+(lifelines and scikit-survival inside).
 """
 
 from __future__ import annotations
@@ -12,96 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nic.metrics import auc, balanced_accuracy, c_index, mae, pearson, spearman
+
 __all__ = [
     "TASK_METRICS",
-    "spearman",
-    "pearson",
-    "mae",
-    "auc",
-    "balanced_accuracy",
-    "c_index",
     "compute_metric",
     "bootstrap_ci",
-    "binary_auc",
-    "expected_calibration_error",
     "survival_analysis",
     "SurvivalAnalysis",
 ]
-
-
-def spearman(y: np.ndarray, pred: np.ndarray) -> float:
-    """Spearman rank correlation (NaN when either side is constant)."""
-    from scipy.stats import spearmanr
-
-    y, pred = np.asarray(y, float), np.asarray(pred, float)
-    if np.ptp(y) == 0 or np.ptp(pred) == 0:
-        return float("nan")
-    return float(spearmanr(y, pred).statistic)
-
-
-def pearson(y: np.ndarray, pred: np.ndarray) -> float:
-    """Pearson correlation (NaN when either side is constant)."""
-    y, pred = np.asarray(y, float), np.asarray(pred, float)
-    if np.ptp(y) == 0 or np.ptp(pred) == 0:
-        return float("nan")
-    return float(np.corrcoef(y, pred)[0, 1])
-
-
-def mae(y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean absolute error, in the target's unit."""
-    return float(np.mean(np.abs(np.asarray(y, float) - np.asarray(pred, float))))
-
-
-def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC of boolean labels ``y`` (N,) against scores (N,) (Mann-Whitney, ties halved);
-    NaN when one class is absent."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(y).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = rankdata(score)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def auc(y: np.ndarray, pred: np.ndarray) -> float:
-    """ROC AUC; (N, K) class probabilities give the macro one-vs-rest mean over classes present."""
-    pred = np.asarray(pred, float)
-    y = np.asarray(y).astype(np.int64)
-    if pred.ndim == 1:
-        return binary_auc(y, pred)
-    vals = [binary_auc(y == k, pred[:, k]) for k in range(pred.shape[1]) if 0 < (y == k).sum() < len(y)]
-    return float(np.mean(vals)) if len(vals) == pred.shape[1] else float("nan")
-
-
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    """Mean per-class recall; binary ``pred`` are probabilities (threshold 0.5), (N, K) uses argmax."""
-    pred = np.asarray(pred, float)
-    y = np.asarray(y).astype(np.int64)
-    hard = (pred >= 0.5).astype(np.int64) if pred.ndim == 1 else pred.argmax(1)
-    return float(np.mean([np.mean(hard[y == k] == k) for k in np.unique(y)]))
-
-
-def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's concordance index; higher ``risk`` should mean an earlier event.
-
-    Comparable pairs (i, j): i had the event and ``t_i < t_j``, or ``t_i == t_j`` with j
-    censored (lifelines' rule).  Concordant when ``risk_i > risk_j``; tied risks count 1/2.
-    Equals ``lifelines.utils.concordance_index(time, -risk, event)``.  NaN without pairs.
-    """
-    t = np.asarray(time, float)
-    e = np.asarray(event).astype(bool)
-    r = np.asarray(risk, float)
-    num, den = 0.0, 0
-    for i in np.flatnonzero(e):  # O(N^2) in chunks of one row: fine for patient cohorts
-        comp = (t > t[i]) | ((t == t[i]) & ~e)
-        if not comp.any():
-            continue
-        rj = r[comp]
-        num += float((r[i] > rj).sum() + 0.5 * (r[i] == rj).sum())
-        den += int(comp.sum())
-    return num / den if den else float("nan")
 
 
 #: metric names computed for each task (keys of ``metrics.json``)
@@ -157,27 +78,6 @@ def bootstrap_ci(
     a = (1 - level) / 2
     lo, hi = np.quantile(vals, [a, 1 - a])
     return float(lo), float(hi)
-
-
-def expected_calibration_error(y: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error with ``bins`` equal-width confidence bins.
-
-    Binary: ``prob`` (N,) of class 1, bins over ``prob`` and the observed rate of class 1
-    per bin.  Multiclass: ``prob`` (N, K), top-label calibration (confidence = the largest
-    probability, accuracy = whether that class is ``y``).  ECE = sum_b n_b/N |acc_b - conf_b|.
-    """
-    y, prob = np.asarray(y), np.asarray(prob, np.float64)
-    if prob.ndim == 2:
-        conf, hit = prob.max(1), (prob.argmax(1) == y).astype(np.float64)
-    else:
-        conf, hit = prob, (y == 1).astype(np.float64)
-    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            ece += sel.mean() * abs(hit[sel].mean() - conf[sel].mean())
-    return float(ece)
 
 
 @dataclass

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nic.errors import DataError
+from nic._registry import Registry
+from nic.errors import DataError, OptionError
 
 __all__ = [
     "nic_cnn_strides",
@@ -26,12 +27,13 @@ __all__ = [
     "register_model",
     "create_model",
     "list_models",
-    "NicCNN",
+    "NicSlideCNN",
     "MeanPool",
     "ABMIL",
 ]
 
-_REGISTRY: dict[str, Callable[[ModelSpec], nn.Module]] = {}
+#: builders ``ModelSpec -> nn.Module`` by model name; an unknown name is an OptionError naming ``model``
+_MODELS: Registry[Callable[[ModelSpec], nn.Module]] = Registry("slide model", OptionError, param="model")
 
 #: nic-cnn's global pooling choices
 POOLS = ("maxmean", "max", "mean", "attention")
@@ -51,25 +53,19 @@ class ModelSpec:
 
 
 def register_model(name: str) -> Callable[[Callable[[ModelSpec], nn.Module]], Callable[[ModelSpec], nn.Module]]:
-    """Decorator adding a builder ``ModelSpec -> nn.Module`` under ``name``."""
-
-    def deco(fn: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    """Decorator adding a builder ``ModelSpec -> nn.Module`` (a function or a model class) under
+    ``name``; a name already taken by another builder is an :class:`~nic.errors.OptionError`."""
+    return _MODELS.decorator(name)
 
 
 def list_models() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return _MODELS.names()
 
 
 def create_model(name: str, spec: ModelSpec) -> nn.Module:
-    """Build a registered model; an unknown name is a :class:`DataError` listing the registry."""
-    if name not in _REGISTRY:
-        raise DataError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    return _REGISTRY[name](spec)
+    """Build a registered model; an unknown name is an :class:`~nic.errors.OptionError` listing the registry."""
+    return _MODELS.get(name)(spec)
 
 
 def _masked_mean(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -157,7 +153,7 @@ def nic_cnn_strides(input_size: int | None) -> tuple[int, ...]:
     return tuple([2] * n + [1] * (8 - n))
 
 
-class NicCNN(SlideNet):
+class NicSlideCNN(SlideNet):
     """A per-cell 1x1 embedding (``spec.stem``), 8 depthwise-separable conv layers (stride 2
     in the first ones, see :func:`nic_cnn_strides`), mask-aware global pooling, dense head.
 
@@ -247,6 +243,6 @@ class ABMIL(SlideNet):
         return self.out((a[..., None] * h).sum(1))
 
 
-register_model("nic-cnn")(NicCNN)
+register_model("nic-cnn")(NicSlideCNN)
 register_model("meanpool")(MeanPool)
 register_model("abmil")(ABMIL)

@@ -13,6 +13,7 @@ a result, and ``overwrite`` keeps the old run until the new one is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -21,22 +22,28 @@ from typing import Any
 
 import numpy as np
 
+from nic._device import torch_device
 from nic._outputs import staged_folder
-from nic.errors import DataError
+from nic.errors import DataError, OptionError, check_int
 from nic.learn.cv import inner_split, patient_folds
 from nic.learn.data import Cohort, LabelSpec, SlideSource, load_cohort, open_sources
 from nic.learn.metrics import TASK_METRICS, bootstrap_ci, compute_metric
-from nic.learn.train import FitConfig, FitHistory, SlideModel, _check_int, default_crop, fit_model, patient_mean
+from nic.learn.slide_model import SlideModel, patient_mean
+from nic.learn.train import FitConfig, FitHistory, default_crop, fit_model
 from nic.store import EncoderIdentity
 
-__all__ = ["TrainConfig", "CVResult", "Run", "train_cv", "load_run", "predict_run"]
+__all__ = ["CVConfig", "CVResult", "Run", "train_cv", "load_run", "predict_run"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    """A cross-validated training run: data, model fit settings, folds and outputs."""
+@dataclass(frozen=True)
+class CVConfig:
+    """A cross-validated training run: data, model fit settings, folds and outputs.
+
+    Constructing one checks its values and nothing else (no files, no devices); a changed
+    copy is ``dataclasses.replace(config, ...)``.
+    """
 
     compressed: Path
     labels: LabelSpec
@@ -48,9 +55,9 @@ class TrainConfig:
     threads: int | None = None  #: torch CPU threads during the run (restored after); None: leave as is
 
     def __post_init__(self) -> None:
-        _check_int("--folds", self.folds, 2)
+        check_int("folds", self.folds, 2)
         if self.threads is not None:
-            _check_int("--threads", self.threads, 1)
+            check_int("threads", self.threads, 1)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,7 +145,7 @@ def _metrics(cohort: Cohort, pidx: np.ndarray, pred: np.ndarray) -> dict[str, fl
     return {m: compute_metric(m, cohort.y[pidx], pred, t) for m in TASK_METRICS[cohort.task]}
 
 
-def train_cv(config: TrainConfig) -> CVResult:
+def train_cv(config: CVConfig) -> CVResult:
     """K-fold cross-validation by patient; writes the run folder when ``config.out`` is set.
 
     Each fold trains on K-1 parts (with an inner validation split for early stopping and lr
@@ -151,8 +158,10 @@ def train_cv(config: TrainConfig) -> CVResult:
 
     config.labels.check()
     if config.fit.model not in list_models():
-        raise DataError(f"unknown model {config.fit.model!r}; choose one of {', '.join(list_models())}")
+        known = ", ".join(list_models())
+        raise OptionError(f"`model` {config.fit.model!r} is not a slide model; choose one of {known}")
     # check every input before touching the run folder: a typo must not delete a good run
+    torch_device(config.fit.device)  # a bad or unavailable device fails before any work
     cohort = load_cohort(config.compressed, config.labels)
     sources = open_sources(cohort.store_paths, folder=config.compressed)
     crop = default_crop(sources, config.fit.crop)
@@ -173,7 +182,7 @@ def train_cv(config: TrainConfig) -> CVResult:
 
 
 def _train_cv(
-    config: TrainConfig,
+    config: CVConfig,
     cohort: Cohort,
     sources: list[SlideSource],
     crop: int,
@@ -190,7 +199,7 @@ def _train_cv(
     per_fold: dict[str, list[float]] = {m: [] for m in TASK_METRICS[cohort.task]}
     for k, (train_p, test_p) in enumerate(folds):
         fit_p, val_p = inner_split(cohort, train_p, cfg.val_fraction, cfg.seed + k)
-        fit_cfg = FitConfig(**{**asdict(cfg), "crop": crop})
+        fit_cfg = dataclasses.replace(cfg, crop=crop)
         model, hist = fit_model(cohort, sources, fit_p, val_p, fit_cfg, cfg.seed * 1000 + k)
         test_s = cohort.slides_of(test_p)
         views = model.predict_views([sources[i] for i in test_s], cfg.tta_crops, cfg.tta_variants, cfg.seed)
@@ -267,7 +276,7 @@ def load_run(run: str | Path) -> Run:
     run = Path(run)
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
-        raise DataError(f"{run}: not a nic run folder (no config.json); pass the --out folder of `nic train`")
+        raise DataError(f"{run}: not a nic run folder (no config.json); pass a folder `nic train` wrote")
     try:
         cfg = json.loads(cfg_path.read_text())
         n_folds = int(cfg["folds"])

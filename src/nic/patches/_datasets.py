@@ -73,6 +73,21 @@ class DatasetSpec:
     options: dict[str, str] = field(default_factory=dict)
 
 
+def pop_positive(opts: dict[str, str], key: str, where: str, unit: str = "") -> float | None:
+    """``opts.pop(key)`` as a positive number (``None`` when absent); a :class:`DataError`
+    naming ``where`` (e.g. the spec it came from) otherwise."""
+    if key not in opts:
+        return None
+    text, unit = opts.pop(key), f" ({unit})" if unit else ""
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: {key} must be a number{unit}, got {text!r}") from None
+    if not value > 0:
+        raise DataError(f"{where}: {key} must be positive{unit}, got {value}")
+    return value
+
+
 def parse_dataset_spec(spec: str | Path) -> DatasetSpec:
     """``[class:|regr:]PATH[?mpp=0.5&group=COL&label=COL&path=COL&...]`` -> :class:`DatasetSpec`."""
     text = str(spec).strip()
@@ -87,14 +102,7 @@ def parse_dataset_spec(spec: str | Path) -> DatasetSpec:
         raise DataError(f"dataset spec {spec!r}: unknown kind {head!r}; use class:PATH or regr:PATH")
     base, _, query = text.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=True))
-    mpp = None
-    if "mpp" in opts:
-        try:
-            mpp = float(opts.pop("mpp"))
-        except ValueError:
-            raise DataError(f"dataset spec {spec!r}: mpp must be a number (um/px)") from None
-        if not mpp > 0:
-            raise DataError(f"dataset spec {spec!r}: mpp must be positive (um/px), got {mpp}")
+    mpp = pop_positive(opts, "mpp", f"dataset spec {spec!r}", "um/px")
     if not base:
         raise DataError(f"dataset spec {spec!r} has no path; write KIND:PATH")
     return DatasetSpec(

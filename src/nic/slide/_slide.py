@@ -19,9 +19,24 @@ from nic.slide._readers import (
     tiled_rgb_page,
 )
 
-__all__ = ["Slide", "open_slide", "PLAIN_IMAGE_SUFFIXES"]
+__all__ = ["Slide", "open_slide", "PLAIN_IMAGE_SUFFIXES", "SLIDE_SUFFIXES", "is_slide_file"]
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+#: File suffixes taken as slides when a folder is searched: the whole-slide formats
+#: (OpenSlide's, DICOM, OME-TIFF) and the common plain images; any file can still be
+#: named as a slide directly.
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+    ".png", ".jpg", ".jpeg",
+)  # fmt: skip
+
+
+def is_slide_file(path: str | Path) -> bool:
+    """Whether ``path`` is a slide to take from a folder: a visible file with a slide suffix."""
+    p = Path(path)
+    return p.suffix.lower() in SLIDE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+
+
 #: Vendors whose files are plain tiled TIFF underneath, read by the fast tile path.
 FAST_VENDORS = {"aperio", "generic-tiff"}
 #: Largest source area (pixels) read in one piece; bigger reads go in strips.

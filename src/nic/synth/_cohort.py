@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from nic.dihedral import compose_rot_then_flip, dihedral
-from nic.errors import DataError
+from nic.errors import DataError, check_int
 from nic.synth._labels import draw_survival, patients_for, write_labels
 from nic.synth._layout import (
     BG,
@@ -84,6 +84,11 @@ class CohortConfig:
     stain_jitter: float = 1.0  # 0: every slide stained alike
     coverage: tuple[float, float] = (0.45, 0.68)  # tissue share of the slide area
     pyramid: bool = True  # False: level 0 only, like the huge single-level scans some labs have
+
+    def __post_init__(self) -> None:
+        check_int("quality", self.quality, 1, 100)
+        check_int("variants", self.variants, 1)
+        check_int("transforms", self.transforms, 1, 8)
 
 
 @dataclass

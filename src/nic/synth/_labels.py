@@ -1,5 +1,6 @@
 """Patient bookkeeping shared by the procedural and mosaic cohorts: who has two slides,
-survival drawn from tumour burden, and the labels table."""
+survival drawn from tumour burden, and the labels table.  (How well a risk orders the drawn
+times is :func:`nic.metrics.c_index`.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["patients_for", "draw_survival", "write_labels", "concordance"]
+__all__ = ["patients_for", "draw_survival", "write_labels"]
 
 
 def patients_for(n_slides: int, two_slide_fraction: float, rng: np.random.Generator) -> list[int]:
@@ -59,17 +60,6 @@ def draw_survival(
     event = (t_event <= t_cens).astype(np.int64)
     time = np.maximum(np.round(np.minimum(t_event, t_cens), 2), 0.01)
     return time, event
-
-
-def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's c-index: of comparable pairs, the fraction where higher risk dies first."""
-    time, event, risk = (np.asarray(a, float) for a in (time, event, risk))
-    num = den = 0.0
-    for i in np.flatnonzero(event):
-        later = time > time[i]
-        den += later.sum()
-        num += (risk[i] > risk[later]).sum() + 0.5 * (risk[i] == risk[later]).sum()
-    return num / den if den else float("nan")
 
 
 def _fmt(v: Any) -> str:

@@ -1,4 +1,5 @@
-"""Cohorts of compressed slides with planted signals, for tests and benchmarks.
+"""Cohorts of compressed slides (stores, not slide files) with planted signals, for tests
+and benchmarks of :mod:`nic.learn`.
 
 Not a model of tissue: codes are Gaussian noise on tissue cells plus three signals,
 each set per PATIENT (all slides of a patient share it):
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nic.store import create_store, mark_complete
+from nic.errors import OptionError
+from nic.store import create_store, mark_complete, store_path
 
 __all__ = ["PlantedCohort", "make_planted_cohort"]
 
@@ -79,7 +81,9 @@ def _place_pairs(
             (a_cells if want_a else b_cells).append((y, x))
             used[y : y + b, x : x + b] = True
     if len(a_cells) < n or len(b_cells) < n:
-        raise ValueError(f"could not place {n} pairs of {b} x {b} blocks in the tissue; use fewer or a larger grid")
+        raise OptionError(
+            f"could not place {n} pairs of {b} x {b} blocks in the tissue; use fewer `n_pairs` or a larger `grid`"
+        )
     return a_cells, b_cells
 
 
@@ -131,11 +135,10 @@ def make_planted_cohort(
             for y, x in b_cells:
                 f[2, y : y + block, x : x + block] += 4.0
             f *= tissue
-            arr = create_store(
-                stores / f"{sid}.zarr", code_size, grid, tissue, {"encoder": "planted"}, variants=variants
-            )
+            store = store_path(stores, sid)
+            arr = create_store(store, code_size, grid, tissue, {"encoder": "planted"}, variants=variants)
             arr[...] = np.broadcast_to(f, (variants, *f.shape)) if variants > 1 else f
-            mark_complete(stores / f"{sid}.zarr")
+            mark_complete(store)
             rows.append(
                 {
                     "slide": sid,

@@ -1,0 +1,209 @@
+"""The command line's options come from the library: defaults read from the config classes,
+flags derived from parameter names, and errors printed with those flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from nic.cli import app
+from nic.cli._common import _field_defaults, cli_message, flag, library_default, with_flags
+from nic.errors import DataError, OptionError, OutputError, check_choice, check_int, check_number
+
+# every config class a command takes defaults from
+CONFIGS = [
+    "nic.learn.train:FitConfig",
+    "nic.learn.run:CVConfig",
+    "nic.encoder_training._config:EncoderTrainConfig",
+    "nic.encoder_training._config:UnsupervisedConfig",
+    "nic.patches.augment:AugmentConfig",
+    "nic.synth._cohort:CohortConfig",
+]
+
+
+def _real_defaults(where: str) -> dict[str, object]:
+    import importlib
+
+    module, name = where.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+@pytest.mark.parametrize("where", CONFIGS)
+def test_defaults_read_from_the_source_are_the_classes_defaults(where: str) -> None:
+    """What the options show is exactly what the class would use, field by field (including
+    fields a subclass redefines, e.g. the unsupervised run's shorter ``epochs``)."""
+    real = _real_defaults(where)
+    read = _field_defaults(*where.split(":"))
+    assert read == real
+    assert real, where
+
+
+def test_a_field_without_a_literal_default_is_not_offered() -> None:
+    with pytest.raises(KeyError, match="augment"):
+        library_default("nic.encoder_training._config:EncoderTrainConfig", "augment")  # a default_factory
+
+
+def _option_defaults(command) -> dict[str, object]:
+    return {name: p.default.default for name, p in inspect.signature(command).parameters.items()}
+
+
+def test_train_options_follow_the_fit_and_cv_configs() -> None:
+    from nic.cli._learn import train
+    from nic.learn import FitConfig
+
+    got, fit = _option_defaults(train), FitConfig()
+    for name in ("model", "epochs", "crop", "batch_size", "lr", "patience", "width", "dropout", "pool", "ties",
+                 "seed", "device"):  # fmt: skip
+        assert got[name] == getattr(fit, name), name
+    assert (got["folds"], got["threads"]) == (5, None) == (_real_defaults(CONFIGS[1])["folds"], None)
+
+
+def test_train_encoder_shared_options_defer_to_each_method() -> None:
+    """Options both kinds of run take, with different defaults, are left to each config."""
+    from nic.cli._train_encoder import train_encoder_cmd
+    from nic.encoder_training import EncoderTrainConfig, UnsupervisedConfig
+
+    got = _option_defaults(train_encoder_cmd)
+    assert got["epochs"] is None and got["patience"] is None and got["lr"] is None
+    fields = {f.name: f.default for f in dataclasses.fields(EncoderTrainConfig)}
+    assert (got["batch_size"], got["seed"], got["workers"], got["encoder"]) == (
+        fields["batch_size"], fields["seed"], fields["num_workers"], fields["encoder"]
+    )  # fmt: skip
+    assert got["val_fraction"] == fields["val_fraction"] and got["sampling"] == fields["sampling"]
+    unsup = {f.name: f.default for f in dataclasses.fields(UnsupervisedConfig)}
+    assert (got["patches"], got["val_patches"], got["kl_weight"]) == (
+        unsup["patches"], unsup["val_patches"], unsup["kl_weight"]
+    )  # fmt: skip
+    assert (fields["epochs"], unsup["epochs"]) == (20, 5)  # the help names both
+    shown = inspect.signature(train_encoder_cmd).parameters["epochs"].default.show_default
+    assert shown == "20 (multitask), 5 (unsupervised)"
+
+
+def test_the_command_line_imports_no_torch() -> None:
+    """Reading the defaults from the sources keeps ``nic --help`` free of torch."""
+    code = "import sys, nic.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- parameter names -> flags ---------------------------------------------------------------------
+
+
+def test_flags_of_parameters() -> None:
+    assert flag("lr") == "--lr" and flag("batch_size") == "--batch-size"
+    assert flag("num_workers") == "--workers" and flag("early_stopping_patience") == "--patience"
+
+
+def test_messages_name_parameters_for_python_and_flags_for_the_command_line() -> None:
+    e = OptionError("`batch_size` must be an integer of at least 2 (got 1); or pass `overwrite=True`, `device=cpu`")
+    assert cli_message(e) == "--batch-size must be an integer of at least 2 (got 1); or pass --overwrite, --device cpu"
+    # what is not a parameter in backticks stays as it is
+    assert with_flags("retrain it with `nic train`; `a b`") == "retrain it with `nic train`; `a b`"
+
+
+def test_the_checks_word_their_errors_alike() -> None:
+    for bad in (1, 2.0, True, "3"):
+        with pytest.raises(OptionError, match=r"^`batch_size` must be an integer of at least 2 \(got"):
+            check_int("batch_size", bad, 2)
+    check_int("quality", np.int64(100), 1, 100)
+    with pytest.raises(OptionError, match=r"`quality` must be an integer between 1 and 100 \(got 0\)"):
+        check_int("quality", 0, 1, 100)
+    check_number("val_fraction", 0.5, 0, 1, low_open=True, high_open=True)
+    for bad in (0, 1, float("nan"), "0.5"):
+        with pytest.raises(OptionError, match=r"`val_fraction` must be a number in \(0, 1\)"):
+            check_number("val_fraction", bad, 0, 1, low_open=True, high_open=True)
+    with pytest.raises(OptionError, match="`lr` must be a number greater than 0"):
+        check_number("lr", 0.0, 0, float("inf"), low_open=True)
+    with pytest.raises(OptionError, match="`sampling` must be one of a, b"):
+        check_choice("sampling", "c", ("a", "b"))
+
+
+# -- through the command line ---------------------------------------------------------------------
+
+
+def _one_error_line(res) -> str:
+    lines = [x for x in res.output.splitlines() if x]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    return lines[0]
+
+
+def test_a_bad_device_reads_the_same_in_every_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fault, one class and one line, whichever command meets it."""
+    import torch
+
+    from nic.encoders import load_encoder
+    from nic.learn import FitConfig
+    from nic.learn.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    want = "--device 'cuda' asked for, but torch sees no CUDA device; use --device cpu"
+    faults = [lambda: load_encoder("nic-cnn", device="cuda"), lambda: resolve_device(FitConfig(device="cuda").device)]
+    for fault in faults:
+        with pytest.raises(OptionError) as info:
+            fault()
+        assert cli_message(info.value) == want
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,patient,y\n")
+    args = ["train", "--compressed", str(tmp_path), "--labels", str(labels), "--task", "regression", "--target", "y",
+            "--out", str(tmp_path / "run"), "--device", "cuda"]  # fmt: skip
+    assert _one_error_line(CliRunner().invoke(app, args)) == f"error: {want}"
+
+
+def test_output_refusals_read_the_same(tmp_path: Path) -> None:
+    from nic._outputs import check_new_file, check_new_folder
+
+    f = tmp_path / "preds.csv"
+    f.write_text("x\n")
+    with pytest.raises(OutputError) as info:
+        check_new_file(f)
+    assert cli_message(info.value) == f"{f}: exists; pass --overwrite to replace it, or choose another --out"
+    check_new_file(f, overwrite=True)
+    with pytest.raises(OutputError, match="is a folder"):
+        check_new_file(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(OutputError) as info:
+        check_new_folder(tmp_path / "run", None, holds=("config.json",), what="training runs")
+    assert cli_message(info.value) == (
+        f"{tmp_path / 'run'}: already holds training runs; choose another --out (training runs are never overwritten)"
+    )
+    check_new_folder(tmp_path / "run", None, holds=("checkpoints",))
+    with pytest.raises(OutputError, match="exists and is not a folder"):
+        check_new_folder(f)
+    assert not issubclass(OutputError, DataError) and not issubclass(OptionError, DataError)
+
+
+def test_warnings_on_the_command_line_name_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from nic.cli._common import setup_logging
+
+    log = logging.getLogger("nic")
+    try:
+        setup_logging(False)  # what every nic command sets up
+        capsys.readouterr()
+        logging.getLogger("nic.learn.train").warning("epoch %d: a lower `lr` (now %g) may help", 3, 0.01)
+        assert capsys.readouterr().err == "warning: epoch 3: a lower --lr (now 0.01) may help\n"
+    finally:
+        for h in list(log.handlers):
+            log.removeHandler(h)
+        log.setLevel(logging.NOTSET)
+
+
+def test_cohort_config_checks_what_the_command_used_to(tmp_path: Path) -> None:
+    from nic.synth import CohortConfig
+
+    with pytest.raises(OptionError, match=r"`quality` must be an integer between 1 and 100 \(got 0\)"):
+        CohortConfig(quality=0)
+    with pytest.raises(OptionError, match="`transforms` must be an integer between 1 and 8"):
+        CohortConfig(transforms=9)
+    res = CliRunner().invoke(app, ["synth", "cohort", str(tmp_path / "c"), "--quality", "101"])
+    assert _one_error_line(res) == "error: --quality must be an integer between 1 and 100 (got 101)"
+    assert not (tmp_path / "c").exists()
