@@ -58,8 +58,12 @@ def test_seeded_augmentation_is_reproducible_and_varies_per_sample() -> None:
 
 
 def test_negative_strength_and_bad_input_raise() -> None:
-    with pytest.raises(ValueError):
-        augment(_batch(), AugmentConfig(strength=-1))
+    from nic.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^`strength` must be a number of at least 0 \(got -1\)$"):
+        AugmentConfig(strength=-1)
+    with pytest.raises(OptionError, match="`strength`"):
+        AugmentConfig().with_strength(-0.5)
     with pytest.raises(ValueError):
         augment(torch.zeros(2, 16, 16, 3, dtype=torch.uint8))
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from nic.bags import export_stores, import_bags, place_on_grid
 from nic.cli import app
-from nic.errors import DataError, StoreError
+from nic.errors import DataError, OutputError
 from nic.store import check_same_encoder, open_store
 
 FORMATS = ["trident", "clam", "stamp"]
@@ -199,7 +199,7 @@ def test_trident_folder_without_slides(tmp_path: Path) -> None:
     assert ident.code_size == 1024
     assert stores[0].meta.extra["source_sha256"] != stores[1].meta.extra["source_sha256"]
 
-    with pytest.raises(StoreError, match="--overwrite"):
+    with pytest.raises(OutputError, match="already holds stores for .*; pass `overwrite=True` to replace them"):
         import_bags(d, "trident", tmp_path / "stores")
 
 
@@ -209,7 +209,7 @@ def test_overlap_and_off_grid_are_refused_unless_snapped(tmp_path: Path) -> None
     rc, _ = _grid_coords(6, 6, 1, seed=0, keep=1.0)
     xy = np.stack([rc[:, 1] * 448, rc[:, 0] * 448], 1)  # 512 px patches every 448 px: overlap 32 at 20x
     _write_trident(d / "s.h5", xy, np.ones((len(xy), 8), np.float32), overlap=32)
-    with pytest.raises(DataError, match="overlap.*--snap"):
+    with pytest.raises(DataError, match="overlap.*`snap=True`"):
         import_bags(d, "trident", tmp_path / "o1")
     [r] = import_bags(d, "trident", tmp_path / "o2", snap=True)
     s = open_store(r.store)
@@ -218,7 +218,7 @@ def test_overlap_and_off_grid_are_refused_unless_snapped(tmp_path: Path) -> None
     # two tissue regions with their own grid starts (as CLAM patches contours)
     a = np.stack(np.meshgrid(np.arange(3) * 256, np.arange(3) * 256), -1).reshape(-1, 2)
     coords = np.concatenate([a, a + [2000 + 37, 1500 + 11]])
-    with pytest.raises(DataError, match="off one grid.*--snap"):
+    with pytest.raises(DataError, match="off one grid.*`snap=True`"):
         place_on_grid(coords, 256.0, source="x.h5")
     p = place_on_grid(coords, 256.0, snap=True)
     assert p.dropped == 0 and len(p.cells) == 18 and p.max_shift <= 128 * np.sqrt(2)
@@ -275,14 +275,14 @@ def test_clam_layout_and_its_ambiguities(tmp_path: Path) -> None:
         f["features"], f["coords"] = feats, xy
     torch.save(torch.from_numpy(feats), root / "pt_files" / "s.pt")
 
-    with pytest.raises(DataError, match="--patches DIR.*--patch-size"):
+    with pytest.raises(DataError, match="`patches_dir=DIR`.*`patch_size=PX`"):
         import_bags(root, "clam", tmp_path / "x")
     with h5py.File(root / "patches" / "s.h5", "w") as f:
         f["coords"] = xy
         for k, v in {"patch_size": 256, "patch_level": 1, "downsample": np.array([4.0, 4.0]),
                      "level_dim": np.array([2048, 2048]), "name": "s"}.items():  # fmt: skip
             f["coords"].attrs[k] = v
-    with pytest.raises(DataError, match="pyramid level.*--slides.*--mpp"):
+    with pytest.raises(DataError, match="pyramid level.*`slides`.*`mpp`"):
         import_bags(root, "clam", tmp_path / "x")
     [r] = import_bags(root, "clam", tmp_path / "ok", mpp=0.2527, extractor="resnet50_trunc")
     s = open_store(r.store)
@@ -307,7 +307,7 @@ def test_stamp_layout_needs_the_slides_um_per_px(tmp_path: Path) -> None:
         for k, v in {"stamp_version": "2.4.0", "extractor": "ctranspath", "unit": "um", "tile_size_um": 256.0,
                      "tile_size_px": 224, "code_hash": "abc12345", "feat_type": "tile"}.items():  # fmt: skip
             f.attrs[k] = v
-    with pytest.raises(DataError, match="micrometres.*--slides.*--mpp"):
+    with pytest.raises(DataError, match="micrometres.*`slides`.*`mpp`"):
         import_bags(d, "stamp", tmp_path / "x")
     [r] = import_bags(d.parent, "stamp", tmp_path / "ok", mpp=0.499)
     s = open_store(r.store)
@@ -324,8 +324,13 @@ def test_cli_refusal_is_one_line(tmp_path: Path) -> None:
         f["coords"] = np.zeros((2, 2), np.int64)
     r = CliRunner().invoke(app, ["import-features", str(d), "--format", "trident", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "'features'" in r.stderr
+    with h5py.File(d / "s.h5", "w") as f:  # CLAM-like: features and coords, no TRIDENT attributes
+        f["coords"], f["features"] = np.zeros((2, 2), np.int64), np.zeros((2, 4), np.float32)
+    r = CliRunner().invoke(app, ["import-features", str(d), "--format", "trident", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.endswith("(for CLAM files pass --format clam)\n"), r.stderr  # the library's `fmt=clam`
     r = CliRunner().invoke(app, ["import-features", str(d), "--format", "bagit", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "trident, clam, stamp" in r.stderr
+    assert r.exit_code == 2 and r.stderr == "error: --format must be one of trident, clam, stamp (got 'bagit')\n"
 
 
 def test_imported_real_slide_bags_train_and_predict(cmu_store: Path, tmp_path: Path) -> None:
@@ -369,7 +374,7 @@ def test_imported_real_slide_bags_train_and_predict(cmu_store: Path, tmp_path: P
 
 def test_slides_must_match_the_bags(cmu_store: Path, tmp_path: Path, cmu: Path, wsi_dir: Path) -> None:
     export_stores(cmu_store, "trident", tmp_path / "t")
-    with pytest.raises(DataError, match="no slide among --slides: CMU-1-Small-Region.h5"):
+    with pytest.raises(DataError, match="no slide among `slides`: CMU-1-Small-Region.h5"):
         import_bags(tmp_path / "t", "trident", tmp_path / "a", slides=[wsi_dir / "camelyon_lowres_wsi.dcm"])
     with h5py.File(tmp_path / "t" / "CMU-1-Small-Region.h5", "r+") as f:
         f["coords"].attrs["level0_width"] = 4000

@@ -25,6 +25,7 @@ CONFIGS = [
     "nic.encoder_training._config:UnsupervisedConfig",
     "nic.patches.augment:AugmentConfig",
     "nic.synth._cohort:CohortConfig",
+    "nic.compress._pipeline:CompressOptions",
 ]
 
 
@@ -99,6 +100,9 @@ def test_the_command_line_imports_no_torch() -> None:
 def test_flags_of_parameters() -> None:
     assert flag("lr") == "--lr" and flag("batch_size") == "--batch-size"
     assert flag("num_workers") == "--workers" and flag("early_stopping_patience") == "--patience"
+    assert (flag("out_dir"), flag("n_slides"), flag("fmt"), flag("patches_dir")) == (
+        "--out", "--slides", "--format", "--patches"
+    )  # fmt: skip
 
 
 def test_messages_name_parameters_for_python_and_flags_for_the_command_line() -> None:
@@ -106,6 +110,8 @@ def test_messages_name_parameters_for_python_and_flags_for_the_command_line() ->
     assert cli_message(e) == "--batch-size must be an integer of at least 2 (got 1); or pass --overwrite, --device cpu"
     # what is not a parameter in backticks stays as it is
     assert with_flags("retrain it with `nic train`; `a b`") == "retrain it with `nic train`; `a b`"
+    # a positional argument, named by its metavar, has no flag
+    assert with_flags("choose another `OUT`, or `patches_dir=DIR`") == "choose another OUT, or --patches DIR"
 
 
 def test_the_checks_word_their_errors_alike() -> None:
@@ -138,9 +144,9 @@ def test_a_bad_device_reads_the_same_in_every_command(tmp_path: Path, monkeypatc
     """One fault, one class and one line, whichever command meets it."""
     import torch
 
+    from nic._device import torch_device as resolve_device
     from nic.encoders import load_encoder
     from nic.learn import FitConfig
-    from nic.learn.train import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     want = "--device 'cuda' asked for, but torch sees no CUDA device; use --device cpu"
@@ -178,6 +184,41 @@ def test_output_refusals_read_the_same(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="exists and is not a folder"):
         check_new_folder(f)
     assert not issubclass(OutputError, DataError) and not issubclass(OptionError, DataError)
+
+
+def test_an_option_is_named_by_the_flag_of_its_command(tmp_path: Path) -> None:
+    """train-encoder's --aug-strength sets AugmentConfig's `strength`: its refusal names the
+    flag this command has; augment-preview's --strength is the field's own flag."""
+    from nic.patches.augment import AugmentConfig
+
+    res = CliRunner().invoke(app, ["train-encoder", "--task", "t=class:/no/such.csv", "--aug-strength", "-1",
+                                   "--out", str(tmp_path / "run")])  # fmt: skip
+    assert _one_error_line(res) == "error: --aug-strength must be a number of at least 0 (got -1.0)"
+    with pytest.raises(OptionError) as info:
+        AugmentConfig(strength=-1.0)
+    assert cli_message(info.value) == "--strength must be a number of at least 0 (got -1.0)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_commands_refuse_existing_outputs_before_the_work(tmp_path: Path) -> None:
+    """``nic report`` (OUT a flag) and ``nic encoders import-keras`` (OUT positional) refuse an
+    existing output with the shared guard, in one line, and leave it as it was."""
+    html = tmp_path / "report.html"
+    html.write_text("keep")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "no-run"), "--out", str(html)])
+    assert _one_error_line(res) == f"error: {html}: exists; pass --overwrite to replace it, or choose another --out"
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "no-run"), "--out", str(tmp_path)])
+    assert _one_error_line(res) == f"error: {tmp_path}: is a folder; --out is the file to write"
+    assert html.read_text() == "keep"
+
+    src = tmp_path / "enc.h5"
+    src.write_bytes(b"not read: the output is refused first")
+    target = tmp_path / "enc" / "encoder.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"keep")
+    res = CliRunner().invoke(app, ["encoders", "import-keras", str(src), str(target.parent)])
+    assert _one_error_line(res) == f"error: {target}: exists; pass --overwrite to replace it, or choose another OUT"
+    assert target.read_bytes() == b"keep"
 
 
 def test_warnings_on_the_command_line_name_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -150,7 +150,8 @@ def _features(store: Path) -> np.ndarray:
 
 
 def test_codes_sit_at_their_cells_and_background_is_zero(slides, encoder, tmp_path):
-    store = compress_slide(slides["a"], encoder, tmp_path, workers=2)
+    # on the CPU, as the fp32 reference below (a CUDA device would autocast to fp16)
+    store = compress_slide(slides["a"], encoder, tmp_path, workers=2, device="cpu")
     s = open_store(store)
     with nic.open_slide(slides["a"]) as slide:
         grid = nic.patch_grid(slide, mpp=0.5, patch=128)
@@ -195,8 +196,8 @@ def test_readers_and_transports_agree(slides, encoder, tmp_path):
 
 
 def test_dihedral_variants_are_codes_of_rotated_patches(slides, encoder, tmp_path):
-    plain = compress_slide(slides["b"], encoder, tmp_path / "plain", workers=0)
-    store = compress_slide(slides["b"], encoder, tmp_path / "d8", workers=0, dihedral=True)
+    plain = compress_slide(slides["b"], encoder, tmp_path / "plain", workers=0, device="cpu")  # as the reference
+    store = compress_slide(slides["b"], encoder, tmp_path / "d8", workers=0, device="cpu", dihedral=True)
     s = open_store(store)
     assert s.features.shape[:2] == (8, encoder.code_size) and s.variants == 8
     assert "flip" in s.attrs["variant_order"]
@@ -442,7 +443,8 @@ def test_cli_show(slides, encoder, tmp_path):
 def test_cmu_slide_with_the_published_keras_encoder(shared, tmp_path, keras_dir: Path, wsi_dir: Path):
     h5 = keras_dir / "encoder_multitask-4.h5"
     slide = wsi_dir / "CMU-1-Small-Region.svs"
-    res = CliRunner().invoke(app, ["compress", str(slide), "--encoder", str(h5), "--out", str(tmp_path)])
+    args = ["compress", str(slide), "--encoder", str(h5), "--out", str(tmp_path), "--device", "cpu"]  # as embed
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     s = open_store(store_path(tmp_path, "CMU-1-Small-Region"))
     assert s.grid_shape == (23, 17) and s.code_size == 128
@@ -578,7 +580,7 @@ def test_random_init_encoder_never_matches_a_complete_store(slides, tmp_path):
     enc = nic.create_encoder("nic-cnn")  # no weights: checksum ""
     assert enc.checksum == ""
     compress_slide(slides["b"], enc, tmp_path, workers=0, random_init=True)
-    with pytest.raises(StoreError, match="random-initialised encoder.*--overwrite or use saved weights"):
+    with pytest.raises(StoreError, match="random-initialised encoder.*`overwrite=True` or use saved weights"):
         compress_slide(slides["b"], enc, tmp_path, workers=0, random_init=True)
 
 

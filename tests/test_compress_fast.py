@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch import nn
 
 import nic
@@ -150,6 +151,33 @@ def test_published_keras_encoder_folded(keras_dir):
         torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+def test_the_fold_is_probed_at_the_precision_the_codes_are_computed_in(keras_dir, monkeypatch):
+    """Under autocast the fold is checked again; a fold that half precision spoils is dropped."""
+    from nic.encoders import _layers
+
+    encoder = nic.load_encoder(keras_dir / "encoder_multitask-4.h5").for_inference()
+    assert encoder.uint8_module(autocast=torch.bfloat16)[1]  # the published encoder folds well in bfloat16
+    real = _layers.uint8_form
+
+    def spoiled_in_low_precision(module):  # exact in float32, off by 5% of the scale under autocast
+        folded = real(module)
+
+        class Spoiled(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = folded
+
+            def forward(self, x):
+                out = self.inner(x)
+                return out * 1.05 if torch.is_autocast_enabled(x.device.type) else out
+
+        return Spoiled()
+
+    monkeypatch.setattr(_layers, "uint8_form", spoiled_in_low_precision)
+    assert encoder.uint8_module()[1]  # float32 only: the probe cannot see it
+    assert not encoder.uint8_module(autocast=torch.bfloat16)[1]
+
+
 class _Square(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.square()
@@ -203,9 +231,59 @@ def test_auto_options_resolve_and_explicit_ones_stay():
     assert (mixed.workers, mixed.batch_size) == (3, 64)
     fixed = CompressOptions(workers=0, batch_size=8)
     assert fixed.resolved(128) is fixed
-    for bad in ({"workers": -1}, {"workers": "many"}, {"batch_size": 0}, {"decode": "gpu"}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    for bad, want in (
+        ({"workers": -1}, "`workers` must be auto or an integer of at least 0 (got -1)"),
+        ({"workers": "many"}, "`workers` must be auto or an integer of at least 0 (got 'many')"),
+        ({"batch_size": 0}, "`batch_size` must be auto or an integer of at least 1 (got 0)"),
+        ({"batch_size": 8.0}, "`batch_size` must be auto or an integer of at least 1 (got 8.0)"),
+        ({"decode": "gpu"}, "`decode` must be one of auto, readers, device (got 'gpu')"),
+        ({"min_tissue": 1.5}, "`min_tissue` must be a number in [0, 1] (got 1.5)"),
+        ({"busy_wait": -1.0}, "`busy_wait` must be a number of at least 0 (got -1.0)"),
+        ({"precision": "fp8"}, "`precision` must be one of auto, fp32, fp16, bf16 (got 'fp8')"),
+    ):
+        with pytest.raises(nic.errors.OptionError) as info:
             CompressOptions(**bad)
+        assert str(info.value) == want
+
+
+def test_cli_compress_options_come_from_compress_options(slides_for_fast, tmp_path, caplog):
+    """Defaults read from :class:`CompressOptions`; auto|N values parsed, bad ones refused in
+    one line before any slide; the values given reach the run."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from nic.cli import app
+    from nic.cli._compress import compress
+
+    params, lib = inspect.signature(compress).parameters, CompressOptions()
+    for name in ("workers", "batch_size", "decode", "device", "dihedral", "overwrite", "min_tissue", "random_init",
+                 "seed"):  # fmt: skip
+        assert params[name].default.default == getattr(lib, name), name
+    assert params["wait_busy"].default.default == lib.busy_wait
+    assert (lib.workers, lib.batch_size, lib.decode, lib.device) == ("auto", "auto", "auto", "auto")
+
+    out = tmp_path / "out"
+    base = ["compress", str(slides_for_fast), "--encoder", "mean-rgb", "--out", str(out), "--device", "cpu"]
+    for extra, want in (
+        (["--workers", "abc"], "--workers must be auto or an integer of at least 0 (got 'abc')"),
+        (["--workers", "-1"], "--workers must be auto or an integer of at least 0 (got -1)"),
+        (["--batch-size", "2.5"], "--batch-size must be auto or an integer of at least 1 (got '2.5')"),
+        (["--decode", "gpu"], "--decode must be one of auto, readers, device (got 'gpu')"),
+        (["--min-tissue", "2"], "--min-tissue must be a number in [0, 1] (got 2.0)"),
+    ):
+        res = CliRunner().invoke(app, [*base, *extra])
+        assert (res.exit_code, res.output) == (2, f"error: {want}\n"), extra
+    assert not out.exists()
+
+    for decode, on_device in (("device", True), ("readers", False)):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="nic.compress._tiles"):
+            res = CliRunner().invoke(
+                app, [*base, "--workers", "0", "--batch-size", "16", "--decode", decode, "--overwrite"]
+            )
+        assert res.exit_code == 0 and " done " in res.output, res.output
+        assert ("JPEG tiles decoded on cpu" in caplog.text) == on_device, caplog.text
 
 
 # -- JPEG tiles decoded by torchvision, assembled on tensors ------------------------------------
@@ -353,6 +431,31 @@ def test_a_damaged_tile_fails_its_slide_on_the_device_path_too(tmp_path, encoder
     assert "damaged.tif" in results[0].error and isinstance(results[0].exception, nic.errors.SlideError)
 
 
+def test_tiles_the_device_decoder_refuses_are_decoded_on_the_cpu(tmp_path, encoder_seed0, monkeypatch, caplog):
+    """nvJPEG refuses some JPEG variants libjpeg-turbo reads: such a batch falls back to the
+    CPU decoder and the store is the same, instead of failing the slide as damaged."""
+    import nic.compress._tiles as tiles_mod
+
+    slide = write_slide(tmp_path / "s.tif", (1536, 1280), 0.5, seed=2)
+    opts = CompressOptions(workers=0, decode="device", random_init=True)
+    compress_slides([slide], encoder_seed0, tmp_path / "ref", opts)
+    real, calls = tiles_mod.decode_tiles, []
+
+    def refusing(data, device):
+        calls.append(str(device))
+        if len(calls) == 1:  # the first batch: as nvJPEG refusing a variant
+            raise RuntimeError("nvjpegDecode failed: JPEG variant not supported")
+        return real(data, device)
+
+    monkeypatch.setattr(tiles_mod, "decode_tiles", refusing)
+    with caplog.at_level("WARNING", logger="nic.compress._tiles"):
+        results = compress_slides([slide], encoder_seed0, tmp_path / "out", opts)
+    assert [r.status for r in results] == ["done"] and len(calls) > 2
+    assert "decoded on the CPU" in caplog.text
+    got = zarr.open_group(str(tmp_path / "out" / "s.zarr"), mode="r")["features"][:]
+    np.testing.assert_array_equal(got, zarr.open_group(str(tmp_path / "ref" / "s.zarr"), mode="r")["features"][:])
+
+
 # -- stores: the new path against the old one ----------------------------------------------------
 
 
@@ -362,7 +465,9 @@ def keras_encoder(keras_dir):
 
 
 def _store(slide: Path, encoder, out: Path, **opts):
-    [r] = compress_slides([slide], encoder, out, CompressOptions(**opts))
+    """The store of ``slide``; on the CPU unless ``opts`` names a device (the paths compared
+    here are compared in fp32)."""
+    [r] = compress_slides([slide], encoder, out, CompressOptions(**{"device": "cpu", **opts}))
     assert r.status == "done", r.error
     return open_store(r.store)
 
@@ -390,7 +495,9 @@ def test_new_path_stores_equal_the_old_paths(wsi_dir, keras_encoder, tmp_path, m
     used = "JPEG tiles decoded on cpu" in caplog.text
     assert used == (name == BREAST), caplog.text
     with monkeypatch.context() as m:
-        m.setattr(Encoder, "uint8_module", lambda self, check=True: (Uint8Input(self.module).eval(), False))
+        m.setattr(
+            Encoder, "uint8_module", lambda self, check=True, autocast=None: (Uint8Input(self.module).eval(), False)
+        )
         m.setattr(BatchEncoder, "submit_array", _copying_submit_array)
         old = _store(slide, keras_encoder, tmp_path / "old", mpp=mpp, workers=1, batch_size=64, decode="readers")
     assert new.attrs["n_tissue"] > 20
@@ -467,7 +574,7 @@ def test_batch_encoder_threads_encode_every_batch_once_and_right(encoder_seed0):
         return got
 
     for threads in (1, 3):
-        runner = BatchEncoder(encoder_seed0, 8, threads=threads)
+        runner = BatchEncoder(encoder_seed0, 8, "cpu", threads=threads)  # threads are a CPU matter
         assert runner.threads == threads and runner.folded
         got = run(runner)
         assert sorted(got) == list(range(44))

@@ -219,7 +219,7 @@ def test_a_full_disk_names_the_output_folder_and_stops(slides, encoder, tmp_path
     assert [r.status for r in results] == ["failed", "not run"]
     assert results[0].error == (
         f"{slides['b']}: the output folder {out} is full (No space left on device) while writing b.zarr; "
-        "free space there or give another --out, then run again (the unfinished store is rebuilt)"
+        "free space there or give another `out_dir`, then run again (the unfinished store is rebuilt)"
     )
     assert results[1].error == "not run: the output folder filled up at b.tif"
     assert store_path(out, "b").exists() and not is_complete(store_path(out, "b"))

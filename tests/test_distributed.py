@@ -5,6 +5,10 @@ The cohort is generated (``nic.synth``, 3 slides of 4096 px, ~600 tissue patches
 the encoder is ``nic-cnn`` with a fixed random initialisation, saved once.  The reference
 is a local run on one torch thread, the workers' thread count here: the torch CPU kernels
 split their sums by thread count, so only equal counts give equal bits.
+
+The default run keeps what proves the feature (a cluster run equals the local run; a
+worker killed mid-slide loses nothing) and the cheap refusals; ``-m slow`` adds the
+stopping rules, busy slides, encoder objects and the command line on a cluster.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from nic.errors import EncoderError, NicError, OptionError
 from nic.store import is_complete, open_store, store_path
 
 distributed = pytest.importorskip("distributed")
+
+#: The runs here: no reader processes, on the CPU (the reference's bits are those of the
+#: CPU kernels at one thread; a CUDA device, the default where there is one, gives others).
+ON_CPU = CompressOptions(workers=0, device="cpu")
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -76,7 +84,7 @@ def reference(slides, encoder_dir, tmp_path_factory) -> dict[str, tuple[str, int
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("reference")
-        results = compress_slides(slides, encoder_dir, out, CompressOptions(workers=0))
+        results = compress_slides(slides, encoder_dir, out, ON_CPU)
     finally:
         torch.set_num_threads(before)
     return {r.slide.name: (r.status, r.patches, _features(r.store)) for r in results}
@@ -114,7 +122,7 @@ def test_cluster_run_equals_the_local_run_and_loads_the_encoder_once_per_worker(
     slides, encoder_dir, reference, address, tmp_path
 ):
     cluster = ClusterOptions(scheduler=address, torch_threads=1)
-    results = compress_on_cluster(slides, encoder_dir, tmp_path / "out", CompressOptions(workers=0), cluster)
+    results = compress_on_cluster(slides, encoder_dir, tmp_path / "out", ON_CPU, cluster)
     assert [r.slide for r in results] == slides
     assert [r.store for r in results] == [store_path(tmp_path / "out", s.stem) for s in slides]
     _check_equal(results, reference)
@@ -124,23 +132,25 @@ def test_cluster_run_equals_the_local_run_and_loads_the_encoder_once_per_worker(
     assert not list((tmp_path / "out").glob("*.lock"))
 
     # a rerun skips the complete stores, as a local rerun does
-    again = compress_on_cluster(slides, encoder_dir, tmp_path / "out", CompressOptions(workers=0), cluster)
+    again = compress_on_cluster(slides, encoder_dir, tmp_path / "out", ON_CPU, cluster)
     assert [r.status for r in again] == ["skipped"] * len(slides)
     assert all(len(v) <= 1 for v in _loads(address).values())
 
 
+@pytest.mark.slow  # an encoder object scattered to the workers gives the reference codes (~2 s)
 def test_an_encoder_object_is_sent_to_the_workers(slides, encoder_dir, reference, address, tmp_path):
     cluster = ClusterOptions(scheduler=address, torch_threads=1)
     enc = nic.load_encoder(encoder_dir)
-    [r] = compress_on_cluster(slides[:1], enc, tmp_path, CompressOptions(workers=0), cluster)
+    [r] = compress_on_cluster(slides[:1], enc, tmp_path, ON_CPU, cluster)
     assert r.status == "done" and _features(r.store) == reference[slides[0].name][2]
 
 
+@pytest.mark.slow  # the local run's stopping rule and --skip-errors on a cluster (~5 s)
 def test_first_failure_stops_the_run_as_a_local_run_does(slides, encoder_dir, address, tmp_path):
     bad = tmp_path / "broken.tif"  # not a slide: fails at once
     bad.write_bytes(b"II*\x00 not a slide")
     todo = [bad, *slides]
-    opts = CompressOptions(workers=0)
+    opts = ON_CPU
     local = compress_slides(todo, encoder_dir, tmp_path / "local", opts)
     cluster = ClusterOptions(scheduler=address, torch_threads=1)
     results = compress_on_cluster(todo, encoder_dir, tmp_path / "o1", opts, cluster)
@@ -163,19 +173,20 @@ def test_checks_before_any_slide_raise_as_in_a_local_run(slides, encoder_dir, ad
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
     with pytest.raises(NicError) as local:
-        compress_slides(slides[:1], encoder_dir, not_a_folder, CompressOptions(workers=0))
+        compress_slides(slides[:1], encoder_dir, not_a_folder, ON_CPU)
     with pytest.raises(type(local.value)) as remote:
-        compress_on_cluster(slides[:1], encoder_dir, not_a_folder, CompressOptions(workers=0), cluster)
+        compress_on_cluster(slides[:1], encoder_dir, not_a_folder, ON_CPU, cluster)
     assert str(remote.value) == str(local.value)
 
     with pytest.raises(EncoderError, match="has no weights"):  # a registry name without weights or random_init
-        compress_on_cluster(slides[:1], "nic-cnn", tmp_path / "o", CompressOptions(workers=0), cluster)
+        compress_on_cluster(slides[:1], "nic-cnn", tmp_path / "o", ON_CPU, cluster)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a locked slide is busy, then done once its holder lets go during the wait (~3 s)
 def test_busy_slide_is_left_to_its_holder_then_done(slides, encoder_dir, reference, address, tmp_path):
     cluster = ClusterOptions(scheduler=address, torch_threads=1)
-    opts = CompressOptions(workers=0, busy_wait=0)
+    opts = replace(ON_CPU, busy_wait=0)
     held = store_path(tmp_path, slides[0].stem)
     with SlideLock(held) as lock:
         assert lock.acquire()
@@ -248,7 +259,7 @@ def test_a_worker_killed_mid_slide_ends_with_every_slide_complete_and_equal(
         client.register_plugin(KillOnce(str(victim), str(marker)), name="kill-once")
         try:
             results = compress_on_cluster(
-                slides, encoder_dir, out, CompressOptions(workers=0), ClusterOptions(scheduler=client, torch_threads=1)
+                slides, encoder_dir, out, ON_CPU, ClusterOptions(scheduler=client, torch_threads=1)
             )
         finally:
             client.unregister_worker_plugin("kill-once")
@@ -264,11 +275,13 @@ def test_a_worker_killed_mid_slide_ends_with_every_slide_complete_and_equal(
 # -- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the command line on a running cluster, reader processes inside workers, a rerun (~5 s)
 def test_cli_scheduler_address(slides, encoder_dir, reference, address, tmp_path):
     """The command line on a running cluster, one reader process per slide inside each worker."""
     out = tmp_path / "out"
     todo = slides[:2]
-    args = ["compress", *map(str, todo), "--encoder", str(encoder_dir), "--out", str(out), "--workers", "1"]
+    args = ["compress", *map(str, todo), "--encoder", str(encoder_dir), "--out", str(out), "--workers", "1",
+            "--device", "cpu"]  # fmt: skip
     res = CliRunner().invoke(app, [*args, "--scheduler", address, "--torch-threads", "1", "--progress"])
     assert res.exit_code == 0, res.output
     assert res.output.count(" done ") == len(todo), res.output
@@ -282,7 +295,8 @@ def test_cli_scheduler_address(slides, encoder_dir, reference, address, tmp_path
 def test_cli_scheduler_local_2_end_to_end(slides, encoder_dir, reference, tmp_path):
     """``--scheduler local:2`` starts its own cluster, compresses, and closes it."""
     out = tmp_path / "out"
-    args = ["compress", *map(str, slides), "--encoder", str(encoder_dir), "--out", str(out), "--workers", "0"]
+    args = ["compress", *map(str, slides), "--encoder", str(encoder_dir), "--out", str(out), "--workers", "0",
+            "--device", "cpu"]  # fmt: skip
     res = CliRunner().invoke(app, [*args, "--scheduler", "local:2", "--torch-threads", "1"])
     assert res.exit_code == 0, res.output
     assert res.output.count(" done ") == len(slides), res.output

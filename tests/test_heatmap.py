@@ -76,12 +76,16 @@ def test_heat_sits_on_the_planted_evidence(planted: PlantedCohort, growth_run: P
 
 
 def test_default_methods_and_refusals() -> None:
-    from nic.errors import DataError
+    from nic.cli._common import cli_message
+    from nic.errors import OptionError
 
     assert default_method("nic-cnn") == "input-gradient" and default_method("abmil") == "contribution"
     assert default_method("meanpool") == "input-gradient"
-    with pytest.raises(DataError, match="abmil"):
+    with pytest.raises(OptionError, match=r"^`method` attention needs a abmil model; this run's is 'nic-cnn'") as info:
         default_method("nic-cnn", "attention")
+    assert cli_message(info.value).startswith("--method attention needs a abmil model")
+    with pytest.raises(OptionError, match=r"^`method` must be one of auto, .* \(got 'saliency'\)$"):
+        default_method("nic-cnn", "saliency")
 
 
 def test_abmil_contributions_sum_to_the_output(planted: PlantedCohort, tmp_path: Path) -> None:

@@ -341,8 +341,8 @@ def test_fit_config_is_pure_the_device_is_checked_where_it_is_used(monkeypatch: 
     """Constructing a config probes no device; training and the CLI refuse a missing one."""
     import torch
 
+    from nic._device import torch_device as resolve_device
     from nic.learn import FitConfig
-    from nic.learn.train import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = FitConfig(device="cuda")  # no error: nothing is probed here

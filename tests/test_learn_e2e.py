@@ -297,7 +297,7 @@ def _train_args(small: PlantedCohort, out: Path, *extra: str) -> list[str]:
 
 def test_cli_overwrite_checks_inputs_first_and_keeps_the_old_run_until_the_new_is_whole(
         small: PlantedCohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    import nic.learn.run as run_mod
+    import nic.learn.folds as run_mod
     from nic.learn import CVConfig, train_cv
 
     run = tmp_path / "run"

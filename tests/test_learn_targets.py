@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nic.errors import DataError
+from nic.errors import DataError, OptionError
 from nic.learn import ModelSpec, SlideModel, TargetScale, create_model
 
 
@@ -39,8 +39,19 @@ def test_log_offsets_zero_counts_by_half_the_smallest_positive_target() -> None:
 
 
 def test_log_refuses_negative_targets() -> None:
-    with pytest.raises(DataError, match="'log' needs targets >= 0.*use 'rank' or 'none'"):
+    with pytest.raises(DataError, match="log needs targets >= 0.*use rank or none"):
         TargetScale.fit(np.array([-1.0, 2.0, 3.0]), "log")
+
+
+def test_a_held_out_zero_meets_the_cohort_offset_and_predictions_stay_non_negative() -> None:
+    y = np.array([0.0, 3.0, 5.0, 8.0, 20.0, 100.0])
+    kind, offset = TargetScale.resolve(y)  # decided on the whole cohort
+    assert (kind, offset) == ("log", 1.5)
+    t = TargetScale.fit(y[1:], kind, offset)  # a fold whose fit part has no zero
+    z = t.forward(y)
+    assert np.isfinite(z).all() and z[0] > -4  # not log(1e-300)
+    np.testing.assert_allclose(t.inverse(z), y, atol=1e-4)
+    assert t.inverse(np.array([-50.0]))[0] == 0.0  # never below the smallest possible target
 
 
 def test_rank_gives_normal_scores_with_ties_averaged() -> None:
@@ -63,7 +74,7 @@ def test_auto_takes_the_log_of_skewed_non_negative_targets_only() -> None:
     assert TargetScale.fit(rng.uniform(10, 20, 200), "auto").kind == "none"
     assert TargetScale.fit(rng.normal(size=200), "auto").kind == "none"  # negative values
     assert TargetScale.fit(np.ones(5), "auto").kind == "none"
-    with pytest.raises(DataError, match="target_transform must be one of"):
+    with pytest.raises(OptionError, match="`target_transform` must be one of"):
         TargetScale.fit(np.ones(5), "sqrt")
 
 

@@ -201,6 +201,8 @@ def test_c_index_known_answers_and_undefined_cases() -> None:
         concordance_index([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0, 0, 0])  # lifelines: "no admissable pairs"
     assert math.isnan(c_index([1, 2, 3], [0, 0, 0], [1, 2, 3]))  # no events
     assert math.isnan(c_index([1, 2, 3], [0, 0, 1], [1, 2, 3]))  # only the last time is an event
+    assert math.isnan(c_index([1, 2, 3], [1, 1, 1], [1.0, np.nan, 3.0]))  # a risk that is not a number
+    assert math.isnan(c_index([1, np.inf, 3], [1, 1, 1], [1.0, 2.0, 3.0]))
 
 
 def test_expected_calibration_error_known_answers() -> None:

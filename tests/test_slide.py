@@ -38,7 +38,7 @@ def test_svs_metadata(shared, svs: Path):
 
 
 def test_bogus_96_dpi_is_refused_and_user_mpp_wins(shared, pyramid: Path):
-    with pytest.raises(MppError, match=r"CropBreastSlide_pyramid.tiff.*96 dpi.*--mpp"):
+    with pytest.raises(MppError, match=r"CropBreastSlide_pyramid.tiff.*96 dpi.*`mpp`"):
         nic.open_slide(pyramid)
     with nic.open_slide(pyramid, mpp=0.5) as s:
         assert s.mpp == (0.5, 0.5)
@@ -120,7 +120,7 @@ def test_plain_image_and_strip_tiff(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     png = tmp_path / "crop.png"
     Image.fromarray(rgb).save(png)
-    with pytest.raises(MppError, match="crop.png.*--mpp"):
+    with pytest.raises(MppError, match="crop.png.*`mpp`"):
         nic.open_slide(png)
     with nic.open_slide(png, mpp=0.5) as s:
         assert s.dimensions == (80, 60)
@@ -213,3 +213,45 @@ def test_block_mean_is_the_rounded_mean_of_each_block():
         # exact rounding for powers of two; PIL's fixed-point division may be off by
         # a fraction more for other k, never by a whole grey level
         assert np.abs(got - want).max() <= (0.5 + 1e-9 if k in (2, 16) else 0.6), k
+
+
+# -- the slides a list of files, folders and CSVs names ---------------------------------------------
+
+
+def test_list_slides_reads_files_folders_and_csvs(tmp_path):
+    """One reading for compression (not strict) and slide sampling (strict): folders give
+    their visible slide files sorted by name, CSV paths are taken from the CSV's folder."""
+    from nic.errors import DataError
+    from nic.slide import list_slides
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("b.svs", "a.TIF", ".hidden.svs", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    (folder / "sub.svs").mkdir()  # a folder with a slide suffix is not a slide
+    table = tmp_path / "cohort.csv"
+    table.write_text(" Slide ,MPP\nslides/b.svs,0.25\n,0.5\n~/elsewhere/c.svs,\n/abs/d.svs,0.5\n")
+    found = list_slides([folder, table, tmp_path / "missing.svs"])
+    home = Path("~/elsewhere/c.svs").expanduser()
+    assert found == [
+        (folder / "a.TIF", None), (folder / "b.svs", None),  # the folder, sorted, hidden file and folder left out
+        (tmp_path / "slides" / "b.svs", None), (home, None), (Path("/abs/d.svs"), None),  # the CSV, empty row skipped
+        (tmp_path / "missing.svs", None),  # not strict: kept, to fail as that slide's result
+    ]  # fmt: skip
+    with_mpp = list_slides([table], mpp_column=True)
+    assert [m for _, m in with_mpp] == [0.25, None, 0.5]
+
+    with pytest.raises(DataError, match=r"missing\.svs: no such slide, folder or CSV"):
+        list_slides([folder, tmp_path / "missing.svs"], strict=True)
+    (tmp_path / "empty").mkdir()
+    assert list_slides([tmp_path / "empty"]) == []
+    with pytest.raises(DataError, match=r"empty: no slide files inside \(looked for \.svs"):
+        list_slides([tmp_path / "empty"], strict=True)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("slide,mpp\na.svs,0.5\nb.svs,fast\n")
+    with pytest.raises(DataError, match=r"bad\.csv, line 3: mpp 'fast' is not a positive number"):
+        list_slides([bad], mpp_column=True)
+    assert [p.name for p, _ in list_slides([bad])] == ["a.svs", "b.svs"]  # the column is read only when asked
+    (tmp_path / "nocol.csv").write_text("file\na.svs\n")
+    with pytest.raises(DataError, match=r"nocol\.csv: no 'slide' or 'path' column \(columns: \['file'\]\)"):
+        list_slides([tmp_path / "nocol.csv"])

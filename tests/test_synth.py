@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 
 import nic
-from nic.errors import DataError
+from nic.errors import DataError, OptionError, OutputError
 from nic.metrics import c_index
 from nic.synth import (
     CLASSES,
@@ -86,7 +86,7 @@ def test_size_rounds_up_to_whole_tiles(tmp_path: Path) -> None:
     plans = plan_cohort(1, (4100, 4096), seed=0)
     assert (plans[0].row["width"], plans[0].row["height"]) == (4352, 4096)
     assert level_sizes(40192, 40192) == [(40192 >> k, 40192 >> k) for k in range(7)]
-    with pytest.raises(DataError, match="--size"):
+    with pytest.raises(OptionError, match=r"^`size` must be between 4096 and .* \(got 1000\)$"):
         make_cohort(tmp_path, 1, 1000, seed=0)
 
 
@@ -212,7 +212,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     c = make_cohort(tmp_path / "c", 2, 4096, seed=10, config=SMALL)
     assert digest(a.out) == digest(b.out)
     assert a.slides[0].read_bytes() != c.slides[0].read_bytes()
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(OutputError, match="already holds slides; .*`overwrite=True`"):
         make_cohort(tmp_path / "a", 1, 4096, seed=9, config=SMALL)
 
 
@@ -293,7 +293,7 @@ def test_mosaic_bad_input(tmp_path: Path, shared: Path) -> None:
     with pytest.raises(DataError, match="needs columns 'path' and 'label'"):
         make_mosaic_cohort(tmp_path / "o", tmp_path / "t")
     tiles = shared / "data" / "patches" / "lc25000_lung_224"
-    with pytest.raises(DataError, match="lung_n.*--tumour"):
+    with pytest.raises(DataError, match="lung_n.*`tumour` and `normal`"):
         make_mosaic_cohort(tmp_path / "o", tiles, config=MosaicConfig(tumour=("carcinoma",)))
 
 

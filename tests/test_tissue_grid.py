@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import nic
+from nic.errors import OptionError
 from nic.grid import cell_fractions
 from nic.slide._readers import _over_white
 from nic.tissue import ink, mask_from_rgb, saturation
@@ -122,3 +123,12 @@ def test_patch_grid_geometry(shared, wsi_dir: Path):
         overlap = nic.patch_grid(s, mpp=0.5, patch=128, stride=64)
         assert overlap.shape == (45, 33)
         assert (g.tissue == (g.tissue_fraction >= 0.1)).all()
+        # parameters out of range are refused by name, before any work
+        for bad, match in (
+            ({"min_tissue": 1.5}, r"^`min_tissue` must be a number in \[0, 1\] \(got 1.5\)$"),
+            ({"patch": 0}, r"^`patch` must be an integer of at least 1 \(got 0\)$"),
+            ({"stride": 64.0}, r"^`stride` must be an integer of at least 1 \(got 64.0\)$"),
+            ({"mpp": 0.0}, r"^`mpp` must be a number greater than 0 \(got 0.0\)$"),
+        ):
+            with pytest.raises(OptionError, match=match):
+                nic.patch_grid(s, **{"mpp": 0.5, "patch": 128, **bad})

@@ -409,3 +409,54 @@ def test_cli_nuclei_patches(tmp_path: Path, shared_data: Path) -> None:
     assert r.exit_code == 0, r.output
     t2 = read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}")
     assert len(t2) == 9 and t2.labels.sum() > t.labels.sum()  # densities per mm^2 now
+
+
+# ----------------------------------------------------------------------------- several devices
+
+
+def test_devices_is_checked_and_an_existing_run_is_refused_before_any_process_starts(
+    tmp_path: Path, synth: Path
+) -> None:
+    import multiprocessing
+
+    task = parse_task_spec(f"tissue=class:{synth / 'tissue_type'}")
+    with pytest.raises(OptionError, match="devices"):
+        EncoderTrainConfig(tasks=(task,), devices=0)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(OutputError, match="already holds training runs"):
+        train_encoder(EncoderTrainConfig(tasks=(task,), encoder=TINY, devices=2, progress=False), tmp_path / "run")
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.slow  # two spawned CPU processes (gloo) import torch and Lightning: ~30 s on 2 cores
+def test_two_cpu_processes_train_one_encoder(tmp_path: Path, synth: Path) -> None:
+    from nic.encoders import load_encoder
+
+    cfg = EncoderTrainConfig(
+        tasks=(
+            parse_task_spec(f"tissue=class:{synth / 'tissue_type'}"),
+            parse_task_spec(f"nuclei=regr:{synth / 'nuclei_density.csv'}"),
+        ),
+        encoder=TINY,
+        epochs=2,
+        batch_size=8,
+        sampling="balanced",
+        progress=False,
+        accelerator="cpu",
+        devices=2,
+    )
+    run = tmp_path / "run"
+    result = train_encoder(cfg, run)
+    assert result.run_dir == run and result.epochs == 2
+    assert sorted(p.name for p in (run / "encoder").iterdir()) == ["encoder.json", "encoder.safetensors"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["val"] == result.metrics
+    assert {"val_loss", "val/tissue/auc", "val/nuclei/spearman"} <= set(result.metrics)
+    # the CSV log holds one row per logged step/epoch, written by rank 0 only (no duplicates)
+    rows = (run / "logs" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == len(set(rows))
+    assert json.loads((run / "config.json").read_text())["train"]["devices"] == 2
+    enc = load_encoder(str(run / "encoder"))
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert enc.embed(x).shape == (4, enc.code_size) and np.isfinite(enc.embed(x)).all()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nic.errors import check_int, check_number
 from nic.slide import Slide
 from nic.tissue import TissueMask, tissue_mask
 
@@ -129,10 +130,10 @@ def patch_grid(
     ``tissue_mask(slide)``; pass one to reuse it across grids.
     """
     stride = patch if stride is None else stride
-    if patch <= 0 or stride <= 0 or mpp <= 0:
-        raise ValueError(f"patch, stride and mpp must be positive, got {patch}, {stride}, {mpp}")
-    if not 0.0 <= min_tissue <= 1.0:
-        raise ValueError(f"min_tissue is a fraction in [0, 1], got {min_tissue}")
+    check_int("patch", patch, 1)
+    check_int("stride", stride, 1)
+    check_number("mpp", mpp, 0, math.inf, low_open=True)
+    check_number("min_tissue", min_tissue, 0, 1)
     mask = tissue_mask(slide) if mask is None else mask
     (w0, h0), (mx, my) = slide.dimensions, slide.mpp
     shape = (_axis_cells(h0, my, mpp, patch, stride), _axis_cells(w0, mx, mpp, patch, stride))

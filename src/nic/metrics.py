@@ -154,13 +154,16 @@ def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     Comparable pairs (i, j): i had the event and ``t_i < t_j``, or ``t_i == t_j`` with j
     censored (j was still at risk when i died); two events at the same time are not
     comparable.  A pair is concordant when ``risk_i > risk_j``; tied risks count 1/2.
-    Equals ``lifelines.utils.concordance_index(time, -risk, event)``.  NaN without pairs.
+    Equals ``lifelines.utils.concordance_index(time, -risk, event)``.  NaN without pairs,
+    and NaN when a time or risk is not finite (as the other metrics; lifelines raises).
     """
     t, risk = _pair(time, risk)
     t = t.astype(np.float64)
     e = np.asarray(event).astype(bool)
     if e.shape != t.shape:
         raise ValueError(f"event must be (N,) like time; got shapes {e.shape} and {t.shape}")
+    if not (np.isfinite(t).all() and np.isfinite(risk.astype(np.float64)).all()):
+        return _NAN
     num, den = 0.0, 0
     for i in np.flatnonzero(e):  # one row of the N x N pair table at a time: patient cohorts are small
         comp = (t > t[i]) | ((t == t[i]) & ~e)

@@ -393,7 +393,7 @@ def open_store(path: str | Path, verify: Verify = "size") -> CompressedSlide:
             more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
             raise StoreError(
                 f"{p}: the store is damaged ({problems[0]}{more}); run `nic compress` again on its slide "
-                "with the same --out to rebuild it"
+                "into the same output folder to rebuild it"
             )
     if meta.chunks is None:
         logger.debug("%s: written before chunk records; its chunks cannot be verified", p)

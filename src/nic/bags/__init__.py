@@ -30,7 +30,7 @@ import numpy as np
 
 from nic.bags._formats import FORMATS, Bag, ExportItem, SlideInfo, find_bags, identity_checksum, read_bag, write_bag
 from nic.bags._place import Placement, place_on_grid
-from nic.errors import DataError, StoreError
+from nic.errors import DataError, OutputError, StoreError, check_choice
 
 __all__ = ["FORMATS", "ImportResult", "import_bags", "export_stores", "place_on_grid", "read_bag"]
 
@@ -194,8 +194,7 @@ def import_bags(
     ``snap``: place overlapping or off-grid patches on the nearest cell instead of refusing.
     Every bag is checked before any store is written, so a refusal leaves ``out`` as it was.
     """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown feature format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    check_choice("fmt", fmt, FORMATS)
     from nic._outputs import check_writable
     from nic.store import is_complete, store_path
 
@@ -208,15 +207,15 @@ def import_bags(
         missing = [f.name for f in files if _bag_id(f) not in table]
         if missing:
             raise DataError(
-                f"{len(missing)} feature file(s) have no slide among --slides: {', '.join(missing[:5])}"
+                f"{len(missing)} feature file(s) have no slide among `slides`: {', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}; give their slides too or import them separately"
             )
     if not overwrite:
         done = [f.name for f in files if is_complete(store_path(out, _bag_id(f)))]
         if done:
-            raise StoreError(
+            raise OutputError(
                 f"{out}: already holds stores for {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}; "
-                "pass --overwrite to replace them, or give another --out"
+                "pass `overwrite=True` to replace them, or give another `out`"
             )
     check_writable(out)
     planned = []
@@ -238,7 +237,7 @@ def import_bags(
     if len(idents) > 1:
         logger.warning("%s: the bags differ in extractor, code size, patch or um/px: %s", folder, sorted(idents))
     if fmt == "clam" and not extractor:
-        logger.warning("CLAM files do not name their feature extractor; pass --extractor NAME to record it")
+        logger.warning("CLAM files do not name their feature extractor; pass `extractor=NAME` to record it")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for bag, place, facts, t_read in planned:
@@ -278,8 +277,7 @@ def export_stores(
     and CLAM, micrometres for STAMP).  Dihedral stores export ``variant`` (0: as scanned).
     Returns the files written.  A non-empty ``out`` is refused unless ``overwrite``.
     """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown feature format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    check_choice("fmt", fmt, FORMATS)
     from nic._outputs import check_new_folder
     from nic.store import list_stores, open_store
 

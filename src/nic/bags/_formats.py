@@ -158,7 +158,7 @@ def _need(d: dict[str, Any], keys: tuple[str, ...], path: Path, fix: str) -> Non
 def _level0_mpp(info: SlideInfo, path: Path, what: str) -> float:
     if info.mpp is None:
         raise DataError(
-            f"{path}: {what}; pass --slides (the slide files, to read their um/px) or --mpp (the slides' level-0 um/px)"
+            f"{path}: {what}; pass `slides` (the slide files, to read their um/px) or `mpp` (the slides' level-0 um/px)"
         )
     return float(info.mpp[0])
 
@@ -214,7 +214,7 @@ def _read_trident(path: Path, info: SlideInfo) -> Bag:
         ca, fa = _attrs(coords), _attrs(feats)
         xy = np.asarray(coords[()], np.float64)
         n, c = feats.shape
-    fix = "it is not a TRIDENT features file (for CLAM files pass --format clam)"
+    fix = "it is not a TRIDENT features file (for CLAM files pass `fmt=clam`)"
     _need(ca, ("patch_size", "target_magnification"), path, fix)
     patch = int(ca["patch_size"])
     target = float(ca["target_magnification"])
@@ -263,7 +263,7 @@ def _read_clam(path: Path, info: SlideInfo, patch_size: int | None, patches_dir:
     if path.suffix == ".pt":
         if "_coords" not in geo:
             raise DataError(
-                f"{path}: a CLAM .pt file holds features only; pass --patches DIR (CLAM's patches folder, whose "
+                f"{path}: a CLAM .pt file holds features only; pass `patches_dir=DIR` (CLAM's patches folder, whose "
                 "coords give each row's position) or import the h5_files folder"
             )
         xy = np.asarray(geo["_coords"], np.float64)
@@ -295,7 +295,7 @@ def _read_clam(path: Path, info: SlideInfo, patch_size: int | None, patches_dir:
             level = int(attrs["patch_level"])
             if not info.downsamples:
                 raise DataError(
-                    f"{path}: CLAM gives pyramid level {level}, not its downsample or um/px; pass --slides "
+                    f"{path}: CLAM gives pyramid level {level}, not its downsample or um/px; pass `slides` "
                     "(the slide files) so the level can be read"
                 )
             if level >= len(info.downsamples):
@@ -311,8 +311,8 @@ def _read_clam(path: Path, info: SlideInfo, patch_size: int | None, patches_dir:
         mpp0 = _level0_mpp(info, path, "CLAM feature files do not record um/px")
     else:
         raise DataError(
-            f"{path}: CLAM feature files carry no patch size; pass --patches DIR (CLAM's patches folder with the "
-            "coords attributes) or --patch-size PX (the patch side in level-0 pixels)"
+            f"{path}: CLAM feature files carry no patch size; pass `patches_dir=DIR` (CLAM's patches folder with "
+            "the coords attributes) or `patch_size=PX` (the patch side in level-0 pixels)"
         )
     actual = mpp0 * ds
     mpp = float(f"{actual:.2g}")  # nominal: the same for all slides scanned alike (0.499 and 0.502 -> 0.5)

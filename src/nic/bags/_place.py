@@ -142,12 +142,12 @@ def place_on_grid(
                 raise DataError(
                     f"{source}: {bad} of {n} patches lie off one grid (up to {miss.max():.1f} level-0 px from the "
                     f"nearest {s:.2f} px step in {axis}; e.g. separate tissue regions with their own grid starts); "
-                    "pass --snap to move each to the nearest cell (at most half a cell, duplicates dropped)"
+                    "pass `snap=True` to move each to the nearest cell (at most half a cell, duplicates dropped)"
                 )
             if s < patch_level0 - tol:
                 raise DataError(
                     f"{source}: patches overlap (step {s:.1f} level-0 px in {axis}, patch {patch_level0:.1f} px); "
-                    "nic's grid holds one code per cell: pass --snap to keep one patch per patch-sized cell"
+                    "nic's grid holds one code per cell: pass `snap=True` to keep one patch per patch-sized cell"
                 )
         step = (sx, sy)
         # the cell corner nearest the slide's top-left, a rounding error below 0 counting as 0
@@ -159,7 +159,7 @@ def place_on_grid(
         if len(np.unique(flat)) != n:
             raise DataError(
                 f"{source}: {n - len(np.unique(flat))} patches share a grid cell with another (overlapping or "
-                "repeated coordinates); pass --snap to keep one patch per cell"
+                "repeated coordinates); pass `snap=True` to keep one patch per cell"
             )
     if len(cells):
         rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1

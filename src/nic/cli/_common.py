@@ -88,7 +88,10 @@ MppOption = typer.Option(
 # -- parameter names and flags ------------------------------------------------------------------
 
 #: Library parameters whose flag is not the parameter's own name.
-_FLAGS = {"num_workers": "--workers", "early_stopping_patience": "--patience"}
+_FLAGS = {
+    "num_workers": "--workers", "early_stopping_patience": "--patience", "out_dir": "--out", "n_slides": "--slides",
+    "fmt": "--format", "patches_dir": "--patches", "tasks": "--task",
+}  # fmt: skip
 
 #: A parameter named in an error message: `name` or `name=value` (see :mod:`nic.errors`).
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`\s]*))?`")
@@ -103,10 +106,13 @@ def flag(name: str) -> str:
 def with_flags(text: str) -> str:
     """``text`` with each parameter it names as the flag that sets it:
     `` `lr` `` -> ``--lr``, `` `overwrite=True` `` -> ``--overwrite``,
-    `` `device=cpu` `` -> ``--device cpu``."""
+    `` `device=cpu` `` -> ``--device cpu``.  A command's positional argument is named by
+    its metavar in upper case (`` `OUT` `` -> ``OUT``): it has no flag."""
 
     def sub(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
+        if name.isupper() and value is None:
+            return name
         if value is None or value == "True":
             return flag(name)
         return f"{flag(name)} {value}"

@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from nic.cli._common import MppOption
+from nic._device import DEVICE_HELP
+from nic.cli._common import MppOption, config_option, library_default
 
 if TYPE_CHECKING:
     from nic.compress import CompressOptions, SlideResult
+
+OPTIONS = "nic.compress._pipeline:CompressOptions"
 
 
 def register(app: typer.Typer) -> None:
@@ -32,27 +35,40 @@ def compress(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the stores (<out>/<slide_id>.zarr)."),
     mpp: float | None = MppOption,
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Patches per encoder batch."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Reader processes (0: read in the main process)."),
-    device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
-    dihedral: bool = typer.Option(
-        False, "--dihedral", help="Also store the 8 rotations/flips of every patch: (8, C, H, W)."
+    workers: str = config_option(
+        OPTIONS,
+        "workers",
+        "Reader processes: auto (one per 8 cores on a CPU, every core but one with a GPU) or a number "
+        "(0: read in the encoding process).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo slides whose store is already complete."),
+    batch_size: str = config_option(
+        OPTIONS,
+        "batch_size",
+        "Patches per encoder batch: auto (64 on a CPU of up to 4 cores, about 16 megapixels on a GPU) or a number.",
+    ),
+    decode: str = config_option(
+        OPTIONS,
+        "decode",
+        "Where JPEG tiles are decoded: auto (on a CUDA device when the slide allows it, else by the readers), "
+        "readers, or device (also on a CPU).",
+    ),
+    device: str = config_option(OPTIONS, "device", f"torch device: {DEVICE_HELP}."),
+    dihedral: bool = config_option(
+        OPTIONS, "dihedral", "Also store the 8 rotations/flips of every patch: (8, C, H, W)."
+    ),
+    overwrite: bool = config_option(OPTIONS, "overwrite", "Redo slides whose store is already complete."),
     skip_errors: bool = typer.Option(False, "--skip-errors", help="Go on with the other slides when one fails."),
-    min_tissue: float = typer.Option(
-        0.1, "--min-tissue", min=0.0, max=1.0, help="Share of a cell that must be tissue."
+    min_tissue: float = config_option(OPTIONS, "min_tissue", "Share of a cell that must be tissue (0-1)."),
+    random_init: bool = config_option(
+        OPTIONS,
+        "random_init",
+        "Allow an encoder without weights: a deliberate random baseline (recorded in the stores).",
     ),
-    random_init: bool = typer.Option(
-        False,
-        "--random-init",
-        help="Allow an encoder without weights: a deliberate random baseline (recorded in the stores).",
-    ),
-    seed: int = typer.Option(
-        0, "--seed", help="With --random-init: torch seed of the initialisation (recorded in the stores)."
+    seed: int = config_option(
+        OPTIONS, "seed", "With --random-init: torch seed of the initialisation (recorded in the stores)."
     ),
     wait_busy: float = typer.Option(
-        600.0,
+        library_default(OPTIONS, "busy_wait"),
         "--wait-busy",
         min=0.0,
         help="Seconds to wait at the end for slides another process is compressing (0: check once).",
@@ -104,21 +120,25 @@ def compress(
     """
     from rich.console import Console
 
+    from nic.cli._common import with_flags
     from nic.compress import CompressOptions, OutputFullError, collect_slides, compress_slides, summary_table
     from nic.errors import DataError
 
+    options = CompressOptions(
+        mpp=mpp, batch_size=_auto_or_int(batch_size), workers=_auto_or_int(workers), device=device,
+        decode=decode, dihedral=dihedral, overwrite=overwrite, min_tissue=min_tissue, random_init=random_init,
+        seed=seed, busy_wait=wait_busy,
+    )  # fmt: skip
     files = collect_slides(slides)
     if not files:
         raise DataError(f"no slides found in {', '.join(map(str, slides))}; give slide files, a folder or a CSV")
-    options = CompressOptions(
-        mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
-        overwrite=overwrite, min_tissue=min_tissue, random_init=random_init, seed=seed, busy_wait=wait_busy,
-    )  # fmt: skip
     show_bars = sys.stderr.isatty() if progress is None else progress
     if scheduler is None and devices is None and torch_threads is None:
         results = compress_slides(files, encoder, out, options, skip_errors=skip_errors, progress=show_bars)
     else:
         results = _on_cluster(files, encoder, out, options, scheduler, devices, torch_threads, skip_errors, show_bars)
+    for r in results:  # per-slide errors name parameters, as every library message does
+        r.error = with_flags(r.error)
     Console(width=160).print(summary_table(results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
@@ -147,6 +167,15 @@ def compress(
         raise typer.Exit(1)
 
 
+def _auto_or_int(text: str) -> int | str:
+    """An ``auto|N`` option's value: the number when it is one, else the text, which
+    :class:`~nic.compress.CompressOptions` accepts ("auto") or refuses in one line."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _on_cluster(
     files: list[Path],
     encoder: str,
@@ -166,7 +195,7 @@ def _on_cluster(
     if scheduler is None and devices is None:
         raise OptionError("`torch_threads` sets the threads of Dask workers; give it with `scheduler` or `devices`")
     parsed = parse_devices(devices) if devices is not None else ()
-    if parsed and options.device not in ("cpu", "auto"):
+    if parsed and options.device != "auto":
         raise OptionError(
             f"`device` {options.device} and `devices` {devices} both given; `devices` places one worker per device, "
             "so give only `devices`"

@@ -24,9 +24,8 @@ def demo(
 ) -> None:
     """Generate a cohort and run every stage of the pipeline on it, printing where outputs go."""
     from nic.demo import DemoConfig, run_demo
-    from nic.errors import DataError
+    from nic.encoder_training import METHODS
+    from nic.errors import check_choice
 
-    methods = ("multitask", "vae", "contrastive", "bigan")
-    if encoder_method not in methods:
-        raise DataError(f"--encoder-method must be one of {', '.join(methods)} (got {encoder_method!r})")
+    check_choice("encoder_method", encoder_method, ("multitask", *METHODS))
     run_demo(out, DemoConfig(slides=slides, size=size, seed=seed, encoder_method=encoder_method), say=typer.echo)

@@ -68,14 +68,14 @@ def import_keras_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Convert published NIC Keras weights to the project's format (safetensors + JSON)."""
+    from nic._outputs import check_new_file
     from nic.encoders import load_keras_encoder, save_encoder
     from nic.errors import EncoderError
 
     if not src.is_file():
         raise EncoderError(f"{src}: no such file; give the path of a Keras .h5 encoder")
     target = out if out.suffix == ".safetensors" else out / "encoder.safetensors"
-    if target.exists() and not overwrite:
-        raise EncoderError(f"{target} exists; pass --overwrite to replace it")
+    check_new_file(target, overwrite, param="OUT")  # positional: named OUT, not a flag
     encoder = load_keras_encoder(src)
     written = save_encoder(encoder, out)
     typer.echo(f"{encoder.name}: code {encoder.code_size}, {encoder.patch_size} px at {encoder.mpp} um/px -> {written}")

@@ -48,11 +48,10 @@ def report(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report."),
 ) -> None:
     """One HTML page: metrics with CIs, curves, calibration, survival analysis, uncertainty, heatmaps, config."""
-    from nic.errors import DataError
+    from nic._outputs import check_new_file
     from nic.explain import write_report
 
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: exists; pass --overwrite to replace it")
+    check_new_file(out, overwrite)  # before the work, not after it
     write_report(run, out, gallery)
     typer.echo(f"wrote {out}")
 

@@ -19,7 +19,7 @@ def train(
     labels: Path = typer.Option(
         ..., "--labels", help="CSV with a slide column (id or path), a patient column and targets."
     ),
-    task: str = typer.Option(..., "--task", help="regression | binary | multiclass | survival"),
+    task: str = typer.Option(..., "--task", help="Task: {names:nic.learn.data:TASKS}."),
     out: Path = typer.Option(
         ..., "--out", help="Run folder to write (metrics.json, predictions.csv, fold_*/, config.json)."
     ),
@@ -42,15 +42,23 @@ def train(
         "Regression target before the standard score: {names:nic.learn.targets:TARGET_TRANSFORMS}"
         " (auto: log when it makes non-negative targets less skewed).",
     ),
-    ties: str = config_option(FIT, "ties", "Cox ties: efron | breslow."),
+    ties: str = config_option(FIT, "ties", "Cox ties: {names:nic.learn.losses:TIES}."),
     seed: int = config_option(FIT, "seed", "Seed of splits, crops and weights."),
     slide_column: str = typer.Option("slide", "--slide-column", help="Slide column of the labels CSV."),
     patient_column: str = typer.Option("patient", "--patient-column", help="Patient column of the labels CSV."),
     threads: int | None = config_option(CV, "threads", "CPU threads for torch (default: torch's)."),
     device: str = config_option(FIT, "device", f"torch device: {DEVICE_HELP}."),
+    devices: str | None = typer.Option(
+        None,
+        "--devices",
+        help="Fit the folds in parallel worker processes, fold k on the k-th device (cyclic), e.g. cuda:0,cuda:1, "
+        "0,1 (CUDA indices) or cpu,cpu; each worker uses --threads torch threads (default: the cores shared "
+        "among them). Replaces --device.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
     """Cross-validated training of a slide-level model; prints the pooled out-of-fold metrics."""
+    from nic._device import parse_devices
     from nic.learn import CVConfig, FitConfig, LabelSpec, train_cv
 
     cfg = CVConfig(
@@ -75,6 +83,7 @@ def train(
         out=out,
         overwrite=overwrite,
         threads=threads,
+        devices=None if devices is None else parse_devices(devices),
     )
     res = train_cv(cfg)
     for name, m in res.metrics.items():

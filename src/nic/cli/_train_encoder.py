@@ -81,7 +81,9 @@ def train_encoder_cmd(
         "-e",
     ),
     epochs: int | None = _per_method("epochs", "Maximum epochs (early stopping may end sooner)."),
-    batch_size: int = _per_method("batch_size", "Patches per batch, all tasks mixed."),
+    batch_size: int = _per_method(
+        "batch_size", "Patches per batch and device, all tasks mixed (a step sees --devices x this many)."
+    ),
     lr: float | None = typer.Option(
         None,
         "--lr",
@@ -112,6 +114,11 @@ def train_encoder_cmd(
     workers: int = _per_method("num_workers", "Data-loading worker processes."),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    devices: int = _per_method(
+        "devices",
+        "Train data-parallel (DDP) on this many devices: GPUs, or CPU processes (gloo) without one. Under "
+        "torchrun or SLURM the processes they start join; otherwise nic starts one per device.",
+    ),
 ) -> None:
     """Train a patch encoder and export it to OUT/encoder (use it with 'nic compress --encoder OUT/encoder').
 
@@ -127,16 +134,17 @@ def train_encoder_cmd(
         train_encoder,
         train_unsupervised,
     )
-    from nic.errors import OptionError, check_choice
+    from nic.errors import OptionError, check_choice, check_number
     from nic.patches.augment import AugmentConfig
 
     check_choice("method", method, ("multitask", *METHODS))
+    check_number("aug_strength", aug_strength, 0, float("inf"))  # named by this command's flag, not `strength`
     _threads(threads)
     # options left out take each config's own default
     given = {"epochs": epochs, "lr": lr, "early_stopping_patience": patience}
     shared = {k: v for k, v in given.items() if v is not None}
     shared |= {"encoder": encoder, "batch_size": batch_size, "augment": AugmentConfig(strength=aug_strength),
-               "seed": seed, "num_workers": workers, "progress": progress}  # fmt: skip
+               "seed": seed, "num_workers": workers, "progress": progress, "devices": devices}  # fmt: skip
     if method == "multitask":
         if slides:
             raise OptionError("--slides is for the unsupervised methods; give --method vae, contrastive or bigan")
@@ -289,7 +297,9 @@ def nuclei_patches_cmd(
 
 
 def concat_encoders_cmd(
-    encoders: list[str] = typer.Argument(..., help="Encoder specs with weights (or mean-rgb), in code order."),
+    encoders: list[str] = typer.Argument(
+        ..., help="Encoder specs with weights, or weightless ones ('nic encoders list' says which), in code order."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the combined encoder (safetensors + JSON)."),
 ) -> None:
     """Combine encoders into one whose code is their codes concatenated (same patch size and um/px).

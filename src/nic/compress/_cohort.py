@@ -23,7 +23,7 @@ cohort.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import errno
 import logging
 import os
@@ -36,10 +36,10 @@ from typing import Any, Literal
 
 from nic._outputs import check_writable
 from nic.compress._encode import BatchEncoder
-from nic.compress._pipeline import CompressOptions, Decode, compress_planned, plan_slide, slide_checksum, task_shape
+from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide, slide_checksum, task_shape
 from nic.compress._workers import ReaderPool
 from nic.errors import DataError, SlideError, StoreError
-from nic.slide import SLIDE_SUFFIXES, is_slide_file
+from nic.slide import SLIDE_SUFFIXES, list_slides
 from nic.store import StoreAttrs, is_complete, slide_id_for, store_path, verify_store
 
 logger = logging.getLogger(__name__)
@@ -149,48 +149,27 @@ class SlideLock:
 
 
 def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
-    """Slide files from paths, folders (their slide files, sorted) and CSV files.
+    """Slide files from paths, folders (their slide files, sorted) and CSV files
+    (:func:`nic.slide.list_slides`, not strict: a missing file is kept, and fails as
+    that slide's result).
 
-    A CSV needs a ``slide`` or ``path`` column; relative paths in it are taken from the
-    CSV's folder.  Duplicates are dropped; two different files with one slide id are a
+    Duplicates are dropped; two different files with one slide id are a
     :class:`DataError` (they would share a store).
     """
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found += sorted(f for f in p.iterdir() if is_slide_file(f))
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            found += _from_csv(p)
-        else:
-            found.append(p)
     out: list[Path] = []
     seen: dict[str, Path] = {}
-    for f in found:
+    for f, _ in list_slides(inputs):
         sid = slide_id_for(f)
         if sid in seen:
             if seen[sid].resolve() != f.resolve():
                 raise DataError(
                     f"{f} and {seen[sid]} share the slide id {sid!r} and would write one store; "
-                    "rename one or compress them into different --out folders"
+                    "rename one or compress them into different `out_dir` folders"
                 )
             continue
         seen[sid] = f
         out.append(f)
     return out
-
-
-def _from_csv(path: Path) -> list[Path]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
-        col = cols.get("slide") or cols.get("path")
-        if col is None:
-            raise DataError(
-                f"{path}: no 'slide' or 'path' column (columns: {reader.fieldnames}); add one with the slide files"
-            )
-        rows = [(r.get(col) or "").strip() for r in reader]
-    return [p if p.is_absolute() else path.parent / p for p in (Path(r).expanduser() for r in rows if r)]
 
 
 class _Bars:
@@ -312,12 +291,12 @@ class _Cohort:
             diff.insert(
                 0,
                 "random-initialised encoder: its codes cannot be resumed or matched; "
-                "pass --overwrite or use saved weights",
+                "pass `overwrite=True` or use saved weights",
             )
         if diff:
             err = StoreError(
                 f"{store}: a complete store made differently ({'; '.join(diff)}); "
-                "pass --overwrite to redo it, or use another --out folder"
+                "pass `overwrite=True` to redo it, or use another `out_dir` folder"
             )
             return SlideResult(slide, store, "failed", error=str(err), exception=err)
         logger.info("%s: complete, skipped (use overwrite to redo it)", store)
@@ -338,7 +317,7 @@ class _Cohort:
         except OSError as e:  # the lock file cannot be written: a full or read-only output folder
             err = self._output_error(slide, store, e) or StoreError(
                 f"{store}: cannot write its lock file in {self.out_dir} ({e.strerror or e}); "
-                "give an --out folder you can write to"
+                "give an `out_dir` folder you can write to"
             )
             return SlideResult(slide, store, "failed", error=str(err), exception=err)
         if not locked:
@@ -375,7 +354,8 @@ class _Cohort:
             return None
         err = OutputFullError(
             f"{slide}: the output folder {self.out_dir} is full ({os.strerror(full.errno)}) while writing "
-            f"{store.name}; free space there or give another --out, then run again (the unfinished store is rebuilt)"
+            f"{store.name}; free space there or give another `out_dir`, then run again (the unfinished store is "
+            "rebuilt)"
         )
         err.__cause__ = e
         return err
@@ -495,51 +475,37 @@ def compress_slide(
     slide_path: str | Path,
     encoder: Any,
     out_dir: str | Path,
+    options: CompressOptions | None = None,
     *,
-    mpp: float | None = None,
-    batch_size: int | Literal["auto"] = "auto",
-    workers: int | Literal["auto"] = "auto",
-    device: str = "cpu",
-    dihedral: bool = False,
-    overwrite: bool = False,
-    min_tissue: float = 0.1,
-    random_init: bool = False,
-    seed: int = 0,
-    busy_wait: float = 600.0,
     progress: bool = False,
-    decode: Decode = "auto",
+    **fields: Any,
 ) -> Path:
     """Compress one slide into ``<out_dir>/<slide_id>.zarr`` and return the store's path.
 
-    The grid lies at the encoder's um/px and patch size (stride = patch) over the
-    slide's tissue; ``mpp`` overrides the slide's level-0 um/px.  A complete store is
-    kept unless ``overwrite``; an unfinished one is rebuilt.  ``dihedral`` stores the 8
-    rotations/flips of every patch as (8, C, H, W).  Errors: :class:`nic.errors.NicError`
-    (e.g. :class:`~nic.errors.MppError` for a scan much coarser than the encoder's um/px,
+    ``options`` (a :class:`CompressOptions`, default: its defaults) says how; keyword
+    arguments replace single fields of it (``compress_slide(s, enc, out, workers=0,
+    dihedral=True)``).  The grid lies at the encoder's um/px and patch size (stride =
+    patch) over the slide's tissue.  A complete store is kept unless ``overwrite``; an
+    unfinished one is rebuilt.  Errors: :class:`nic.errors.NicError` (e.g.
+    :class:`~nic.errors.MppError` for a scan much coarser than the encoder's um/px,
     :class:`~nic.errors.EncoderError` for an encoder without weights unless
-    ``random_init`` (then built with torch seeded by ``seed``),
-    :class:`~nic.errors.StoreError` when another process still holds the slide's lock
-    after ``busy_wait`` seconds, :class:`~nic.errors.SlideError` when the slide has no
-    tissue: its store is then complete with ``n_tissue`` 0).  ``batch_size``, ``workers``
-    and ``decode``: see :class:`CompressOptions`.
+    ``random_init``, :class:`~nic.errors.StoreError` when another process still holds the
+    slide's lock after ``busy_wait`` seconds, :class:`~nic.errors.SlideError` when the
+    slide has no tissue: its store is then complete with ``n_tissue`` 0).
     """
-    options = CompressOptions(
-        mpp=mpp, batch_size=batch_size, workers=workers, device=device, dihedral=dihedral,
-        overwrite=overwrite, min_tissue=min_tissue, random_init=random_init, seed=seed, busy_wait=busy_wait,
-        decode=decode,
-    )  # fmt: skip
+    options = dataclasses.replace(options or CompressOptions(), **fields)
     [result] = compress_slides([slide_path], encoder, out_dir, options, progress=progress)
     if result.exception is not None:
         raise result.exception
     if result.status == "busy":
         raise StoreError(
             f"{result.store}: another process ({result.error}) is compressing this slide now; wait for it or use "
-            "another out_dir"
+            "another `out_dir`"
         )
     if result.status == "no tissue":
         raise SlideError(
-            f"{result.slide}: no tissue found (no grid cell at least {min_tissue:g} tissue); its store {result.store} "
-            "is complete but empty; check the slide or lower min_tissue (with overwrite=True)"
+            f"{result.slide}: no tissue found (no grid cell at least {options.min_tissue:g} tissue); its store "
+            f"{result.store} is complete but empty; check the slide or lower `min_tissue` (with `overwrite=True`)"
         )
     return result.store
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nic._device import check_devices, parse_devices
 from nic.compress._cohort import (
     OutputFullError,
     SlideResult,
@@ -85,52 +86,6 @@ def _distributed() -> Any:
 
 
 # -- options ---------------------------------------------------------------------------------
-
-
-def parse_devices(text: str | Sequence[str]) -> tuple[str, ...]:
-    """One torch device per worker from ``"0,1"`` (cuda:0, cuda:1), ``"cpu,cpu"``,
-    ``"cuda:0,cuda:1"`` or a sequence of such names.  A device may repeat (two workers
-    sharing one GPU).  Only the spelling is checked here; :func:`check_devices` asks torch."""
-    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
-    if not items or any(not s for s in items):
-        raise OptionError(f"`devices` {text!r} has an empty entry; give a comma-separated list such as 0,1 or cpu,cpu")
-    return tuple(f"cuda:{s}" if s.isdigit() else s for s in items)
-
-
-def check_devices(devices: Sequence[str]) -> None:
-    """Refuse devices torch does not have here: a name it does not know, CUDA without a
-    CUDA device, or a CUDA index past the last device (one line, with the fix)."""
-    import torch
-
-    from nic._device import torch_device
-
-    cuda = []
-    for d in devices:
-        try:
-            dev = torch.device(d)
-        except (RuntimeError, TypeError) as e:
-            raise OptionError(
-                f"`devices` entry {d!r} is not a torch device ({e}); use 0,1 (CUDA indices) or cpu,cpu"
-            ) from e
-        if dev.type == "cuda":
-            cuda.append(dev)
-        else:
-            torch_device(dev)
-    if not cuda:
-        return
-    names = ", ".join(str(d) for d in cuda)
-    if not torch.cuda.is_available():
-        raise OptionError(
-            f"`devices` asks for {names}, but torch sees no CUDA device here; use `device=cpu` "
-            "(or `devices` cpu,cpu for CPU workers)"
-        )
-    n = torch.cuda.device_count()
-    past = [str(d) for d in cuda if (d.index or 0) >= n]
-    if past:
-        raise OptionError(
-            f"`devices` asks for {', '.join(past)}, but torch sees {n} CUDA device(s) (indices 0-{n - 1}); "
-            "give indices below that"
-        )
 
 
 def worker_device(name: Any, devices: Sequence[str], default: str) -> str:

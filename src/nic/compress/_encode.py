@@ -36,13 +36,13 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from nic._device import torch_device
 from nic.dihedral import ORDER, dihedral, dihedral_torch
-from nic.errors import EncoderError
+from nic.errors import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -76,32 +76,35 @@ class BatchEncoder:
     :meth:`submit_array` / :meth:`submit_tensor`; each yields the finished
     ``(codes, cells)`` pairs, codes float16 (variants, n, C).  :meth:`flush` yields what is
     still pending.  ``folded`` says whether the encoder's input scaling is folded into its
-    first convolution.  ``threads``: batches encoded at once on a CPU, one per thread (see
-    the module docstring; None: torch's thread count; accelerators always use 1).
+    first convolution.  ``device``: a torch device or its name, "auto" (the default) for
+    CUDA when torch sees one, else the CPU.  ``threads``: batches encoded at once on a CPU,
+    one per thread (see the module docstring; None: torch's thread count; accelerators
+    always use 1).
     """
 
     def __init__(
         self,
         encoder: Any,
         batch_size: int,
-        device: str | Any = "cpu",
+        device: str | Any = "auto",
         dihedral: bool = False,
         precision: Precision = "auto",
         threads: int | None = None,
     ) -> None:
         import torch
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.device = torch_device(device, EncoderError)
+        check_int("batch_size", batch_size, 1)
+        check_choice("precision", precision, get_args(Precision))
+        self.device = torch_device(device)
         self.encoder = encoder
         # the fused inference copy (nic-cnn folds its batch norms): same codes, ~1.5x on a CPU
         inference = encoder.for_inference()
         inference.module.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.module, self.folded = inference.uint8_module()
+        self.amp_dtype = self._amp_dtype(precision)
+        # the fold is probed at the precision the codes are computed in (half on accelerators)
+        self.module, self.folded = inference.uint8_module(autocast=self.amp_dtype)
         self.batch_size = int(batch_size)
         self.variants = 8 if dihedral else 1
-        self.amp_dtype = self._amp_dtype(precision)
         p = int(encoder.patch_size)
         self.patch_size = p
         cpu = self.device.type == "cpu"
@@ -133,8 +136,6 @@ class BatchEncoder:
             return torch.float16
         if precision == "bf16":
             return torch.bfloat16
-        if precision != "auto":
-            raise EncoderError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
         # auto: half precision on accelerators; fp32 on CPU (bf16 autocast is far slower there)
         return torch.float16 if self.device.type in ("cuda", "mps") else None
 

@@ -28,14 +28,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from nic._outputs import file_sha256
 from nic.compress._encode import DIHEDRAL_ORDER, BatchEncoder, Precision
 from nic.compress._tiles import DeviceTiles, open_device_tiles
 from nic.compress._workers import ReaderPool, ReadTask, Transport, read_patches
-from nic.errors import MppError
+from nic.errors import MppError, OptionError, check_choice, check_int, check_number
 from nic.grid import PatchGrid, patch_grid
 from nic.slide._mpp import check_user_mpp
 from nic.store import StoreAttrs, create_store, mark_complete
@@ -103,6 +104,17 @@ def auto_settings(cpus: int, device: str, patch: int) -> tuple[int, int]:
     return min(32, max(1, cpus - 1)), int(min(1024, max(32, batch)))
 
 
+def _check_auto_int(param: str, value: Any, lowest: int) -> None:
+    """:class:`OptionError` unless ``value`` is "auto" or an integer of at least ``lowest``
+    (the wording of :func:`nic.errors.check_int`, with "auto" among the choices)."""
+    if value == "auto":
+        return
+    try:
+        check_int(param, value, lowest)
+    except OptionError:
+        raise OptionError(f"`{param}` must be auto or an integer of at least {lowest} (got {value!r})") from None
+
+
 def available_cpus() -> int:
     """Cores this process may run on (its CPU affinity where the platform tells it)."""
     try:
@@ -118,7 +130,8 @@ class CompressOptions:
     ``mpp`` overrides the slides' own level-0 um/px (None: from the file).  ``workers``:
     reader processes (0 reads in the encoding process, without overlap) and
     ``batch_size``: patches per encoder call; "auto" chooses both from the cores and the
-    device (:func:`auto_settings`).  ``decode``: where JPEG tiles are decoded; "auto" on
+    device (:func:`auto_settings`).  ``device``: the encoder's torch device, "auto" for
+    CUDA when torch sees one, else the CPU.  ``decode``: where JPEG tiles are decoded; "auto" on
     the device when it is CUDA and the slide allows it (:mod:`nic.compress._tiles`), else
     by the readers; "device" on the device whatever it is (on a CPU: in the encoding
     process); "readers" always by the readers.  ``dihedral`` stores the 8 rotations/flips
@@ -134,7 +147,7 @@ class CompressOptions:
     mpp: float | None = None
     batch_size: int | Auto = "auto"
     workers: int | Auto = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     dihedral: bool = False
     overwrite: bool = False
     min_tissue: float = 0.1
@@ -148,14 +161,13 @@ class CompressOptions:
     def __post_init__(self) -> None:
         if self.mpp is not None:
             check_user_mpp(self.mpp)
-        if self.busy_wait < 0:
-            raise ValueError(f"busy_wait must be 0 or more seconds, got {self.busy_wait}")
-        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be 'auto' or at least 1, got {self.batch_size!r}")
-        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
-            raise ValueError(f"workers must be 'auto' or 0 or more, got {self.workers!r}")
-        if self.decode not in ("auto", "readers", "device"):
-            raise ValueError(f"decode must be 'auto', 'readers' or 'device', got {self.decode!r}")
+        _check_auto_int("batch_size", self.batch_size, 1)
+        _check_auto_int("workers", self.workers, 0)
+        check_choice("decode", self.decode, get_args(Decode))
+        check_number("min_tissue", self.min_tissue, 0, 1)
+        check_choice("precision", self.precision, get_args(Precision))
+        check_choice("transport", self.transport, get_args(Transport))
+        check_number("busy_wait", self.busy_wait, 0, math.inf)
 
     def resolved(self, patch: int, cpus: int | None = None) -> CompressOptions:
         """These options with "auto" workers and batch size replaced by :func:`auto_settings`
@@ -163,9 +175,8 @@ class CompressOptions:
         if self.workers != "auto" and self.batch_size != "auto":
             return self
         from nic._device import torch_device
-        from nic.errors import EncoderError
 
-        kind = torch_device(self.device, EncoderError).type
+        kind = torch_device(self.device).type
         readers, batch = auto_settings(cpus or available_cpus(), kind, patch)
         return dataclasses.replace(
             self,
@@ -197,12 +208,10 @@ def slide_checksum(path: str | Path) -> tuple[str, str]:
     """
     p = Path(path)
     size = p.stat().st_size
+    if size <= FULL_HASH_BYTES:
+        return "sha256", file_sha256(p)
     h = hashlib.sha256()
     with open(p, "rb") as f:
-        if size <= FULL_HASH_BYTES:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-            return "sha256", h.hexdigest()
         h.update(str(size).encode())
         for i in range(_SAMPLES):
             f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
@@ -217,7 +226,7 @@ def check_mpp(slide: Any, encoder_mpp: float) -> None:
         raise MppError(
             f"{slide.path}: scanned at {coarse:.4g} um/px, {coarse / encoder_mpp:.3g}x coarser than the encoder's "
             f"{encoder_mpp:g} um/px; patches would be upsampled, not read: use a higher-resolution scan of this "
-            "slide or an encoder trained at a coarser um/px (if the file's pixel size is wrong, pass --mpp)"
+            "slide or an encoder trained at a coarser um/px (if the file's pixel size is wrong, pass `mpp`)"
         )
 
 

@@ -289,6 +289,14 @@ class DeviceTiles:
         try:
             images = decode_tiles([d for _, d in stored], self.device)
         except RuntimeError as e:
+            try:  # nvJPEG refuses some JPEG variants that libjpeg-turbo reads: those tiles on the CPU
+                images = [im.to(self.device) for im in decode_tiles([d for _, d in stored], "cpu")]
+            except RuntimeError:
+                images = None
+            if images is not None:
+                logger.warning("%s: nvJPEG could not decode some tiles (%s); decoded on the CPU", self.level.path,
+                               " ".join(str(e).split()))  # fmt: skip
+                return self._check_shapes(stored, images)
             cols = sorted({c for (c, _), _ in stored})
             rows = sorted({r for (_, r), _ in stored})
             raise SlideError(
@@ -296,6 +304,9 @@ class DeviceTiles:
                 f"{rows[0]}-{rows[-1]}) cannot be decoded ({' '.join(str(e).split())}); the file is damaged, copy it "
                 "again"
             ) from e
+        return self._check_shapes(stored, images)
+
+    def _check_shapes(self, stored: list[tuple[tuple[int, int], Any]], images: list[Any]) -> dict[tuple[int, int], Any]:
         lv = self.level
         for (c, r), img in zip((t for t, _ in stored), images):
             if tuple(img.shape) != (3, lv.tile_h, lv.tile_w):

@@ -90,6 +90,10 @@ class EncoderRunSettings:
     colour/geometry ``augment``\\ ation, ``seed`` of every draw, ``num_workers`` loader
     processes; ``accelerator`` and ``precision`` go to Lightning (``precision`` ``None``:
     16-bit mixed on a GPU, 32 on a CPU); ``progress`` shows the progress bar.
+
+    ``devices`` > 1 trains data-parallel (DDP) on that many devices of the accelerator (GPUs,
+    or CPU processes with the gloo backend): ``batch_size`` is then per device, so a step
+    sees ``devices * batch_size`` patches.
     """
 
     encoder: str = "nic-cnn"
@@ -102,6 +106,7 @@ class EncoderRunSettings:
     accelerator: str = "auto"
     precision: str | None = None
     progress: bool = True
+    devices: int = 1
 
     #: the smallest batch the method trains with
     _min_batch = 1
@@ -111,6 +116,7 @@ class EncoderRunSettings:
         check_int("batch_size", self.batch_size, self._min_batch)
         check_int("early_stopping_patience", self.early_stopping_patience, 0)
         check_int("num_workers", self.num_workers, 0)
+        check_int("devices", self.devices, 1)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

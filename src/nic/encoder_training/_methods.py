@@ -161,9 +161,9 @@ class VaeModule(_Base):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, rec, kl = self._loss(batch, False)
         n = batch.shape[0]
-        self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False)
-        self.log("val_recon", rec, batch_size=n, on_epoch=True, on_step=False)
-        self.log("val_kl", kl, batch_size=n, on_epoch=True, on_step=False)
+        self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False, sync_dist=True)
+        self.log("val_recon", rec, batch_size=n, on_epoch=True, on_step=False, sync_dist=True)
+        self.log("val_kl", kl, batch_size=n, on_epoch=True, on_step=False, sync_dist=True)
 
     @torch.no_grad()
     def preview(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -213,8 +213,8 @@ class SiameseModule(_Base):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loss, acc = self._loss(batch, False)
         n = batch[0].shape[0]
-        self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False)
-        self.log("val_acc", acc, prog_bar=True, batch_size=n, on_epoch=True, on_step=False)
+        self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False, sync_dist=True)
+        self.log("val_acc", acc, prog_bar=True, batch_size=n, on_epoch=True, on_step=False, sync_dist=True)
 
     @torch.no_grad()
     def preview(self, batch: Any) -> list[torch.Tensor]:
@@ -322,7 +322,7 @@ class BiganModule(_Base):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._inputs(batch, False)
         rec = (self.generator(self.encoder(x)) - self._target(x)).square().mean()
-        self.log("val_recon", rec, prog_bar=True, batch_size=x.shape[0], on_epoch=True, on_step=False)
+        self.log("val_recon", rec, prog_bar=True, batch_size=x.shape[0], on_epoch=True, on_step=False, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         betas = (0.5, 0.999)

@@ -121,15 +121,27 @@ class MultitaskModule(L.LightningModule):
         loss, _ = masked_multitask_loss(
             outputs, self._standardise(targets, task), task, self.kinds, [t.weight for t in self.tasks]
         )
-        self.log("val_loss", loss, prog_bar=True, batch_size=images.shape[0], on_epoch=True, on_step=False)
+        n = images.shape[0]
+        self.log("val_loss", loss, prog_bar=True, batch_size=n, on_epoch=True, on_step=False, sync_dist=True)
         self._val.append((targets.detach().cpu(), task.detach().cpu(), [o.detach().float().cpu() for o in outputs]))
 
+    def _gathered(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """This process's validation rows, or under DDP every process's (each holds an equal
+        share: the distributed sampler pads the validation set to a multiple of the devices)."""
+        local = torch.cat(parts)
+        if self._trainer is None or self._trainer.world_size <= 1:
+            return local
+        every = self.all_gather(local.to(self.device))  # (world, n, ...)
+        return every.reshape(-1, *local.shape[1:]).cpu()
+
     def on_validation_epoch_end(self) -> None:
+        # AUC and Spearman do not decompose over shards: computed on the whole validation set
+        # (gathered from every process), so every process logs the same values
         if not self._val:
             return
-        targets = torch.cat([v[0] for v in self._val]).numpy()
-        task = torch.cat([v[1] for v in self._val]).numpy()
-        outs = [torch.cat([v[2][t] for v in self._val]) for t in range(len(self.tasks))]
+        targets = self._gathered([v[0] for v in self._val]).numpy()
+        task = self._gathered([v[1] for v in self._val]).numpy()
+        outs = [self._gathered([v[2][t] for v in self._val]) for t in range(len(self.tasks))]
         self._val.clear()
         for t, spec in enumerate(self.tasks):
             sel = task == t
@@ -143,7 +155,8 @@ class MultitaskModule(L.LightningModule):
                 y = targets[sel]
             for name, value in task_metrics(spec.kind, y, out).items():
                 if not math.isnan(value):
-                    self.log(f"val/{spec.name}/{name}", value, prog_bar=False)
+                    # the same value in every process: the mean over them is the value itself
+                    self.log(f"val/{spec.name}/{name}", value, prog_bar=False, sync_dist=True)
 
     # ------------------------------------------------------------------ optimiser
 

@@ -12,7 +12,6 @@ through :meth:`nic.slide.Slide.read_region` (the fast tile path where the format
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from nic.errors import DataError, OptionError
-from nic.slide import SLIDE_SUFFIXES, is_slide_file
+from nic.slide import list_slides
 
 logger = logging.getLogger(__name__)
 
@@ -55,34 +54,14 @@ class SlideSource:
 
 
 def slide_paths(items: list[str | Path], mpp: float | None = None) -> list[SlideSource]:
-    """Slides named by ``items``: files, folders (their slide files, sorted) or CSVs.
+    """Slides named by ``items``: files, folders (their slide files, sorted) or CSVs
+    (:func:`nic.slide.list_slides`, strict: every slide must be there before training).
 
     A CSV has a ``slide`` or ``path`` column (paths relative to the CSV) and optionally an
     ``mpp`` column (level-0 um/px, overriding the file's).  ``mpp`` is the pixel size of
     every slide whose file states none.
     """
-    out: list[SlideSource] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if is_slide_file(f))
-            if not files:
-                raise DataError(f"{p}: no slide files inside (looked for {', '.join(SLIDE_SUFFIXES)})")
-            out += [SlideSource(f, None, mpp) for f in files]
-        elif p.suffix.lower() == ".csv":
-            with open(p, newline="") as f:
-                rows = list(csv.DictReader(f))
-            col = next((c for c in ("slide", "path") if rows and c in rows[0]), None)
-            if col is None:
-                raise DataError(f"{p}: a slide CSV needs a 'slide' or 'path' column")
-            for r in rows:
-                sp = Path(r[col])
-                sp = sp if sp.is_absolute() else p.parent / sp
-                out.append(SlideSource(sp, float(r["mpp"]) if r.get("mpp") else None, mpp))
-        elif p.is_file():
-            out.append(SlideSource(p, None, mpp))
-        else:
-            raise DataError(f"{p}: no such slide, folder or CSV")
+    out = [SlideSource(p, row_mpp, mpp) for p, row_mpp in list_slides(items, strict=True, mpp_column=True)]
     if not out:
         raise OptionError("no slides given; pass `slides` (files, folders or CSVs)")
     return out

@@ -8,6 +8,18 @@ A run folder holds::
     logs/              CSV logs (and TensorBoard, when the tensorboard package is installed)
     encoder/           the trained encoder (safetensors + JSON), ready for ``nic compress``
     metrics.json       best validation metrics, epochs, training patches/s
+
+With ``devices`` > 1 the run is data-parallel (Lightning DDP): under ``torchrun`` or SLURM
+(which start the processes) Lightning's ``ddp`` joins them; from a plain ``nic`` command or a
+notebook :func:`launch` spawns one process per device, each running the whole run with its
+rank in the environment, as ``torchrun`` would.  Each process reads the data; Lightning
+shards every epoch's draw (a ``DistributedSampler``, or a wrapper around the project's own
+samplers, which draw the same seeded order in every process).  Batch norm is synchronised
+on GPUs (a step over ``devices`` shards of ``batch_size`` patches then normalises like one
+step over their union; torch has no CPU SyncBatchNorm).  The validation loss is averaged
+over the processes (``sync_dist``), so early stopping and the plateau schedule decide alike
+everywhere; AUC and Spearman, which do not average over shards, are computed on the whole
+gathered validation set.  Only rank 0 writes the run folder, the metrics and the exported encoder.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,7 +44,7 @@ from nic.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "train_encoder", "prepare_tasks", "make_trainer"]
+__all__ = ["TrainResult", "train_encoder", "prepare_tasks", "make_trainer", "launch", "global_rank"]
 
 
 @dataclass
@@ -103,22 +116,30 @@ def train_encoder(config: EncoderTrainConfig, out: str | Path) -> TrainResult:
     Returns a :class:`TrainResult`; the encoder (without heads) is saved with
     :func:`nic.encoders.save_encoder` in ``out/encoder``.  Raises :class:`DataError` or
     :class:`~nic.errors.EncoderError` for bad input before any training starts, and
-    :class:`~nic.errors.OutputError` when ``out`` already holds a run.
+    :class:`~nic.errors.OutputError` when ``out`` already holds a run.  ``config.devices``
+    > 1 trains on that many devices (see :func:`launch`).
     """
+    return launch(_train_encoder, config, out)
+
+
+def _train_encoder(config: EncoderTrainConfig, out: str | Path) -> TrainResult:
     from nic.encoders import load_encoder
 
     out = start_run(out, config.seed)
     encoder = load_encoder(config.encoder)
     heads, train_sets, val_sets = prepare_tasks(config, encoder.patch_size, encoder.mpp)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_splits(out / "splits.csv", heads, train_sets, val_sets)
-    write_run_config(out, config, encoder, heads=[dataclasses.asdict(h) for h in heads])
+    if global_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_splits(out / "splits.csv", heads, train_sets, val_sets)
+        write_run_config(out, config, encoder, heads=[dataclasses.asdict(h) for h in heads])
     train_loader, val_loader = _multitask_loaders(config, train_sets, val_sets)
     module = _multitask_module(config, encoder, heads)
     trainer, ckpt, speed, precision = make_trainer(out, config, n_batches=len(train_loader))
     logger.info("training %s on %d patches (%s), %d tasks, precision %s", encoder.name,
                 len(train_loader.dataset), config.sampling, len(heads), precision)  # fmt: skip
     fit(trainer, module, train_loader, val_loader)
+    if not trainer.is_global_zero:
+        return TrainResult(out, out / "encoder", epochs=int(trainer.current_epoch))
     names = [h.name for h in heads]
     source = {"format": "nic-train-encoder", "run": str(out.resolve()), "tasks": names}
     best, metrics, path = export_best(trainer, ckpt, module, encoder, out, f"multitask-{'-'.join(names)}", source)
@@ -141,7 +162,8 @@ def start_run(out: str | Path, seed: int) -> Path:
     from nic._outputs import check_new_folder
 
     out = Path(out)
-    check_new_folder(out, None, holds=("config.json", "checkpoints"), what="training runs")
+    if global_rank() == 0:  # the other processes of a DDP run would see rank 0's first files
+        check_new_folder(out, None, holds=("config.json", "checkpoints"), what="training runs")
     L.seed_everything(seed, workers=True, verbose=False)
     return out
 
@@ -256,7 +278,7 @@ def _speed_callback() -> Any:
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             first = batch[0] if isinstance(batch, (list, tuple)) else batch
-            self._n += int(first.shape[0])
+            self._n += int(first.shape[0]) * trainer.world_size  # every process steps on a batch as large
 
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             dt = time.perf_counter() - self._t0
@@ -313,11 +335,18 @@ def make_trainer(
         loggers.append(TensorBoardLogger(out / "logs", name="tensorboard", version=""))
     gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     precision = precision or ("16-mixed" if gpu else "32-true")
+    ddp: dict[str, Any] = {}
+    if settings.devices > 1:
+        # the processes exist already (torchrun, SLURM, or launch()): Lightning's ddp joins them.
+        # Batch-norm statistics over the whole step's batch need SyncBatchNorm, which torch has
+        # for CUDA only: on CPU processes each normalises its own shard.
+        ddp = {"strategy": "ddp", "sync_batchnorm": gpu}
     with _quiet_lightning():  # the device notices and a logger tip come from the constructor
         trainer = L.Trainer(
             max_epochs=epochs,
             accelerator=accelerator,
-            devices=1,
+            devices=settings.devices,
+            **ddp,
             precision=precision,  # type: ignore[arg-type]
             callbacks=callbacks,
             logger=loggers,
@@ -346,6 +375,8 @@ def _quiet_lightning() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            # Lightning's all_gather calls a torch function torch now marks deprecated
+            warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
             yield
     finally:
         for lg, level in zip(loggers, levels):
@@ -363,3 +394,98 @@ def _best_epoch_metrics(csv_path: Path, best_score: Any) -> dict[str, float]:
             if v and abs(float(v) - best) <= 1e-6 * max(1.0, abs(best)):
                 return {k: float(x) for k, x in row.items() if k.startswith("val") and x != ""}
     return {}
+
+
+# -- several devices ------------------------------------------------------------------------------
+
+
+def global_rank() -> int:
+    """This process's rank in a DDP run (0 outside one), from the variables torchrun,
+    SLURM or :func:`launch` set."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def _launched_externally() -> bool:
+    """Whether torchrun or SLURM started this process as one of several ranks."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rank_main(target: Any, config: Any, out: Path, rank: int, world: int, port: int, results: Any) -> None:
+    """One spawned DDP process: the rendezvous variables torchrun would set, then the run."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+    import torch
+
+    # the processes share this machine's cores (a GPU process needs few)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        results.put((rank, target(config, out), None))
+    except BaseException as e:  # noqa: BLE001 -- every failure goes back to the parent, which raises it
+        try:
+            import pickle
+
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001
+            e = RuntimeError(f"{type(e).__name__}: {e}")
+        results.put((rank, None, e))
+
+
+def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainResult:
+    """``target(config, out)`` in this process, or with ``config.devices`` > 1 in one spawned
+    process per device (unless torchrun or SLURM started the processes already).
+
+    The spawned processes are started with the ``spawn`` method, so this works from a plain
+    command and from a notebook.  The first process that fails ends the others, and its
+    error is raised here as it was raised there (an :class:`~nic.errors.OutputError` for a
+    run folder that exists is raised before any process starts).  Returns rank 0's result.
+    """
+    if config.devices == 1 or _launched_externally():
+        return target(config, out)
+    import multiprocessing
+    import queue
+
+    from nic._outputs import check_new_folder
+
+    out = Path(out)
+    check_new_folder(out, None, holds=("config.json", "checkpoints"), what="training runs")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(target, config, out, r, config.devices, port, results), daemon=False)
+             for r in range(config.devices)]  # fmt: skip
+    for p in procs:
+        p.start()
+    got: dict[int, TrainResult] = {}
+    try:
+        while len(got) < len(procs):
+            try:
+                rank, result, error = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in got and not p.is_alive()]
+                if dead:
+                    code = procs[dead[0]].exitcode
+                    raise RuntimeError(
+                        f"training process {dead[0]} ended with exit code {code} without a result"
+                    ) from None
+                continue
+            if error is not None:
+                raise error
+            got[rank] = result
+    finally:
+        for p in procs:
+            if p.is_alive() and len(got) < len(procs):
+                p.terminate()
+        for p in procs:
+            p.join(10)
+    return got[0]

@@ -26,6 +26,8 @@ from nic.encoder_training._train import (
     TrainResult,
     export_best,
     fit,
+    global_rank,
+    launch,
     loader_args,
     make_trainer,
     start_run,
@@ -44,7 +46,7 @@ def _preview_callback(out: Path, batch: Any) -> Any:
 
     class _Preview(Callback):
         def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.sanity_checking:
+            if trainer.sanity_checking or not trainer.is_global_zero:
                 return
             was_training = pl_module.training
             pl_module.eval()
@@ -84,8 +86,13 @@ def train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResu
     Returns a :class:`TrainResult`; the encoder is saved with :func:`nic.encoders.save_encoder`
     in ``out/encoder``.  Bad input raises :class:`~nic.errors.DataError` or
     :class:`~nic.errors.EncoderError` before training; ``out`` holding a run is an
-    :class:`~nic.errors.OutputError`.
+    :class:`~nic.errors.OutputError`.  ``config.devices`` > 1 trains on that many devices
+    (see :func:`~nic.encoder_training._train.launch`).
     """
+    return launch(_train_unsupervised, config, out)
+
+
+def _train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResult:
     from nic.encoder_training._sampling import SlidePatchSampler, slide_paths
     from nic.encoders import load_encoder
 
@@ -96,10 +103,11 @@ def train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResu
     sampler = SlidePatchSampler(sources, encoder.mpp, encoder.patch_size, config.min_tissue, config.balance)
     train_ds, val_ds = _datasets(config, sampler)
     logger.info("sampled %d slides in %.1f s", len(sources), time.perf_counter() - t0)
-    out.mkdir(parents=True, exist_ok=True)
-    slides = [{"path": str(s.path), "mpp": s.mpp, "fallback_mpp": s.fallback_mpp, "tissue_cells": int(n)}
-              for s, n in zip(sources, sampler.n_cells)]  # fmt: skip
-    write_run_config(out, config, encoder, slides=slides)
+    if global_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        slides = [{"path": str(s.path), "mpp": s.mpp, "fallback_mpp": s.fallback_mpp, "tissue_cells": int(n)}
+                  for s, n in zip(sources, sampler.n_cells)]  # fmt: skip
+        write_run_config(out, config, encoder, slides=slides)
     train_loader, val_loader, preview_batch = _loaders(config, train_ds, val_ds)
     module = _module(config, encoder)
     monitor = None if config.method == "bigan" else "val_loss"
@@ -111,7 +119,8 @@ def train_unsupervised(config: UnsupervisedConfig, out: str | Path) -> TrainResu
     logger.info("training %s (%s) on %d %s from %d slides, precision %s", encoder.name, config.method,
                 len(train_ds), items, len(sources), precision)  # fmt: skip
     fit(trainer, module, train_loader, val_loader)
-
+    if not trainer.is_global_zero:
+        return TrainResult(out, out / "encoder", epochs=int(trainer.current_epoch))
     source = {"format": "nic-train-encoder", "method": config.method, "run": str(out.resolve()), "slides": len(sources)}
     best, metrics, path = export_best(
         trainer, ckpt, module, encoder, out, config.method, source, use_best=monitor is not None

@@ -110,7 +110,7 @@ class Encoder:
         module.eval()
         return Encoder(module, self.config, self.checksum, self.source)
 
-    def uint8_module(self, check: bool = True) -> tuple[Any, bool]:
+    def uint8_module(self, check: bool = True, autocast: Any = None) -> tuple[Any, bool]:
         """(module, folded): :attr:`module` as a module of uint8 RGB (N, 3, P, P), channels-last,
         computing the codes of ``module(x / 255)``; the float conversion happens inside it, on
         the module's device, so patches travel as uint8 (a quarter of the bytes).
@@ -121,6 +121,13 @@ class Encoder:
         within 1e-3 of the codes' scale; ``check=False`` skips the probe).  Otherwise the
         plain form: the module behind a float conversion and a division by 255.  Call it on
         the inference copy (:meth:`for_inference`) after moving it to its device.
+
+        ``autocast`` (a torch dtype such as ``torch.float16``): the precision the codes will
+        be computed in.  The probe then also runs the folded form under that autocast and
+        keeps it only if its error against the float32 codes is within the tolerance or no
+        more than twice the plain form's own error at that precision: folding the 1/255 and
+        the normalisation into the weights makes them small and the input uncentred, which
+        costs half precision more than float32.
         """
         import torch
 
@@ -141,6 +148,12 @@ class Encoder:
             want, got = plain(probe).float(), folded(probe).float()
         err = float((got - want).abs().max())
         tol = 1e-3 * (1.0 + float(want.abs().max()))
+        if got.shape == want.shape and err <= tol and autocast is not None and autocast != torch.float32:
+            with torch.inference_mode(), torch.autocast(probe.device.type, dtype=autocast):
+                got_low, plain_low = folded(probe).float(), plain(probe).float()
+            err = float((got_low - want).abs().max())
+            err_plain = float((plain_low - want).abs().max())
+            tol = max(10 * tol, 2 * err_plain)
         if got.shape != want.shape or not err <= tol:
             logger.warning(
                 "%s: its input scaling folded into the first convolution gives other codes (max difference %.3g); "

@@ -355,7 +355,7 @@ def _keras_spec(text: str, path: Path, **opts: Any) -> Encoder:
 
 @register_spec_kind(
     "pickle",
-    form="a .pt/.pth/.ckpt state dict with its JSON (`unsafe=True`)",
+    form="a .pt/.pth/.ckpt state dict with its JSON (unsafe=True, from Python)",
     claims=lambda text, path: path.is_file() and path.suffix.lower() in _PICKLE_SUFFIXES,
     fixed=True,
 )

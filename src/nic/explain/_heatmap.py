@@ -27,7 +27,8 @@ each fold model, and each of the 8 dihedral variants (each view's map is rotated
 the slide's orientation).  Slides larger than the model's crop are covered by windows of
 the crop's size overlapping by half, averaged where they overlap.  Regression maps are in
 the units of the transformed target (each fold's scaling applied): the target's own units
-with ``target_transform`` "none", log units with "log", normal scores with "rank".
+with ``target_transform`` "none", log units with "log", normal scores with "rank" (a run
+decides "auto" once for its cohort, so every fold's map is in the same units).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from nic.errors import DataError
+from nic.errors import OptionError, check_choice
 from nic.learn.data import SlideSource, dihedral, dihedral_inverse, sample_crop_origin
 from nic.learn.run import Run
 from nic.learn.slide_model import SlideModel
@@ -64,13 +65,15 @@ class Heatmap:
 
 
 def default_method(model: str, method: str = "auto") -> str:
-    """The method for ``model``; :class:`DataError` when ``method`` does not apply to it."""
-    if method not in METHODS:
-        raise DataError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    """The method for ``model``; :class:`OptionError` when ``method`` does not apply to it."""
+    check_choice("method", method, METHODS)
     if method == "auto":
         return _DEFAULT.get(model, "input-gradient")
     if method in _ALLOWED and model not in _ALLOWED[method]:
-        raise DataError(f"--method {method} needs a {' or '.join(_ALLOWED[method])} model; this run's is {model!r}")
+        raise OptionError(
+            f"`method` {method} needs a {' or '.join(_ALLOWED[method])} model; this run's is {model!r}: use another "
+            "`method`, or auto"
+        )
     return method
 
 
@@ -187,7 +190,7 @@ def slide_heatmap(run: Run, src: SlideSource, method: str = "auto", output: str 
     names = output_names(run)
     output = output or names[0]
     if output not in names:
-        raise DataError(f"--output must be one of {', '.join(names)} for this run (got {output!r})")
+        raise OptionError(f"`output` must be one of {', '.join(names)} for this run (got {output!r})")
     k = names.index(output) if run.task == "multiclass" else 0
     variants = bool(run.config.get("fit", {}).get("tta_variants", True))
     maps = [model_map(m, src, method, k, variants) for m in run.models]

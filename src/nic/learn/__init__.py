@@ -7,7 +7,8 @@
 - ``cv``       patient-grouped, label-stratified folds and inner validation splits
 - ``targets``  regression targets <-> outputs: log / rank transforms, standard scores
 - ``slide_model`` a trained network: save/load, test-time views and averaging
-- ``train``    one model fit (augmentation, early stopping) and test-time averaging
+- ``train``    one model fit (augmentation, early stopping on an inner split)
+- ``folds``    fitting a run's folds, one after another or in parallel over devices
 - ``run``      cross-validated runs (:func:`train_cv`) and :func:`predict_run`
 
 Survival convention: model outputs are log-risks, higher = earlier event.

@@ -9,11 +9,13 @@ were tested in which fold, and the training histories) and ``fold_<k>/model.*``.
 The folder is built beside its destination and moved into place when the run is whole
 (:func:`nic._outputs.staged_folder`): an interrupted run leaves no folder that looks like
 a result, and ``overwrite`` keeps the old run until the new one is complete.
+
+With ``CVConfig.devices`` the folds run in parallel worker processes
+(:mod:`nic.learn.folds`); the run is assembled from them exactly as sequentially.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -22,14 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from nic._device import torch_device
+from nic._device import check_devices, parse_devices, torch_device
 from nic._outputs import staged_folder
 from nic.errors import DataError, OptionError, check_int
-from nic.learn.cv import inner_split, patient_folds
+from nic.learn.cv import patient_folds
 from nic.learn.data import Cohort, LabelSpec, SlideSource, load_cohort, open_sources
+from nic.learn.folds import fit_fold, fit_folds_parallel
 from nic.learn.metrics import TASK_METRICS, bootstrap_ci, compute_metric
 from nic.learn.slide_model import SlideModel, patient_mean
-from nic.learn.train import FitConfig, FitHistory, default_crop, fit_model
+from nic.learn.targets import TargetScale
+from nic.learn.train import FitConfig, FitHistory, default_crop
 from nic.store import EncoderIdentity
 
 __all__ = ["CVConfig", "CVResult", "Run", "train_cv", "load_run", "predict_run"]
@@ -53,11 +57,16 @@ class CVConfig:
     overwrite: bool = False
     n_bootstrap: int = 1000
     threads: int | None = None  #: torch CPU threads during the run (restored after); None: leave as is
+    #: fit the folds in parallel worker processes, fold k on ``devices[k % n]`` (e.g. ``("cuda:0", "cuda:1")``,
+    #: ``("cpu", "cpu")``; ``"0,1"`` is read as CUDA indices); None: one fold after another on ``fit.device``
+    devices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_int("folds", self.folds, 2)
         if self.threads is not None:
             check_int("threads", self.threads, 1)
+        if self.devices is not None:
+            object.__setattr__(self, "devices", parse_devices(self.devices))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,13 +170,19 @@ def train_cv(config: CVConfig) -> CVResult:
         known = ", ".join(list_models())
         raise OptionError(f"`model` {config.fit.model!r} is not a slide model; choose one of {known}")
     # check every input before touching the run folder: a typo must not delete a good run
-    torch_device(config.fit.device)  # a bad or unavailable device fails before any work
+    if config.devices:
+        check_devices(config.devices)  # a bad or unavailable device fails before any work
+    else:
+        torch_device(config.fit.device)
     cohort = load_cohort(config.compressed, config.labels)
     sources = open_sources(cohort.store_paths, folder=config.compressed)
     crop = default_crop(sources, config.fit.crop)
     folds = patient_folds(cohort, config.folds, config.fit.seed)
     run_info = {"crop": crop, "classes": cohort.classes, "code_size": sources[0].code_size,
                 "encoder": sources[0].encoder.to_json()}  # fmt: skip
+    if cohort.task == "regression":  # the kind "auto" chose and the log offset, the same for every fold
+        kind, offset = TargetScale.resolve(cohort.y, config.fit.target_transform)
+        run_info["target_transform"] = {"kind": kind, "offset": offset}
     before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -189,7 +204,8 @@ def _train_cv(
     folds: list[tuple[np.ndarray, np.ndarray]],
     out: Path | None,
 ) -> CVResult:
-    """The folds; results go to ``out`` (the staged run folder) when given."""
+    """The folds (one after another, or in parallel with ``config.devices``); results go to
+    ``out`` (the staged run folder) when given."""
     cfg = config.fit
     n_p = len(cohort.patients)
     oof_raw = np.full((n_p, cohort.n_outputs), np.nan)
@@ -197,12 +213,10 @@ def _train_cv(
     spread = np.full(n_p, np.nan)
     models, hists = [], []
     per_fold: dict[str, list[float]] = {m: [] for m in TASK_METRICS[cohort.task]}
-    for k, (train_p, test_p) in enumerate(folds):
-        fit_p, val_p = inner_split(cohort, train_p, cfg.val_fraction, cfg.seed + k)
-        fit_cfg = dataclasses.replace(cfg, crop=crop)
-        model, hist = fit_model(cohort, sources, fit_p, val_p, fit_cfg, cfg.seed * 1000 + k)
+    fitted = fit_folds_parallel(config, cohort, crop, folds) if config.devices else None
+    for k, (_, test_p) in enumerate(folds):
+        model, hist, views = fitted[k] if fitted is not None else fit_fold(config, cohort, sources, crop, k, folds)
         test_s = cohort.slides_of(test_p)
-        views = model.predict_views([sources[i] for i in test_s], cfg.tta_crops, cfg.tta_variants, cfg.seed)
         raw = np.stack([v.mean(0) for v in views])
         oof_raw[test_p] = patient_mean(raw, cohort.slide_patient[test_s], test_p)
         pv = _views_of_patients(views, cohort.slide_patient[test_s], test_p)

@@ -62,6 +62,13 @@ class SlideModel:
         (folder / "model.json").write_text(json.dumps(self.meta(), indent=2))
 
     @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> SlideModel:
+        """A model with fresh weights as :meth:`meta` describes it (load the weights next)."""
+        spec = ModelSpec(**meta["spec"])
+        net = create_model(meta["model"], spec)
+        return cls(meta["model"], spec, meta["task"], int(meta["crop"]), net, _target_scale(meta), meta["classes"])
+
+    @classmethod
     def load(cls, folder: Path) -> SlideModel:
         """The model saved by :meth:`save` in ``folder``; :class:`DataError` for a missing or damaged one."""
         from safetensors import SafetensorError
@@ -76,17 +83,8 @@ class SlideModel:
         except SafetensorError as e:
             raise DataError(f"{folder}: model.safetensors is not a readable weight file ({e}); {damaged}") from e
         try:
-            spec = ModelSpec(**meta["spec"])
-            net = create_model(meta["model"], spec)
-            model = cls(
-                meta["model"],
-                spec,
-                meta["task"],
-                int(meta["crop"]),
-                net,
-                _target_scale(meta),
-                meta["classes"],
-            )
+            model = cls.from_meta(meta)
+            net = model.net
         except (KeyError, TypeError, ValueError, NicError) as e:
             why = f"no {e} entry" if isinstance(e, KeyError) else str(e)
             raise DataError(f"{folder}: model.json does not describe a nic slide model ({why}); {damaged}") from e

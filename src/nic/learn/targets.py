@@ -6,16 +6,21 @@ with a squared loss on the raw scale a handful of high slides dominate the fit a
 order among the many low ones (what Spearman's rho measures) is hardly learnt. The kinds:
 
 - ``none``: ``z = (y - mean) / std``;
-- ``log``: ``z = (log(y + offset) - mean) / std``; ``offset`` is 0 when every training target
-  is positive, else half the smallest positive one (a count of 0 stays finite); negative
-  targets are refused;
+- ``log``: ``z = (log(y + offset) - mean) / std``; ``offset`` is 0 when every target is
+  positive, else half the smallest positive one (a count of 0 stays finite); negative
+  targets are refused, and predictions are never below 0;
 - ``rank``: normal scores, ``z = Phi^-1((rank - 0.5) / n)`` among the training targets
   (ties share their mean rank); new values are placed by linear interpolation between the
   training targets, and predictions map back the same way, so they stay within the
   training range;
-- ``auto`` (the default): ``log`` when every training target is >= 0 and the log makes the
-  targets less skewed (``|skew(log)| < |skew(y)|``, the Box-Cox choice between lambda 1
-  and 0), else ``none``.
+- ``auto`` (the default): ``log`` when every target is >= 0 and the log makes the targets
+  less skewed (``|skew(log)| < |skew(y)|``, the Box-Cox choice between lambda 1 and 0),
+  else ``none``.
+
+The kind and the log offset are decided once for a cohort, from all its targets
+(:meth:`TargetScale.resolve`), so every fold of a run maps targets the same way and a
+held-out 0 never meets a fold without an offset; the mean and deviation (and the rank
+reference) come from each fold's training targets.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from nic.errors import DataError
+from nic.errors import DataError, OptionError
 
 __all__ = ["TARGET_TRANSFORMS", "TargetScale"]
 
@@ -44,22 +49,31 @@ class TargetScale:
     offset: float = 0.0  #: log: added before the log
     reference: tuple[float, ...] = field(default=())  #: rank: the sorted training targets
 
-    @classmethod
-    def fit(cls, y: np.ndarray, kind: str = "auto") -> TargetScale:
-        """The transform ``kind`` fitted on the training targets ``y``."""
+    @staticmethod
+    def resolve(y: np.ndarray, kind: str = "auto") -> tuple[str, float]:
+        """The concrete kind (``auto`` decided) and log offset for a cohort's targets ``y``."""
         y = np.asarray(y, dtype=np.float64)
         if kind not in TARGET_TRANSFORMS:
-            raise DataError(f"target_transform must be one of {', '.join(TARGET_TRANSFORMS)} (got {kind!r})")
+            raise OptionError(f"`target_transform` must be one of {', '.join(TARGET_TRANSFORMS)} (got {kind!r})")
         if kind == "auto":
             kind = "log" if _log_helps(y) else "none"
-        offset, reference = 0.0, ()
-        if kind == "log":
-            if (y < 0).any():
-                raise DataError(
-                    f"target_transform 'log' needs targets >= 0 (the smallest is {y.min():g}); use 'rank' or 'none'"
-                )
-            offset = _log_offset(y)
-        elif kind == "rank":
+        if kind != "log":
+            return kind, 0.0
+        if (y < 0).any():
+            raise DataError(
+                f"`target_transform` log needs targets >= 0 (the smallest is {y.min():g}); use rank or none"
+            )
+        return kind, _log_offset(y)
+
+    @classmethod
+    def fit(cls, y: np.ndarray, kind: str = "auto", offset: float | None = None) -> TargetScale:
+        """The transform ``kind`` fitted on the training targets ``y``; ``offset`` (log) as
+        :meth:`resolve` gave it for the whole cohort, else decided from ``y``."""
+        y = np.asarray(y, dtype=np.float64)
+        kind, own_offset = cls.resolve(y, kind)
+        offset = own_offset if offset is None or kind != "log" else float(offset)
+        reference: tuple[float, ...] = ()
+        if kind == "rank":
             reference = tuple(float(v) for v in np.sort(y))
         t = cls(kind, 0.0, 1.0, offset, reference)._transform(y)
         return cls(kind, float(t.mean()), float(t.std() or 1.0), offset, reference)
@@ -67,7 +81,9 @@ class TargetScale:
     def _transform(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, dtype=np.float64)
         if self.kind == "log":
-            return np.log(np.maximum(y + self.offset, 1e-300))
+            # a value below the cohort's range (only possible outside the fitted cohort) is
+            # held at the offset's floor rather than sent towards -inf
+            return np.log(np.maximum(y + self.offset, self.offset or np.finfo(np.float64).tiny))
         if self.kind == "rank":
             ref = np.asarray(self.reference)
             q = _normal_scores(ref)
@@ -82,7 +98,7 @@ class TargetScale:
         """Network outputs -> predictions in the target's units."""
         t = np.asarray(z, dtype=np.float64) * self.std + self.mean
         if self.kind == "log":
-            return np.exp(t) - self.offset
+            return np.maximum(np.exp(t) - self.offset, 0.0)
         if self.kind == "rank":
             ref = np.asarray(self.reference)
             return np.interp(t, _normal_scores(ref), ref)

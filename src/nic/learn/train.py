@@ -16,13 +16,12 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from nic._device import torch_device
-from nic.errors import DataError, OptionError
+from nic.errors import DataError, OptionError, check_choice, check_int, check_number
 from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_crop_origin
 from nic.learn.losses import TIES, task_loss
 from nic.learn.models import POOLS, ModelSpec, create_model
@@ -30,7 +29,6 @@ from nic.learn.slide_model import SlideModel, _to_device, patient_mean
 from nic.learn.targets import TARGET_TRANSFORMS, TargetScale
 
 __all__ = [
-    "resolve_device",
     "FitConfig",
     "FitHistory",
     "fit_model",
@@ -83,31 +81,15 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         # pure checks of the values; the device is checked where it is used (fit_model, train_cv)
-        _check_int("batch_size", self.batch_size, 2)  # BatchNorm needs 2 samples per batch
-        _check_int("epochs", self.epochs, 1)
-        if not (isinstance(self.lr, (int, float, np.floating)) and math.isfinite(self.lr) and self.lr > 0):
-            raise OptionError(f"`lr` must be a number greater than 0 (got {self.lr!r})")
-        if not (isinstance(self.dropout, (int, float, np.floating)) and 0 <= self.dropout < 1):
-            raise OptionError(f"`dropout` must be a number in [0, 1) (got {self.dropout!r})")
-        if self.pool not in POOLS:
-            raise OptionError(f"`pool` must be one of {', '.join(POOLS)} (got {self.pool!r})")
-        if self.ties not in TIES:
-            raise OptionError(f"`ties` must be one of {', '.join(TIES)} (got {self.ties!r})")
-        if self.target_transform not in TARGET_TRANSFORMS:
-            raise OptionError(
-                f"`target_transform` must be one of {', '.join(TARGET_TRANSFORMS)} (got {self.target_transform!r})"
-            )
-
-
-def resolve_device(device: str) -> torch.device:
-    """``device`` as a torch device ("auto": cuda when available); a one-line :class:`OptionError` otherwise."""
-    return torch_device(device)
-
-
-def _check_int(param: str, value: Any, lowest: int) -> None:
-    """Raise a one-line :class:`OptionError` unless ``value`` is an integer >= ``lowest``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lowest:
-        raise OptionError(f"`{param}` must be an integer of at least {lowest} (got {value!r})")
+        check_int("batch_size", self.batch_size, 2)  # BatchNorm needs 2 samples per batch
+        check_int("epochs", self.epochs, 1)
+        if self.crop is not None:
+            check_int("crop", self.crop, 1)
+        check_number("lr", self.lr, 0, math.inf, low_open=True, high_open=True)
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_choice("pool", self.pool, POOLS)
+        check_choice("ties", self.ties, TIES)
+        check_choice("target_transform", self.target_transform, TARGET_TRANSFORMS)
 
 
 def default_crop(sources: list[SlideSource], crop: int | None) -> int:
@@ -207,8 +189,9 @@ def _build_model(
         net.set_code_stats(*code_stats([sources[i] for i in cohort.slides_of(fit_patients)], seed=seed))
     net.to(dev)
     scale = TargetScale()
-    if cohort.task == "regression":
-        scale = TargetScale.fit(cohort.y[fit_patients], cfg.target_transform)
+    if cohort.task == "regression":  # kind and offset from the whole cohort: every fold agrees
+        kind, offset = TargetScale.resolve(cohort.y, cfg.target_transform)
+        scale = TargetScale.fit(cohort.y[fit_patients], kind, offset)
     return SlideModel(cfg.model, spec, cohort.task, crop, net, scale, cohort.classes)
 
 
@@ -313,7 +296,7 @@ def fit_model(
     import time as _time
 
     t_start = _time.perf_counter()
-    dev = resolve_device(cfg.device)
+    dev = torch_device(cfg.device)
     rng = np.random.default_rng(seed)
     model = _build_model(cohort, sources, fit_patients, cfg, seed, dev)
     task, net = cohort.task, model.net

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nic.dihedral import compose_rot_then_flip, dihedral_torch
+from nic.errors import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class AugmentConfig:
     noise_p: float = 0.5
     flips: bool = True
     rot90: bool = True
+
+    def __post_init__(self) -> None:
+        check_number("strength", self.strength, 0, math.inf)
 
     def with_strength(self, strength: float) -> AugmentConfig:
         """The same ranges at another strength."""
@@ -367,9 +371,7 @@ def augment(
     the individual functions of this module applied in the order of the module docstring.
     """
     _check(x)
-    s = float(config.strength)
-    if s < 0:
-        raise ValueError(f"augmentation strength must be >= 0, got {s}")
+    s = float(config.strength)  # at least 0: checked when the config was made
     if s == 0 or x.shape[0] == 0:
         return x
     n = x.shape[0]

@@ -34,11 +34,11 @@ def check_user_mpp(value: float | tuple[float, float], path: Path | None = None)
     mx, my = (value, value) if isinstance(value, int | float) else value
     for m in (mx, my):
         if not (isinstance(m, int | float) and m > 0 and math.isfinite(m)):
-            raise MppError(f"{where}--mpp must be a positive number of um per pixel, got {m!r}")
+            raise MppError(f"{where}`mpp` must be a positive number of um per pixel, got {m!r}")
         if not plausible(m):
             lo, hi = PLAUSIBLE_MPP
             raise MppError(
-                f"{where}--mpp {m:g} is outside {lo:g}-{hi:g} um/px, the level-0 pixel sizes of slide scans "
+                f"{where}`mpp` {m:g} is outside {lo:g}-{hi:g} um/px, the level-0 pixel sizes of slide scans "
                 "(40x is about 0.25, 20x 0.5, 5x 2); give the um/px of the slide's level 0"
             )
     return float(mx), float(my)
@@ -98,8 +98,8 @@ def resolve_mpp(
         if mx is not None:
             return (mx, my or mx), reason
     raise MppError(
-        f"{path}: pixel size unknown ({reason}); pass --mpp with the um/px of level 0 "
-        "(mpp=... in Python), for example --mpp 0.25 for a 40x scan or 0.5 for 20x"
+        f"{path}: pixel size unknown ({reason}); pass `mpp` with the um/px of level 0, "
+        "for example `mpp=0.25` for a 40x scan or 0.5 for 20x"
     )
 
 

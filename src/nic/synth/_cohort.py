@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from nic.dihedral import compose_rot_then_flip, dihedral
-from nic.errors import DataError, check_int
+from nic.errors import OptionError, OutputError, check_int
 from nic.synth._labels import draw_survival, patients_for, write_labels
 from nic.synth._layout import (
     BG,
@@ -118,9 +118,8 @@ def tile_grid(size: int | tuple[int, int]) -> tuple[int, int]:
     w, h = (size, size) if isinstance(size, int) else size
     for v in (w, h):
         if not isinstance(v, int | np.integer) or v < MIN_SIZE or v > MAX_SIZE:
-            raise DataError(
-                f"slide size {v!r} px is out of range; pass --size between {MIN_SIZE} and {MAX_SIZE} "
-                "level-0 pixels (at 0.5 um/px)"
+            raise OptionError(
+                f"`size` must be between {MIN_SIZE} and {MAX_SIZE} level-0 pixels (at 0.5 um/px) (got {v!r})"
             )
     return -(-int(h) // TILE), -(-int(w) // TILE)
 
@@ -178,8 +177,7 @@ def plan_cohort(
     Returns one :class:`SlidePlan` per slide with its labels row filled in.
     """
     cfg = config or CohortConfig()
-    if n_slides < 1:
-        raise DataError(f"--slides must be at least 1, got {n_slides}")
+    check_int("n_slides", n_slides, 1)
     rows, cols = tile_grid(size)
     owner = patients_for(n_slides, cfg.two_slide_fraction, _rng(seed, 0))
     n_patients = max(owner) + 1
@@ -333,10 +331,10 @@ def _render(
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder; choose another output folder")
+        raise OutputError(f"{out}: exists and is not a folder; choose another output folder")
     slides = out / "slides"
     if slides.is_dir() and any(slides.iterdir()) and not overwrite:
-        raise DataError(f"{out}: already holds slides; choose an empty folder or pass --overwrite")
+        raise OutputError(f"{out}: already holds slides; choose an empty folder or pass `overwrite=True`")
     for sub in ("slides", "truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if overwrite:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from nic.errors import DataError
+from nic.errors import DataError, check_int
 from nic.synth._cohort import MPP, Cohort, _prepare_out, _rng, tile_grid, write_legend
 from nic.synth._labels import draw_survival, patients_for, write_labels
 from nic.synth._layout import BG, NORMAL, TUMOUR, Layout, smooth_field, tissue_shape
@@ -55,9 +55,9 @@ class MosaicConfig:
 def read_tile_labels(tiles: Path, labels: Path) -> list[tuple[Path, str]]:
     """(tile path, label) rows of a labels CSV whose ``path`` column is relative to ``tiles``."""
     if not tiles.is_dir():
-        raise DataError(f"{tiles}: tile folder not found; pass --tiles with the folder that holds the tiles")
+        raise DataError(f"{tiles}: tile folder not found; pass `tiles` with the folder that holds the tiles")
     if not labels.is_file():
-        raise DataError(f"{labels}: labels CSV not found; pass --labels with a CSV of path,label rows")
+        raise DataError(f"{labels}: labels CSV not found; pass `labels` with a CSV of path,label rows")
     try:
         with open(labels, newline="") as f:
             reader = csv.DictReader(f)
@@ -171,10 +171,9 @@ def make_mosaic_cohort(
     if missing or not cfg.tumour or not cfg.normal:
         raise DataError(
             f"{labels}: labels {', '.join(missing) or '(none given)'} not found; the CSV has "
-            f"{', '.join(sorted(by_label))}; pass --tumour and --normal with some of these"
+            f"{', '.join(sorted(by_label))}; pass `tumour` and `normal` with some of these"
         )
-    if n_slides < 1:
-        raise DataError(f"--slides must be at least 1, got {n_slides}")
+    check_int("n_slides", n_slides, 1)
     rows_, cols_ = tile_grid(size)
     out = Path(out)
     _prepare_out(out, overwrite)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nic.errors import DataError
+from nic.errors import OptionError, OutputError, check_int
 from nic.synth._textures import TISSUE_CLASSES, draw_tile, random_stain
 
 __all__ = ["PatchDatasets", "make_patch_datasets"]
@@ -70,14 +70,14 @@ def make_patch_datasets(
     ``n`` for mitosis (half positive); patches are ``size`` x ``size`` px at 0.5 um/px.
     """
     t0 = time.perf_counter()
-    if n < 1:
-        raise DataError(f"--n must be at least 1 patch, got {n}")
-    if size < 64 or size % 2:
-        raise DataError(f"patch size must be an even number of pixels >= 64, got {size}")
+    check_int("n", n, 1)
+    check_int("size", size, 64)
+    if size % 2:
+        raise OptionError(f"`size` must be an even number of pixels (got {size})")
     out = Path(out)
     tt, nd, mi = out / "tissue_type", out / "nuclei_density", out / "mitosis"
     if any(d.is_dir() and any(d.iterdir()) for d in (tt, nd, mi)) and not overwrite:
-        raise DataError(f"{out}: already holds patch datasets; choose an empty folder or pass --overwrite")
+        raise OutputError(f"{out}: already holds patch datasets; choose an empty folder or pass `overwrite=True`")
     for d in (nd, mi, *(tt / c for c in TISSUE_CLASSES)):
         d.mkdir(parents=True, exist_ok=True)
         if overwrite:
