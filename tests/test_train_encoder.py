@@ -460,3 +460,16 @@ def test_two_cpu_processes_train_one_encoder(tmp_path: Path, synth: Path) -> Non
     enc = load_encoder(str(run / "encoder"))
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     assert enc.embed(x).shape == (4, enc.code_size) and np.isfinite(enc.embed(x)).all()
+
+
+def test_a_single_device_run_started_as_one_of_several_slurm_tasks_writes_its_run(monkeypatch) -> None:
+    """Rank variables only count inside a multi-device run: `srun -n 4` of four one-device
+    runs must not make three of them skip writing their results."""
+    import nic.encoder_training._train as train_mod
+
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setattr(train_mod, "_IN_DDP", False)
+    assert train_mod.global_rank() == 0
+    monkeypatch.setattr(train_mod, "_IN_DDP", True)
+    assert train_mod.global_rank() == 2

@@ -25,8 +25,7 @@ Heavy modules are imported on first use, so ``import nic`` and ``nic --help`` st
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nic._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -48,14 +47,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nic' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes("nic", _LAZY, globals(), __all__)

@@ -17,8 +17,7 @@ Lightning is imported on first use of the training names, so the probe stays lig
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nic._lazy import lazy_attributes
 
 _LAZY = {
     "TaskSpec": "nic.encoder_training._config",
@@ -52,14 +51,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nic.encoder_training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_attributes("nic.encoder_training", _LAZY, globals(), __all__)

@@ -399,9 +399,16 @@ def _best_epoch_metrics(csv_path: Path, best_score: Any) -> dict[str, float]:
 # -- several devices ------------------------------------------------------------------------------
 
 
+#: whether this process is one rank of a multi-device run (set by :func:`launch`): only then do
+#: the rank variables count (a single-device run started as one of several SLURM tasks is rank 0)
+_IN_DDP = False
+
+
 def global_rank() -> int:
     """This process's rank in a DDP run (0 outside one), from the variables torchrun,
     SLURM or :func:`launch` set."""
+    if not _IN_DDP:
+        return 0
     for name in ("RANK", "SLURM_PROCID"):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
@@ -425,6 +432,8 @@ def _rank_main(target: Any, config: Any, out: Path, rank: int, world: int, port:
     """One spawned DDP process: the rendezvous variables torchrun would set, then the run."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+    global _IN_DDP
+    _IN_DDP = True
     import torch
 
     # the processes share this machine's cores (a GPU process needs few)
@@ -450,7 +459,11 @@ def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainRes
     error is raised here as it was raised there (an :class:`~nic.errors.OutputError` for a
     run folder that exists is raised before any process starts).  Returns rank 0's result.
     """
-    if config.devices == 1 or _launched_externally():
+    global _IN_DDP
+    if config.devices == 1:
+        return target(config, out)
+    if _launched_externally():
+        _IN_DDP = True
         return target(config, out)
     import multiprocessing
     import queue
