@@ -137,5 +137,5 @@ def test_running_out_of_memory_is_not_called_a_damaged_file(shared, monkeypatch,
         with pytest.raises(SlideError) as info:
             s.read_region((0, 0), (64, 64))
     msg = str(info.value)
-    assert "out of memory (Unable to allocate" in msg and "check --mpp" in msg
+    assert "out of memory (Unable to allocate" in msg and "check `mpp`" in msg
     assert "truncated" not in msg and "damaged" not in msg

@@ -36,7 +36,7 @@ def _mirror_sides(encoder: nn.Module, patch_size: int) -> list[int]:
     if not all(hasattr(encoder, a) for a in needed):
         raise EncoderError(
             f"this method needs a nic-cnn encoder (it mirrors its layers), got {type(encoder).__name__}; "
-            "use --encoder nic-cnn (or a nic-cnn .h5 / saved encoder)"
+            "use `encoder=nic-cnn` (or a nic-cnn .h5 / saved encoder)"
         )
     pool = encoder.pool.kernel_size if isinstance(encoder.pool, nn.AvgPool2d) else 1
     pool = int(pool[0] if isinstance(pool, tuple) else pool)

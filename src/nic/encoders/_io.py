@@ -54,7 +54,7 @@ def require_weights(encoder: Encoder, spec: str | Path | None = None, random_ini
     raise EncoderError(
         f"encoder {text!r} has no weights (a random initialisation: its codes mean nothing and change on every "
         f"run); give weights ({example!r}, a folder written by save_encoder or nic train-encoder, or a Keras .h5), "
-        "or pass --random-init (random_init=True in Python) for a deliberate random baseline"
+        "or pass `random_init=True` for a deliberate random baseline"
     )
 
 

@@ -220,7 +220,7 @@ def nuclei_patch_dataset(
     out = Path(out)
     old = sorted((out / "patches").glob("*.png")) if (out / "patches").is_dir() else []
     if ((out / "nuclei.csv").exists() or old) and not overwrite:
-        raise DataError(f"{out}: already holds a nuclei dataset; choose a new folder or pass --overwrite")
+        raise DataError(f"{out}: already holds a nuclei dataset; choose a new folder or pass `overwrite=True`")
     for f in old:
         f.unlink()
     (out / "patches").mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,7 @@ def nuclei_patch_dataset(
         smpp = source_mpp or ann.mpp or fallback_mpp
         if not smpp:
             raise DataError(
-                f"{ann_path}: states no MicronsPerPixel; pass the images' um/px (--source-mpp or --fallback-mpp)"
+                f"{ann_path}: states no MicronsPerPixel; pass the images' um/px (`source_mpp` or `fallback_mpp`)"
             )
         try:
             with Image.open(image_path) as im:

@@ -336,7 +336,7 @@ def _unreadable(p: Path, what: str, e: BaseException) -> SlideError:
     when the reader says the file ended early, else what kind of file was refused."""
     reason = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, MemoryError):
-        return SlideError(f"{p}: {what}: out of memory ({reason}); check --mpp, the slide's level-0 um/px")
+        return SlideError(f"{p}: {what}: out of memory ({reason}); check `mpp`, the slide's level-0 um/px")
     if any(w in reason.lower() for w in _ENDED_EARLY):
         return SlideError(f"{p}: {what}: the file ends before its data ({reason}); it is truncated, copy it again")
     if _dicom_kind(p):
