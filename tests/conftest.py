@@ -76,6 +76,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """nic-cnn with seed-0 random weights, saved in the project's format (read-only)."""
+    import torch
+
+    import nic
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("encoder") / "nic-cnn-seed0"
+    nic.save_encoder(nic.create_encoder("nic-cnn"), d)
+    return d
+
+
 @pytest.fixture
 def one_thread():  # type: ignore[no-untyped-def]
     """torch on one thread during a test: tiny nets run ~10x faster than on 2 busy cores."""

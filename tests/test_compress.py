@@ -89,18 +89,6 @@ def slides(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    """nic-cnn with seed-0 random weights, saved in the project's format."""
-    import torch
-
-    torch.manual_seed(0)
-    enc = nic.create_encoder("nic-cnn")
-    d = tmp_path_factory.mktemp("encoder") / "nic-cnn-seed0"
-    nic.save_encoder(enc, d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def encoder(encoder_dir):
     return nic.load_encoder(encoder_dir)
 

@@ -49,16 +49,6 @@ def slides(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("encoder") / "nic-cnn-seed0"
-    nic.save_encoder(nic.create_encoder("nic-cnn"), d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def encoder(encoder_dir):
     return nic.load_encoder(encoder_dir)
 

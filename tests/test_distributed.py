@@ -60,17 +60,6 @@ def slides(tmp_path_factory) -> list[Path]:
     return make_cohort(out, 3, 4096, seed=0, config=CohortConfig(variants=2, transforms=2)).slides
 
 
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory) -> Path:
-    """nic-cnn with seed-0 random weights, saved in the project's format."""
-    import torch
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("encoder") / "nic-cnn-seed0"
-    nic.save_encoder(nic.create_encoder("nic-cnn"), d)
-    return d
-
-
 def _features(store: Path) -> bytes:
     return np.asarray(open_store(store).features[...]).tobytes()
 

@@ -26,6 +26,7 @@ reference) come from each fold's training targets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -85,10 +86,17 @@ class TargetScale:
             # held at the offset's floor rather than sent towards -inf
             return np.log(np.maximum(y + self.offset, self.offset or np.finfo(np.float64).tiny))
         if self.kind == "rank":
-            ref = np.asarray(self.reference)
-            q = _normal_scores(ref)
-            return np.interp(y, ref, q)
+            return np.interp(y, self._ref, self._scores)
         return y
+
+    @cached_property
+    def _ref(self) -> np.ndarray:
+        return np.asarray(self.reference)
+
+    @cached_property
+    def _scores(self) -> np.ndarray:
+        """rank: the normal scores of the reference targets (once, not per batch)."""
+        return _normal_scores(self._ref)
 
     def forward(self, y: np.ndarray) -> np.ndarray:
         """Targets -> standardised network targets (float32)."""
@@ -100,8 +108,7 @@ class TargetScale:
         if self.kind == "log":
             return np.maximum(np.exp(t) - self.offset, 0.0)
         if self.kind == "rank":
-            ref = np.asarray(self.reference)
-            return np.interp(t, _normal_scores(ref), ref)
+            return np.interp(t, self._scores, self._ref)
         return t
 
     def to_json(self) -> dict[str, Any]:

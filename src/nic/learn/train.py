@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nic._device import torch_device
-from nic.errors import DataError, OptionError, check_choice, check_int, check_number
+from nic.errors import DataError, check_choice, check_int, check_number
 from nic.learn.data import Cohort, SlideSource, code_stats, dihedral, sample_crop_origin
 from nic.learn.losses import TIES, task_loss
 from nic.learn.models import POOLS, ModelSpec, create_model
@@ -95,8 +95,7 @@ class FitConfig:
 def default_crop(sources: list[SlideSource], crop: int | None) -> int:
     """The crop side: ``crop`` if given, else min(400, largest grid side of the cohort)."""
     if crop is not None:
-        if crop < 1:
-            raise OptionError(f"`crop` must be at least 1 cell (got {crop})")
+        check_int("crop", crop, 1)
         return int(crop)
     return int(min(REFERENCE_CROP, max(max(s.grid_shape) for s in sources)))
 
