@@ -37,7 +37,9 @@ def growth_run(planted: PlantedCohort, tmp_path_factory: pytest.TempPathFactory)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny nets: one thread is faster than two busy ones
     try:
-        train_cv(CVConfig(planted.stores, spec, FitConfig(epochs=25, width=32, batch_size=8), folds=2, out=out))
+        # the reference nic-cnn (no cell-ratio branch), so that Grad-CAM applies
+        fit = FitConfig(epochs=25, width=32, batch_size=8, ratio_heads=0)
+        train_cv(CVConfig(planted.stores, spec, fit, folds=2, out=out))
     finally:
         torch.set_num_threads(before)
     return out
@@ -86,6 +88,19 @@ def test_default_methods_and_refusals() -> None:
     assert cli_message(info.value).startswith("--method attention needs a abmil model")
     with pytest.raises(OptionError, match=r"^`method` must be one of auto, .* \(got 'saliency'\)$"):
         default_method("nic-cnn", "saliency")
+
+
+def test_gradcam_is_refused_for_a_nic_cnn_with_a_ratio_branch(planted: PlantedCohort, tmp_path: Path) -> None:
+    from nic.errors import OptionError
+
+    spec = LabelSpec(planted.labels, "binary", target="growth_pattern")
+    fit = FitConfig(epochs=1, width=8, batch_size=8, ratio_starts=1)
+    train_cv(CVConfig(planted.stores, spec, fit, folds=2, out=tmp_path / "r"))
+    run = load_run(tmp_path / "r")
+    src = open_sources(sorted(planted.stores.glob("*.zarr"))[:1])[0]
+    with pytest.raises(OptionError, match=r"^`method` gradcam explains only nic-cnn.s convolutional path"):
+        slide_heatmap(run, src, "gradcam")
+    assert slide_heatmap(run, src).method == "input-gradient"
 
 
 def test_abmil_contributions_sum_to_the_output(planted: PlantedCohort, tmp_path: Path) -> None:

@@ -99,8 +99,9 @@ def test_every_epoch_failing_is_an_error(
 def test_validation_never_finite_is_an_error(small: PlantedCohort, monkeypatch: pytest.MonkeyPatch) -> None:
     co, src = _cohort(small)
     monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: None if tr else math.nan))
-    with pytest.raises(DataError, match=r"validation loss was not finite in any of the 2 epochs.*lower `lr`"):
-        fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=2, width=8, batch_size=4), seed=0)
+    cfg = FitConfig(epochs=2, width=8, batch_size=4, ratio_starts=2)  # the first stage's 2 starts x 2 epochs
+    with pytest.raises(DataError, match=r"validation loss was not finite in any of the 4 epochs.*lower `lr`"):
+        fit_model(co, src, np.arange(8), np.arange(8, 12), cfg, seed=0)
 
 
 def _saved(folder: Path) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 from nic.errors import DataError, OptionError
 from nic.learn import ModelSpec, SlideModel, TargetScale, create_model, list_models, register_model
-from nic.learn.models import MeanPool, nic_cnn_strides
+from nic.learn.models import CellRatio, MeanPool, NicSlideCNN, nic_cnn_strides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,10 +58,10 @@ def test_nic_cnn_pooling_choices(pool: str) -> None:
         create_model("nic-cnn", ModelSpec(5, pool="sum"))
 
 
-@pytest.mark.parametrize("name", ["meanpool", "abmil", "nic-cnn"])
-def test_models_ignore_background_cells(name: str) -> None:
+@pytest.mark.parametrize(("name", "ratio_heads"), [("meanpool", 0), ("abmil", 0), ("nic-cnn", 0), ("nic-cnn", 3)])
+def test_models_ignore_background_cells(name: str, ratio_heads: int) -> None:
     torch.manual_seed(1)
-    net = create_model(name, ModelSpec(4, 1, width=8, input_size=6)).eval()
+    net = create_model(name, ModelSpec(4, 1, width=8, input_size=6, ratio_heads=ratio_heads)).eval()
     x = torch.randn(2, 4, 6, 6)
     mask = torch.zeros(2, 6, 6, dtype=torch.bool)
     mask[:, 1:4, 2:5] = True
@@ -69,6 +69,60 @@ def test_models_ignore_background_cells(name: str) -> None:
     y[:, :, ~mask[0]] = 99.0
     with torch.no_grad():
         assert torch.allclose(net(x, mask), net(y, mask), atol=1e-6)
+
+
+def test_cell_ratio_is_the_log_of_gated_mean_evidence() -> None:
+    """evidence = softplus(leaky(code 0)), gate = sigmoid(code 1 - 0.5): numpy by hand."""
+    r = CellRatio(2, 1, hidden=2)
+    with torch.no_grad():
+        for mlp, ch, bias in ((r.evidence, 0, 0.0), (r.gate, 1, -0.5)):
+            mlp[0].weight.zero_(), mlp[0].bias.zero_(), mlp[2].weight.zero_()
+            mlp[0].weight[0, ch] = 1.0
+            mlp[2].weight[0, 0] = 1.0
+            mlp[2].bias.fill_(bias)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, 2, 5, 4)).astype(np.float32)
+    mask = rng.random((2, 5, 4)) > 0.4
+    out = r(torch.from_numpy(z), torch.from_numpy(mask)).detach().numpy()
+    leaky = np.where(z[:, 0] > 0, z[:, 0], 0.2 * z[:, 0])
+    e, g = np.log1p(np.exp(leaky)), mask / (1 + np.exp(-(np.maximum(z[:, 1], 0.2 * z[:, 1]) - 0.5)))
+    want = np.log((g * e).sum((1, 2)) / (g.sum((1, 2)) + 1) + 0.01)
+    np.testing.assert_allclose(out[:, 0], want, rtol=1e-5)
+
+
+def test_nic_cnn_trains_its_ratio_branch_and_its_conv_path_in_stages() -> None:
+    torch.manual_seed(0)
+    net = create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8, ratio_heads=3))
+    assert isinstance(net, NicSlideCNN) and net.stages == ("ratio", "conv")
+    with torch.no_grad():
+        net.head[-1].weight.normal_(), net.ratio_out.weight.normal_()  # both parts non-zero
+    x, mask = torch.randn(4, 6, 8, 8), torch.rand(4, 8, 8) > 0.2
+    branch = {n for n, _ in net.named_parameters() if n.startswith(("ratio.", "ratio_out."))}
+    assert len(branch) == 10  # 2 MLPs x 2 convs x (weight, bias) + the output layer
+    for stage in net.stages:
+        net.set_stage(stage)
+        net.zero_grad(set_to_none=True)
+        net(x, mask).sum().backward()
+        for n, prm in net.named_parameters():
+            trains = (n in branch) == (stage == "ratio")
+            assert prm.requires_grad == trains and (prm.grad is not None) == trains, (stage, n)
+    net.set_stage("all")
+    net.eval()
+    with torch.no_grad():
+        whole = net(x, mask)
+        net.set_stage("ratio")
+        ratio_only = net(x, mask)
+        net.set_stage("all")
+        assert torch.allclose(whole - ratio_only, net._conv_path(net.standardise(x, mask), mask), atol=1e-5)
+    before = net.ratio.evidence[0].weight.clone()
+    net.restart_stage("ratio", torch.Generator().manual_seed(5))
+    again = create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8, ratio_heads=3))
+    again.restart_stage("ratio", torch.Generator().manual_seed(5))
+    assert not torch.equal(net.ratio.evidence[0].weight, before)
+    assert torch.equal(net.ratio.evidence[0].weight, again.ratio.evidence[0].weight)
+    assert not net.ratio_out.weight.any() and not net.ratio_out.bias.any()
+    with pytest.raises(OptionError, match=r"`stage` 'conv' is not one of this network's stages all"):
+        create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8)).set_stage("conv")
 
 
 def test_nic_cnn_strides_keep_the_reference_at_its_scale() -> None:
@@ -116,15 +170,19 @@ def test_code_stats_match_numpy(tmp_path: Path) -> None:
     assert np.allclose(mean, cells.mean(1), atol=1e-5) and np.allclose(std, cells.std(1), atol=1e-5)
 
 
-def test_slide_model_save_load_roundtrip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ratio_heads", [0, 2])
+def test_slide_model_save_load_roundtrip(tmp_path: Path, ratio_heads: int) -> None:
     torch.manual_seed(2)
-    spec = ModelSpec(4, 1, width=8, input_size=8)
+    spec = ModelSpec(4, 1, width=8, input_size=8, ratio_heads=ratio_heads)
     net = create_model("nic-cnn", spec)
     net.set_code_stats(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 1.0, 2.0, 4.0]))
     net.train()
     net(torch.randn(4, 4, 8, 8), torch.ones(4, 8, 8, dtype=torch.bool)).sum().backward()  # move BN stats
     net.eval()
     m = SlideModel("nic-cnn", spec, "regression", 8, net, TargetScale("none", 2.0, 3.0))
+    if ratio_heads:
+        with torch.no_grad():
+            net.ratio_out.weight.normal_()  # the branch's share is in the output compared below
     m.save(tmp_path / "m")
     assert not list((tmp_path / "m").glob("*.pt")) and (tmp_path / "m" / "model.safetensors").is_file()
     back = SlideModel.load(tmp_path / "m")

@@ -36,6 +36,15 @@ def train(
     width: int = config_option(FIT, "width", "Filters / hidden units of the model."),
     dropout: float = config_option(FIT, "dropout", "Dropout rate (channel dropout in nic-cnn)."),
     pool: str = config_option(FIT, "pool", "nic-cnn global pooling: {names:nic.learn.models:POOLS}."),
+    ratio_heads: int = config_option(
+        FIT,
+        "ratio_heads",
+        "nic-cnn: channels of the cell-ratio branch (log of per-cell evidence over a per-cell gate, e.g. mitoses"
+        " per tumour cell), trained before the convolutional path; 0: the reference network alone.",
+    ),
+    ratio_starts: int = config_option(
+        FIT, "ratio_starts", "nic-cnn: starts of the ratio branch's training; the best by validation loss is kept."
+    ),
     target_transform: str = config_option(
         FIT,
         "target_transform",
@@ -74,6 +83,8 @@ def train(
             width=width,
             dropout=dropout,
             pool=pool,
+            ratio_heads=ratio_heads,
+            ratio_starts=ratio_starts,
             target_transform=target_transform,
             ties=ties,
             seed=seed,

@@ -11,7 +11,8 @@ Methods (``"auto"``: ``contribution`` for abmil, ``input-gradient`` for the othe
   a first-order share of each cell at the grid's full resolution (exact for meanpool's
   linear part);
 - ``gradcam`` (nic-cnn): Grad-CAM on the last spatial layer, kept signed (evidence for a
-  lower output is shown, not clipped away), resampled bilinearly to the crop's cells;
+  lower output is shown, not clipped away), resampled bilinearly to the crop's cells; only
+  for a nic-cnn without a cell-ratio branch (``ratio_heads`` 0), whose share it would miss;
 - ``contribution`` (abmil): each cell's exact share of the output, attention weight x the
   output layer applied to the cell's embedding (the shares sum to the output less its bias);
 - ``attention`` (abmil): the attention weights alone (where the model looked, unsigned).
@@ -187,6 +188,12 @@ def slide_heatmap(run: Run, src: SlideSource, method: str = "auto", output: str 
     ``run`` on ``src``, averaged over the run's fold models and dihedral variants."""
     model0 = run.models[0]
     method = default_method(model0.name, method)
+    if method == "gradcam" and getattr(model0.spec, "ratio_heads", 0) > 0:
+        # Grad-CAM sees only the convolutional path; the branch's share would be missing
+        raise OptionError(
+            "`method` gradcam explains only nic-cnn's convolutional path, and this run's nic-cnn also has a"
+            " cell-ratio branch (ratio_heads > 0): use input-gradient (or auto)"
+        )
     names = output_names(run)
     output = output or names[0]
     if output not in names:

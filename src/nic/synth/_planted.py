@@ -1,7 +1,7 @@
 """Cohorts of compressed slides (stores, not slide files) with planted signals, for tests
 and benchmarks of :mod:`nic.learn`.
 
-Not a model of tissue: codes are Gaussian noise on tissue cells plus three signals,
+Not a model of tissue: codes are Gaussian noise on tissue cells plus four signals,
 each set per PATIENT (all slides of a patient share it):
 
 - ``proliferation`` (float): the mean of channel 0 over tissue (a level shift);
@@ -11,7 +11,13 @@ each set per PATIENT (all slides of a patient share it):
   cells of an A.  The means of all
   channels are identical between labels, so only layout tells them apart;
 - ``survival_time`` / ``survival_event``: exponential times with log-hazard
-  ``beta * z``, where ``z`` is the level of channel 3, and uniform censoring.
+  ``beta * z``, where ``z`` is the level of channel 3, and uniform censoring;
+- ``mitotic_index`` (float, with ``code_size`` >= 6): a ratio of two sparse counts, like
+  mitoses per tumour cell.  A patient's "tumour" cells (channel 4 high) are 15-60% of the
+  tissue, and each is a "mitosis" (channel 5 high) with a probability drawn log-uniformly
+  from 0.02-0.3; the label is mitoses / tumour cells of the patient's first slide.  Neither
+  channel's mean over tissue carries it alone.  Drawn from a random stream of its own, so
+  the other signals are those of cohorts written before it existed.
 """
 
 from __future__ import annotations
@@ -121,6 +127,10 @@ def make_planted_cohort(
     cens = rng.uniform(0, np.quantile(t, 0.9) * 1.5, n_patients)
     event = (t <= cens).astype(int)
     time = np.minimum(t, cens)
+    sparse = code_size >= 6
+    rng_m = np.random.default_rng([seed, 6])
+    tumour_frac = rng_m.uniform(0.15, 0.6, n_patients)
+    mitosis_p = np.exp(rng_m.uniform(np.log(0.02), np.log(0.3), n_patients))
     rows = []
     for p in range(n_patients):
         for j in range(slides_per_patient[p % len(slides_per_patient)]):
@@ -134,6 +144,13 @@ def make_planted_cohort(
                 f[1, y : y + block, x : x + block] += 4.0
             for y, x in b_cells:
                 f[2, y : y + block, x : x + block] += 4.0
+            index = None
+            if sparse:
+                tumour = tissue & (rng_m.random((h, w)) < tumour_frac[p])
+                mitoses = tumour & (rng_m.random((h, w)) < mitosis_p[p])
+                f[4] += 3.0 * tumour
+                f[5] += 3.0 * mitoses
+                index = float(mitoses.sum() / max(int(tumour.sum()), 1))
             f *= tissue
             store = store_path(stores, sid)
             arr = create_store(store, code_size, grid, tissue, {"encoder": "planted"}, variants=variants)
@@ -147,11 +164,14 @@ def make_planted_cohort(
                     "growth_pattern": int(pattern[p]),
                     "survival_time": float(time[p]),
                     "survival_event": int(event[p]),
+                    **({"mitotic_index": index if j == 0 else None} if sparse else {}),
                 }
             )
     df = pd.DataFrame(rows)
     # proliferation is a patient label: the mean of channel 0 over the first slide's tissue
     df["proliferation"] = df.groupby("patient")["proliferation"].transform("first")
+    if sparse:
+        df["mitotic_index"] = df.groupby("patient")["mitotic_index"].transform("first")
     labels = folder / "labels.csv"
     df.to_csv(labels, index=False)
     return PlantedCohort(stores, labels, log_hazard)
