@@ -266,7 +266,30 @@ def _history_section(run_dir: Path) -> str:
         ax.plot(h["val_loss"], ":", label=f"fold {f['fold']} validation")
     ax.set(xlabel="epoch", ylabel="loss", title="training curves")
     ax.legend(fontsize=7, ncol=2)
-    return f"<h2>Training</h2><div class=figs><div>{_svg(fig)}</div></div>"
+    stages = [_stage_spans(f["history"].get("stage", [])) for f in folds]
+    note = ""
+    if any(len(sp) > 1 for sp in stages):
+        rows = "".join(
+            f"<li>fold {f['fold']}: " + ", ".join(f"{name} {a}-{b}" for name, a, b in sp) + "</li>"
+            for f, sp in zip(folds, stages)
+        )
+        note = (
+            "<p class=note>The curves run through the training stages in order (ratio: nic-cnn's cell-ratio "
+            "branch, one line per start, the best start kept; conv: the convolutional path on what the branch "
+            f"leaves). Epochs of each stage:</p><ul class=note>{rows}</ul>"
+        )
+    return f"<h2>Training</h2><div class=figs><div>{_svg(fig)}</div></div>{note}"
+
+
+def _stage_spans(stage: list[str]) -> list[tuple[str, int, int]]:
+    """Runs of equal stage labels as (label, first epoch, last epoch)."""
+    spans: list[tuple[str, int, int]] = []
+    for i, name in enumerate(stage):
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], i)
+        else:
+            spans.append((name, i, i))
+    return spans
 
 
 def _versions() -> dict[str, str]:
