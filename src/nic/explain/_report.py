@@ -275,7 +275,7 @@ def _history_section(run_dir: Path) -> str:
         )
         note = (
             "<p class=note>The curves run through the training stages in order (ratio: nic-cnn's cell-ratio "
-            "branch, one line per start, the best start kept; conv: the convolutional path on what the branch "
+            "branch, its starts one after the other, the best kept; conv: the convolutional path on what the branch "
             f"leaves). Epochs of each stage:</p><ul class=note>{rows}</ul>"
         )
     return f"<h2>Training</h2><div class=figs><div>{_svg(fig)}</div></div>{note}"

@@ -153,10 +153,15 @@ class CellRatio(nn.Module):
     def reset(self, generator: torch.Generator) -> None:
         """Fresh weights drawn as PyTorch initialises a convolution, from ``generator``."""
         for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):
-            bound = 1 / math.sqrt(conv.weight[0].numel())
-            with torch.no_grad():
-                for t in (conv.weight, conv.bias):
-                    t.copy_(torch.empty(t.shape).uniform_(-bound, bound, generator=generator))
+            _reset_linear(conv, generator)
+
+
+def _reset_linear(layer: nn.Conv2d | nn.Linear, generator: torch.Generator) -> None:
+    """Weights and bias uniform in +-1/sqrt(fan_in), PyTorch's default for these layers."""
+    bound = 1 / math.sqrt(layer.weight[0].numel())
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias):
+            t.copy_(torch.empty(t.shape).uniform_(-bound, bound, generator=generator))
 
 
 class _SepConv(nn.Module):
@@ -237,8 +242,11 @@ class NicSlideCNN(SlideNet):
         self.ratio_out: nn.Linear | None = None
         if spec.ratio_heads > 0:
             self.ratio = CellRatio(spec.in_channels, spec.ratio_heads)
+            # not zeroed like the head: with a zero output layer the branch gets no gradient,
+            # and its near-constant initial ratios barely move that layer (starts sat on their
+            # first plateau until early stopping ended them)
             self.ratio_out = nn.Linear(spec.ratio_heads, spec.n_outputs)
-            self.zero_last_layer(self.ratio_out)
+            nn.init.zeros_(self.ratio_out.bias)
         self.stage = "all"
 
     @property
@@ -260,12 +268,13 @@ class NicSlideCNN(SlideNet):
         self.stage = stage
 
     def restart_stage(self, stage: str, generator: torch.Generator) -> None:
-        """Fresh weights for the parameters ``stage`` trains (the ratio branch; its output
-        layer back to 0), for another start of that stage."""
+        """Fresh weights for the parameters ``stage`` trains (the ratio branch and its output
+        layer, bias 0), drawn from ``generator``, for another start of that stage."""
         if stage != "ratio" or self.ratio is None or self.ratio_out is None:
             raise OptionError(f"only the ratio stage restarts; got `stage` {stage!r}")
         self.ratio.reset(generator)
-        self.zero_last_layer(self.ratio_out)
+        _reset_linear(self.ratio_out, generator)
+        nn.init.zeros_(self.ratio_out.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.standardise(x, mask)

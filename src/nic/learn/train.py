@@ -161,9 +161,8 @@ class FitHistory:
     ``"ratio"``/``"ratio.2"``/... and ``"conv"`` for nic-cnn with a ratio branch).
 
     Losses are recorded as computed: an epoch whose loss was not finite shows NaN or inf
-    there, and is never the best epoch.  ``best_epoch`` indexes these lists: the epoch
-    whose weights were kept (of the last stage; -1 when that stage improved on nothing and
-    the previous stage's weights were kept).
+    there, and is never the best epoch.  ``best_epoch`` indexes these lists: the epoch whose
+    weights were kept (in the last stage that improved on the stages before it).
     """
 
     train_loss: list[float] = field(default_factory=list)
