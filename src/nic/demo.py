@@ -192,7 +192,8 @@ def _learn(out: Path, labels: Path, config: DemoConfig, say: Callable[[str], Non
         "growth_pattern": LabelSpec(labels, "binary", target="growth_pattern"),
         "survival": LabelSpec(labels, "survival", time="survival_time", event="survival_event"),
     }
-    fit = FitConfig(epochs=config.slide_epochs, seed=config.seed)
+    # one start of nic-cnn's cell-ratio stage (`nic train` makes 3): a demo, kept to minutes
+    fit = FitConfig(epochs=config.slide_epochs, seed=config.seed, ratio_starts=1)
     results: dict[str, Any] = {}
     for name, spec in jobs.items():
         run = out / "runs" / name
