@@ -415,3 +415,17 @@ def test_fit_on_cuda_matches_its_cpu_copy(small: PlantedCohort, tmp_path: Path) 
     m.save(tmp_path / "m")
     on_cpu = type(m).load(tmp_path / "m").predict_raw(src, n_crops=1, variants=True)
     assert np.allclose(on_gpu, on_cpu, atol=2e-3)  # cuDNN may use TF32
+
+
+def test_ratio_stage_has_its_own_minimum_epochs(small: PlantedCohort) -> None:
+    co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
+    src = open_sources(co.store_paths)
+    fit_p, val_p = np.arange(len(co.patients))[3:], np.arange(3)
+    # a learning rate too small to move the validation loss: every stage stops at its first chance
+    cfg = dict(epochs=8, width=8, batch_size=4, lr=1e-9, patience=1, min_epochs=0, ratio_starts=1)
+    _, hist = fit_model(co, src, fit_p, val_p, FitConfig(**cfg, ratio_min_epochs=4), seed=0)
+    n_ratio = hist.stage.count("ratio")
+    assert 5 <= n_ratio < 8 and hist.stage.count("conv") < 8 - 1  # the conv stage keeps min_epochs = 0
+    assert len(set(hist.lr[:n_ratio])) == 1  # no lr decay before the ratio stage's minimum
+    _, hist = fit_model(co, src, fit_p, val_p, FitConfig(**cfg, ratio_min_epochs=0), seed=0)
+    assert hist.stage.count("ratio") < 5

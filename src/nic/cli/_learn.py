@@ -45,6 +45,9 @@ def train(
     ratio_starts: int = config_option(
         FIT, "ratio_starts", "nic-cnn: starts of the ratio branch's training; the best by validation loss is kept."
     ),
+    ratio_min_epochs: int = config_option(
+        FIT, "ratio_min_epochs", "nic-cnn: epochs of the ratio branch's training before lr decay or early stopping."
+    ),
     target_transform: str = config_option(
         FIT,
         "target_transform",
@@ -85,6 +88,7 @@ def train(
             pool=pool,
             ratio_heads=ratio_heads,
             ratio_starts=ratio_starts,
+            ratio_min_epochs=ratio_min_epochs,
             target_transform=target_transform,
             ties=ties,
             seed=seed,

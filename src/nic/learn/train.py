@@ -81,6 +81,10 @@ class FitConfig:
     #: the one with the lowest validation loss kept; one start in six or so stuck on a poor
     #: solution (a fold at Spearman 0.47 where other starts gave 0.88-0.92)
     ratio_starts: int = 3
+    #: nic-cnn with a ratio branch: ``min_epochs`` of the ratio stage; its validation loss can
+    #: rise for 30-50 epochs before the sparse mitosis signal emerges (with the general
+    #: minimum of 20, every start of a fold stopped at epoch 40 still rising: Spearman 0.37)
+    ratio_min_epochs: int = 60
     #: regression targets: "auto" (log for skewed non-negative targets), "none", "log", "rank";
     #: see :mod:`nic.learn.targets`
     target_transform: str = "auto"
@@ -93,6 +97,8 @@ class FitConfig:
         check_int("epochs", self.epochs, 1)
         check_int("ratio_heads", self.ratio_heads, 0)
         check_int("ratio_starts", self.ratio_starts, 1)
+        check_int("min_epochs", self.min_epochs, 0)
+        check_int("ratio_min_epochs", self.ratio_min_epochs, 0)
         if self.crop is not None:
             check_int("crop", self.crop, 1)
         check_number("lr", self.lr, 0, math.inf, low_open=True, high_open=True)
@@ -343,7 +349,10 @@ def fit_model(
             if start:
                 net.restart_stage(stage, torch.Generator().manual_seed(seed * 1009 + start))
             label = stage if start == 0 else f"{stage}.{start + 1}"
-            sel = _fit_stage(model, cohort, sources, fit_patients, val_patients, cfg, seed, rng, hist, label, to_beat)
+            min_epochs = cfg.ratio_min_epochs if stage == "ratio" else cfg.min_epochs
+            sel = _fit_stage(
+                model, cohort, sources, fit_patients, val_patients, cfg, seed, rng, hist, label, to_beat, min_epochs
+            )
             if best is None or sel.best < best.best:
                 best = sel
         assert best is not None
@@ -378,11 +387,12 @@ def _fit_stage(
     hist: FitHistory,
     label: str,
     to_beat: float | None,
+    min_epochs: int,
 ) -> _Selection:
     """One stage (or one start of it): Adam on the parameters that train, lr decay on
-    plateau, early stopping; epochs are appended to ``hist`` under ``label``.  ``to_beat``:
-    the validation loss of the weights the stage starts from (a later stage), which its
-    best epoch must improve on to be kept."""
+    plateau, early stopping (neither before ``min_epochs``); epochs are appended to ``hist``
+    under ``label``.  ``to_beat``: the validation loss of the weights the stage starts from
+    (a later stage), which its best epoch must improve on to be kept."""
     task, net = cohort.task, model.net
     dev = next(net.parameters()).device
     fit_slides = cohort.slides_of(fit_patients)
@@ -393,7 +403,7 @@ def _fit_stage(
     validate = len(val_patients) > 0
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.lr_patience, min_lr=cfg.min_lr)
-    keep = _Selection(cfg.patience, cfg.min_epochs)
+    keep = _Selection(cfg.patience, min_epochs)
     if to_beat is not None:
         keep.best = to_beat
     for epoch in range(cfg.epochs):
@@ -421,7 +431,7 @@ def _fit_stage(
         vloss = _validation_loss(model, cohort, sources, val_patients, cfg, seed) if validate else None
         hist.val_loss.append(float("nan") if vloss is None else vloss)
         stop = keep.update(epoch, len(hist.train_loss) - 1, net, failed, vloss)
-        if vloss is not None and epoch >= cfg.min_epochs:
+        if vloss is not None and epoch >= min_epochs:
             sched.step(math.inf if failed or not math.isfinite(vloss) else vloss)  # a failed epoch is no improvement
         logger.debug(
             "%s epoch %d: train %.4f val %.4f lr %.1e",
