@@ -168,6 +168,17 @@ def test_tiff_covers_the_slide_and_opens_in_openslide(tmp_path: Path) -> None:
         assert osl.level_count >= 1
 
 
+def test_picture_of_a_store_without_slide_geometry_says_so(tmp_path: Path) -> None:
+    from nic.errors import StoreError
+    from nic.explain._overlays import heatmap_png
+
+    hm = Heatmap("s", np.zeros((3, 4)), np.ones((3, 4), bool), "gradcam", "risk", True)
+    meta = StoreAttrs(grid_shape=(3, 4), mpp=0.5, patch=128, stride=128)  # made by hand: no slide geometry
+    with pytest.raises(StoreError, match="no grid geometry"):
+        heatmap_png(hm, meta, tmp_path / "s.png")
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_heatmap_of_a_compressed_025_slide_is_aligned(tmp_path: Path) -> None:
     """A real store of a 0.25 um/px slide: every cell's colour sits where the grid says."""
     import nic

@@ -106,8 +106,8 @@ def heatmap_png(hm: Heatmap, meta: StoreAttrs, out: str | Path, max_side: int = 
     from matplotlib import pyplot as plt
     from matplotlib.colors import Normalize
 
+    _geometry(meta)  # first: a store without slide geometry gets the clear error, not an unpacking one
     (w0, h0), (mx, my) = meta.slide_dimensions, meta.slide_mpp  # type: ignore[misc]
-    _geometry(meta)
     mpp = max(w0 * mx, h0 * my) / max_side
     image = rasterise(hm.values, meta, mpp)
     cmap, vmin, vmax = colour_scale(hm.values, hm.signed)
