@@ -13,8 +13,9 @@ and the published Keras BiGAN and multitask-4 weights.  No encoder here has seen
 LC25000 patch, so the whole set is the probe set.  The unsupervised encoders did see the
 MoNuSeg images' pixels (never their annotations) during training.
 
-Not done yet: nic's multitask encoder in the same table, and slide-level
-cross-validation on compressed cohorts.
+Other encoders, such as nic's multitask encoders from ``transfer_encoders.py``, join the
+table with ``--encoder NAME=SPEC``.  Not done yet: slide-level cross-validation on
+compressed cohorts.
 Variants of a method go in their own run folder (``--suffix=-kl0.001``, with ``=`` since
 the value starts with a dash); ``--no-probe`` trains only.
 
@@ -93,6 +94,9 @@ def main() -> None:
     ap.add_argument("--cohort-slides", type=int, default=8)
     ap.add_argument("--cohort-size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--encoder", action="append", default=[], metavar="NAME=SPEC", help="one more encoder to probe (repeatable)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -111,6 +115,11 @@ def main() -> None:
         "published BiGAN (Keras)": str(KERAS / "encoder_bigan.h5"),
         "published multitask-4 (Keras)": str(KERAS / "encoder_multitask-4.h5"),
     }
+    for item in args.encoder:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise SystemExit(f"--encoder {item!r}: write NAME=SPEC, e.g. 'nic multitask=/runs/mt/encoder'")
+        encoders[name] = spec
     training: dict[str, dict] = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         train(work, method, slides, args)
