@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--synth-n", type=int, default=100, help="generated patches per tissue class / per task")
-    ap.add_argument("--sampling", default="balanced", help="task sampling of the multitask runs")
+    ap.add_argument("--sampling", default="proportional", help="task sampling of the multitask runs")
     ap.add_argument("--aug-strength", type=float, default=1.0)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--suffix", default="", help="appended to the run folders' names (recipe variants)")
