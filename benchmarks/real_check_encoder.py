@@ -79,7 +79,10 @@ def synth_datasets(work: Path, n: int) -> Path:
 
 
 def train(work: Path, name: str, tasks: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
+    """One multitask run under ``work/runs/name`` (reused when finished); ``args`` gives
+    ``epochs`` and ``seed``, and optionally ``sampling``, ``weight_decay``, ``aug_strength``."""
     from nic.encoder_training import EncoderTrainConfig, parse_task_spec, train_encoder
+    from nic.patches.augment import AugmentConfig
 
     run = work / "runs" / name
     if (run / "metrics.json").is_file() and (run / "encoder" / "encoder.safetensors").is_file():
@@ -90,6 +93,9 @@ def train(work: Path, name: str, tasks: list[str], args: argparse.Namespace) -> 
         epochs=args.epochs,
         batch_size=64,
         lr=1e-3,
+        weight_decay=getattr(args, "weight_decay", 0.0),
+        sampling=getattr(args, "sampling", "proportional"),
+        augment=AugmentConfig(strength=getattr(args, "aug_strength", 1.0)),
         early_stopping_patience=4,
         plateau_patience=2,
         seed=args.seed,

@@ -29,10 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
-from real_check_encoder import KERAS, LC, nuclei_dataset, synth_datasets
+from real_check_encoder import KERAS, LC, nuclei_dataset, synth_datasets, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 AMIBR = SHARED / "data" / "patches" / "mitosis_amibr_128" / "labels.csv"
@@ -47,35 +46,6 @@ def datasets(work: Path) -> dict[str, str]:
         "nuclei": f"regr:{nuclei_dataset(work)}",
         "mitosis": f"class:{AMIBR}",
     }
-
-
-def train(work: Path, name: str, tasks: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
-    from nic.encoder_training import EncoderTrainConfig, parse_task_spec, train_encoder
-    from nic.patches.augment import AugmentConfig
-
-    run = work / "runs" / name
-    if (run / "metrics.json").is_file() and (run / "encoder" / "encoder.safetensors").is_file():
-        return run / "encoder", json.loads((run / "metrics.json").read_text())
-    cfg = EncoderTrainConfig(
-        tasks=tuple(parse_task_spec(t) for t in tasks),
-        encoder="nic-cnn",
-        epochs=args.epochs,
-        batch_size=64,
-        lr=1e-3,
-        weight_decay=args.weight_decay,
-        sampling=args.sampling,
-        augment=AugmentConfig(strength=args.aug_strength),
-        early_stopping_patience=4,
-        plateau_patience=2,
-        seed=args.seed,
-        progress=False,
-    )
-    t0 = time.perf_counter()
-    train_encoder(cfg, run)
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["wall_s"] = time.perf_counter() - t0
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return run / "encoder", metrics
 
 
 def main() -> None:
