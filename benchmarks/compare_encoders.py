@@ -36,13 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from real_check_encoder import nuclei_dataset
+from real_check_encoder import KERAS, LC, MONUSEG, MONUSEG_MPP, SHARED, nuclei_dataset, probe_row
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-LC = SHARED / "data" / "patches" / "lc25000_lung_224" / "labels.csv"
-KERAS = SHARED / "weights" / "nic-keras"
-REAL_SLIDES = (SHARED / "data" / "wsi" / "CMU-1-Small-Region.svs", SHARED / "data" / "monuseg" / "images")
-MONUSEG_MPP = 0.2527  # MoNuSeg XML MicronsPerPixel; the TIFFs state none
+REAL_SLIDES = (SHARED / "data" / "wsi" / "CMU-1-Small-Region.svs", MONUSEG / "images")
 
 log = logging.getLogger("compare_encoders")
 
@@ -133,17 +129,17 @@ def main() -> None:
     from nic.encoders import load_encoder
     from nic.patches import read_patch_table
 
-    table = read_patch_table(LC)
+    table = read_patch_table(LC / "labels.csv")
     nuclei = read_patch_table(nuclei_dataset(work))
     results, density = {}, {}
     for name, spec in encoders.items():
         random_init = spec == "nic-cnn"
         enc = load_encoder(spec, seed=args.seed if random_init else None)
         r = linear_probe(enc, table, repeats=args.repeats, seed=args.seed, random_init=random_init)
-        results[name] = {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test}
+        results[name] = probe_row(r)
         log.info("%s: LC25000 %s", name, r.line())
         r = linear_probe(enc, nuclei, repeats=args.repeats, seed=args.seed, random_init=random_init)
-        density[name] = {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test}
+        density[name] = probe_row(r)
         log.info("%s: MoNuSeg density %s", name, r.line())
 
     lines = [

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 LC = SHARED / "data" / "patches" / "lc25000_lung_224"
 MONUSEG = SHARED / "data" / "monuseg"
 KERAS = SHARED / "weights" / "nic-keras"
+MONUSEG_MPP = 0.2527  # MoNuSeg XML MicronsPerPixel; the TIFFs state none
 
 log = logging.getLogger("real_check")
 
@@ -66,7 +68,14 @@ def nuclei_dataset(work: Path) -> Path:
         return out / "nuclei.csv"
     pairs = pair_images_annotations(MONUSEG / "images", MONUSEG / "annotations_xml_gz")
     # One XML (TCGA-NH-A8F7) states no MicronsPerPixel; MoNuSeg images are 40x, ~0.25 um/px.
-    return nuclei_patch_dataset(pairs, out, patch_size=128, mpp=0.5, stride=64, fallback_mpp=0.2527, target="density")
+    return nuclei_patch_dataset(
+        pairs, out, patch_size=128, mpp=0.5, stride=64, fallback_mpp=MONUSEG_MPP, target="density"
+    )
+
+
+def probe_row(r: Any) -> dict[str, Any]:
+    """What the benchmark tables keep of a :class:`~nic.encoder_training.ProbeResult`."""
+    return {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test}
 
 
 def synth_datasets(work: Path, n: int) -> Path:
@@ -176,13 +185,7 @@ def main() -> None:
         r = linear_probe(
             enc, probe_table, repeats=args.repeats, seed=args.seed, codes=codes, random_init=spec == "nic-cnn"
         )
-        results[name] = {
-            "metrics": r.metrics,
-            "spread": r.spread,
-            "n_train": r.n_train,
-            "n_test": r.n_test,
-            "embed_patches_per_s": len(probe_table) / t_embed,
-        }
+        results[name] = probe_row(r) | {"embed_patches_per_s": len(probe_table) / t_embed}
         log.info("%s: %s", name, r.line())
 
     lines = [

@@ -31,9 +31,8 @@ import json
 import logging
 from pathlib import Path
 
-from real_check_encoder import KERAS, LC, nuclei_dataset, synth_datasets, train
+from real_check_encoder import KERAS, LC, SHARED, nuclei_dataset, probe_row, synth_datasets, train
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 AMIBR = SHARED / "data" / "patches" / "mitosis_amibr_128" / "labels.csv"
 
 log = logging.getLogger("transfer")
@@ -100,7 +99,7 @@ def main() -> None:
             random_init = spec == "nic-cnn"
             enc = load_encoder(spec, seed=args.seed if random_init else None)
             r = linear_probe(enc, table, repeats=args.repeats, seed=args.seed, random_init=random_init)
-            results[held][label] = {"metrics": r.metrics, "spread": r.spread, "n_train": r.n_train, "n_test": r.n_test}
+            results[held][label] = probe_row(r)
             log.info("%s on %s: %s", label, held, r.line())
 
     lines = [
