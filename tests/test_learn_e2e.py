@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nic.learn import FitConfig, LabelSpec, fit_model, load_cohort, patient_mean
@@ -429,3 +430,23 @@ def test_ratio_stage_has_its_own_minimum_epochs(small: PlantedCohort) -> None:
     assert len(set(hist.lr[:n_ratio])) == 1  # no lr decay before the ratio stage's minimum
     _, hist = fit_model(co, src, fit_p, val_p, FitConfig(**cfg, ratio_min_epochs=0), seed=0)
     assert hist.stage.count("ratio") < 5
+
+
+def test_averaged_ratio_starts_are_the_starts_best_of_chooses_from(small: PlantedCohort, tmp_path: Path) -> None:
+    co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
+    src = open_sources(co.store_paths)
+    fit_p, val_p = np.arange(len(co.patients))[3:], np.arange(3)
+    cfg = dict(epochs=3, width=8, batch_size=4, min_epochs=0, ratio_min_epochs=0, ratio_starts=2)
+    best, _ = fit_model(co, src, fit_p, val_p, FitConfig(**cfg), seed=0)
+    avg, hist = fit_model(co, src, fit_p, val_p, FitConfig(**cfg, ratio_average=True), seed=0)
+    assert hist.stage.count("ratio") == hist.stage.count("ratio.2") == 3
+    assert len(best.net.ratio) == 1 and len(avg.net.ratio) == 2
+    assert avg.net.ratio_weights.tolist() == [0.5, 0.5]
+    # the same two starts: the one best-of kept is one of the averaged copies, weight for weight
+    kept = best.net.ratio[0].evidence[0].weight
+    assert sum(torch.equal(kept, copy.evidence[0].weight) for copy in avg.net.ratio) == 1
+    assert not torch.equal(avg.net.ratio[0].evidence[0].weight, avg.net.ratio[1].evidence[0].weight)
+    avg.save(tmp_path / "m")
+    again = type(avg).load(tmp_path / "m")
+    assert again.spec.ratio_branches == 2
+    np.testing.assert_allclose(again.predict_raw(src, 1, False), avg.predict_raw(src, 1, False), rtol=1e-5)

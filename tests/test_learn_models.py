@@ -97,7 +97,7 @@ def test_nic_cnn_trains_its_ratio_branch_and_its_conv_path_in_stages() -> None:
     with torch.no_grad():
         net.head[-1].weight.normal_()  # the conv path's output non-zero (the branch's is from the start)
     x, mask = torch.randn(4, 6, 8, 8), torch.rand(4, 8, 8) > 0.2
-    branch = {n for n, _ in net.named_parameters() if n.startswith(("ratio.", "ratio_out."))}
+    branch = {n for n, _ in net.named_parameters() if n.startswith(("ratio.0.", "ratio_out.0."))}
     assert len(branch) == 10  # 2 MLPs x 2 convs x (weight, bias) + the output layer
     for stage in net.stages:
         net.set_stage(stage)
@@ -114,16 +114,62 @@ def test_nic_cnn_trains_its_ratio_branch_and_its_conv_path_in_stages() -> None:
         ratio_only = net(x, mask)
         net.set_stage("all")
         assert torch.allclose(whole - ratio_only, net._conv_path(net.standardise(x, mask), mask), atol=1e-5)
-    before = net.ratio.evidence[0].weight.clone()
+    before = net.ratio[0].evidence[0].weight.clone()
     net.restart_stage("ratio", torch.Generator().manual_seed(5))
     again = create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8, ratio_heads=3))
     again.restart_stage("ratio", torch.Generator().manual_seed(5))
-    assert not torch.equal(net.ratio.evidence[0].weight, before)
-    assert torch.equal(net.ratio.evidence[0].weight, again.ratio.evidence[0].weight)
-    assert torch.equal(net.ratio_out.weight, again.ratio_out.weight) and net.ratio_out.weight.abs().min() > 0
-    assert not net.ratio_out.bias.any()
+    assert not torch.equal(net.ratio[0].evidence[0].weight, before)
+    assert torch.equal(net.ratio[0].evidence[0].weight, again.ratio[0].evidence[0].weight)
+    assert torch.equal(net.ratio_out[0].weight, again.ratio_out[0].weight) and net.ratio_out[0].weight.abs().min() > 0
+    assert not net.ratio_out[0].bias.any()
     with pytest.raises(OptionError, match=r"`stage` 'conv' is not one of this network's stages all"):
         create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8)).set_stage("conv")
+
+
+def test_copies_of_the_ratio_branch_train_one_at_a_time_and_are_averaged() -> None:
+    torch.manual_seed(0)
+    net = create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8, ratio_heads=3, ratio_branches=3))
+    assert isinstance(net, NicSlideCNN)
+    x, mask = torch.randn(4, 6, 8, 8), torch.rand(4, 8, 8) > 0.2
+    z = net.standardise(x, mask)
+    with torch.no_grad():
+        copies = [out(r(z, mask)) for r, out in zip(net.ratio, net.ratio_out)]
+    for k in range(3):
+        net.set_stage("ratio", k)
+        net.zero_grad(set_to_none=True)
+        out = net(x, mask)
+        assert torch.allclose(out, copies[k])
+        out.sum().backward()
+        trained = {n for n, prm in net.named_parameters() if prm.grad is not None}
+        assert trained == {n for n, _ in net.named_parameters() if n.startswith((f"ratio.{k}.", f"ratio_out.{k}."))}
+    net.set_stage("ratio", None)
+    with torch.no_grad():
+        assert torch.allclose(net(x, mask), sum(copies) / 3, atol=1e-6)
+        net.ratio_weights.copy_(torch.tensor([0.5, 0.0, 0.5]))  # a start that kept nothing has no share
+        assert torch.allclose(net(x, mask), (copies[0] + copies[2]) / 2, atol=1e-6)
+        net.set_stage("all")
+        assert torch.allclose(net(x, mask) - net._conv_path(z, mask), (copies[0] + copies[2]) / 2, atol=1e-5)
+    with pytest.raises(OptionError, match=r"`branch` 3 is not a copy of the ratio branch \(0-2\)"):
+        net.set_stage("ratio", 3)
+
+
+def test_weights_saved_before_the_branch_had_copies_still_load() -> None:
+    torch.manual_seed(0)
+    net = create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8, ratio_heads=3))
+    # the names a one-branch network had: ratio.evidence.0.weight, ratio_out.weight, no ratio_weights
+    old = {
+        k.replace("ratio.0.", "ratio.").replace("ratio_out.0.", "ratio_out."): v
+        for k, v in net.state_dict().items()
+        if k != "ratio_weights"
+    }
+    assert "ratio.evidence.0.weight" in old and "ratio_out.weight" in old
+    torch.manual_seed(1)
+    again = create_model("nic-cnn", ModelSpec(6, 1, width=8, input_size=8, ratio_heads=3))
+    again.load_state_dict(old)
+    net.eval(), again.eval()
+    x, mask = torch.randn(2, 6, 8, 8), torch.rand(2, 8, 8) > 0.2
+    with torch.no_grad():
+        assert torch.equal(net(x, mask), again(x, mask))
 
 
 def test_nic_cnn_strides_keep_the_reference_at_its_scale() -> None:

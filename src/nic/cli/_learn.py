@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nic._device import DEVICE_HELP
-from nic.cli._common import config_option
+from nic.cli._common import config_option, library_default
 from nic.cli._names import NamesCommand
 
 FIT = "nic.learn.train:FitConfig"
@@ -43,10 +43,16 @@ def train(
         " per tumour cell), trained before the convolutional path; 0: the reference network alone.",
     ),
     ratio_starts: int = config_option(
-        FIT, "ratio_starts", "nic-cnn: starts of the ratio branch's training; the best by validation loss is kept."
+        FIT, "ratio_starts", "nic-cnn: starts of the ratio branch's training (see --ratio-average)."
     ),
     ratio_min_epochs: int = config_option(
         FIT, "ratio_min_epochs", "nic-cnn: epochs of the ratio branch's training before lr decay or early stopping."
+    ),
+    ratio_average: bool = typer.Option(
+        library_default(FIT, "ratio_average"),
+        "--ratio-average/--ratio-best",
+        help="nic-cnn: keep every start of the ratio branch's training and average them, or only the start with"
+        " the lowest validation loss.",
     ),
     target_transform: str = config_option(
         FIT,
@@ -89,6 +95,7 @@ def train(
             ratio_heads=ratio_heads,
             ratio_starts=ratio_starts,
             ratio_min_epochs=ratio_min_epochs,
+            ratio_average=ratio_average,
             target_transform=target_transform,
             ties=ties,
             seed=seed,

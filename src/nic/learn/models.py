@@ -56,6 +56,9 @@ class ModelSpec:
     #: nic-cnn: channels of the cell-ratio branch (:class:`CellRatio`); 0: none, the reference
     #: network (and what model.json files written before the branch existed describe)
     ratio_heads: int = 0
+    #: nic-cnn: copies of the cell-ratio branch, trained one after the other, whose outputs
+    #: are averaged (weights in the ``ratio_weights`` buffer); 1: one branch
+    ratio_branches: int = 1
 
 
 def register_model(name: str) -> Callable[[Callable[[ModelSpec], nn.Module]], Callable[[ModelSpec], nn.Module]]:
@@ -156,6 +159,19 @@ class CellRatio(nn.Module):
             _reset_linear(conv, generator)
 
 
+def _one_branch_state(state: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+    """Weights saved before the ratio branch had copies (``ratio.evidence...``,
+    ``ratio_out.weight``) load as copy 0 of one, with weight 1."""
+    legacy = False
+    for key in [k for k in state if k.startswith((prefix + "ratio.", prefix + "ratio_out."))]:
+        head, rest = key[len(prefix) :].split(".", 1)
+        if not rest.split(".", 1)[0].isdigit():
+            state[f"{prefix}{head}.0.{rest}"] = state.pop(key)
+            legacy = True
+    if legacy:
+        state.setdefault(f"{prefix}ratio_weights", torch.ones(1))
+
+
 def _reset_linear(layer: nn.Conv2d | nn.Linear, generator: torch.Generator) -> None:
     """Weights and bias uniform in +-1/sqrt(fan_in), PyTorch's default for these layers."""
     bound = 1 / math.sqrt(layer.weight[0].numel())
@@ -238,49 +254,69 @@ class NicSlideCNN(SlideNet):
         # lost the ranking the training batches had (train Spearman 0.16 vs 0.83 without)
         self.head = nn.Sequential(nn.Linear(feat, w), nn.LeakyReLU(0.2), nn.Linear(w, spec.n_outputs))
         self.zero_last_layer(self.head[-1])
-        self.ratio: CellRatio | None = None
-        self.ratio_out: nn.Linear | None = None
-        if spec.ratio_heads > 0:
-            self.ratio = CellRatio(spec.in_channels, spec.ratio_heads)
+        # the cell-ratio branch (its copies, averaged): a ModuleList of CellRatio and one of
+        # their output layers; empty without a branch
+        n_branches = spec.ratio_branches if spec.ratio_heads > 0 else 0
+        if spec.ratio_heads > 0 and spec.ratio_branches < 1:
+            raise DataError(f"`ratio_branches` must be at least 1, got {spec.ratio_branches}")
+        self.ratio, self.ratio_out = nn.ModuleList(), nn.ModuleList()
+        for _ in range(n_branches):
+            self.ratio.append(CellRatio(spec.in_channels, spec.ratio_heads))
             # not zeroed like the head: with a zero output layer the branch gets no gradient,
             # and its near-constant initial ratios barely move that layer (starts sat on their
             # first plateau until early stopping ended them)
-            self.ratio_out = nn.Linear(spec.ratio_heads, spec.n_outputs)
-            nn.init.zeros_(self.ratio_out.bias)
+            self.ratio_out.append(nn.Linear(spec.ratio_heads, spec.n_outputs))
+            nn.init.zeros_(self.ratio_out[-1].bias)
+        self.register_buffer("ratio_weights", torch.full((n_branches,), 1.0 / n_branches) if n_branches else None)
         self.stage = "all"
+        self.branch: int | None = None  #: in the ratio stage, the one copy that trains (None: all, averaged)
+        self._register_load_state_dict_pre_hook(_one_branch_state)
 
     @property
     def stages(self) -> tuple[str, ...]:
         """Training stages in order: ("ratio", "conv") with the ratio branch, else ("all",)."""
-        return ("ratio", "conv") if self.ratio is not None else ("all",)
+        return ("ratio", "conv") if len(self.ratio) else ("all",)
 
-    def _ratio_parameters(self) -> set[int]:
-        return {id(p) for mod in (self.ratio, self.ratio_out) if mod is not None for p in mod.parameters()}
+    def _ratio_parameters(self, branch: int | None = None) -> set[int]:
+        mods = [m for i, pair in enumerate(zip(self.ratio, self.ratio_out)) if branch in (None, i) for m in pair]
+        return {id(p) for mod in mods for p in mod.parameters()}
 
-    def set_stage(self, stage: str) -> None:
-        """Train only the ratio branch ("ratio", the convolutional path's output left out),
+    def set_stage(self, stage: str, branch: int | None = 0) -> None:
+        """Train only the ratio branch ("ratio": copy ``branch`` alone, its output the
+        network's; None: every copy, averaged; the convolutional path's output left out),
         only the convolutional path ("conv"), or everything ("all"; also for inference)."""
-        if stage not in ("ratio", "conv", "all") or (stage != "all" and self.ratio is None):
+        if stage not in ("ratio", "conv", "all") or (stage != "all" and not len(self.ratio)):
             raise OptionError(f"`stage` {stage!r} is not one of this network's stages {', '.join(self.stages)}")
-        ratio = self._ratio_parameters()
+        if stage == "ratio" and branch is not None and not 0 <= branch < len(self.ratio):
+            raise OptionError(f"`branch` {branch} is not a copy of the ratio branch (0-{len(self.ratio) - 1})")
+        ratio = self._ratio_parameters(branch if stage == "ratio" else None)
         for p in self.parameters():
             p.requires_grad_(stage == "all" or (id(p) in ratio) == (stage == "ratio"))
         self.stage = stage
+        self.branch = branch if stage == "ratio" else None
 
-    def restart_stage(self, stage: str, generator: torch.Generator) -> None:
-        """Fresh weights for the parameters ``stage`` trains (the ratio branch and its output
-        layer, bias 0), drawn from ``generator``, for another start of that stage."""
-        if stage != "ratio" or self.ratio is None or self.ratio_out is None:
+    def restart_stage(self, stage: str, generator: torch.Generator, branch: int = 0) -> None:
+        """Fresh weights for copy ``branch`` of the ratio branch and its output layer (bias 0),
+        drawn from ``generator``, for another start of the ratio stage."""
+        if stage != "ratio" or not len(self.ratio):
             raise OptionError(f"only the ratio stage restarts; got `stage` {stage!r}")
-        self.ratio.reset(generator)
-        _reset_linear(self.ratio_out, generator)
-        nn.init.zeros_(self.ratio_out.bias)
+        self.ratio[branch].reset(generator)
+        _reset_linear(self.ratio_out[branch], generator)
+        nn.init.zeros_(self.ratio_out[branch].bias)
+
+    def ratio_output(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The ratio branch's output on standardised codes: the weighted mean of its copies
+        (only the training copy in the ratio stage with a ``branch``)."""
+        if self.stage == "ratio" and self.branch is not None:
+            return self.ratio_out[self.branch](self.ratio[self.branch](z, mask))
+        outs = [w * out(r(z, mask)) for w, r, out in zip(self.ratio_weights, self.ratio, self.ratio_out) if w != 0]
+        return torch.stack(outs).sum(0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.standardise(x, mask)
-        if self.ratio is None or self.ratio_out is None:
+        if not len(self.ratio):
             return self._conv_path(x, mask)
-        r = self.ratio_out(self.ratio(x, mask))
+        r = self.ratio_output(x, mask)
         return r if self.stage == "ratio" else r + self._conv_path(x, mask)
 
     def _conv_path(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,10 @@ class FitConfig:
     #: the one with the lowest validation loss kept; one start in six or so stuck on a poor
     #: solution (a fold at Spearman 0.47 where other starts gave 0.88-0.92)
     ratio_starts: int = 3
+    #: nic-cnn with a ratio branch: keep every start of the ratio stage as a copy of the
+    #: branch and average their outputs, instead of the one start with the lowest validation
+    #: loss (chosen on the ~20% of a fold's patients held out for early stopping)
+    ratio_average: bool = False
     #: nic-cnn with a ratio branch: ``min_epochs`` of the ratio stage; its validation loss can
     #: rise for 30-50 epochs before the sparse mitosis signal emerges (with the general
     #: minimum of 20, every start of a fold stopped at epoch 40 still rising: Spearman 0.37)
@@ -203,7 +207,14 @@ def _build_model(
     torch.manual_seed(seed)
     crop = default_crop(sources, cfg.crop)
     spec = ModelSpec(
-        sources[0].code_size, cohort.n_outputs, cfg.width, cfg.dropout, cfg.pool, crop, ratio_heads=cfg.ratio_heads
+        sources[0].code_size,
+        cohort.n_outputs,
+        cfg.width,
+        cfg.dropout,
+        cfg.pool,
+        crop,
+        ratio_heads=cfg.ratio_heads,
+        ratio_branches=cfg.ratio_starts if cfg.ratio_average and cfg.ratio_heads > 0 else 1,
     )
     net = create_model(cfg.model, spec)
     if hasattr(net, "set_code_stats"):
@@ -340,22 +351,31 @@ def fit_model(
     for si, stage in enumerate(stages):
         if len(stages) > 1:
             net.set_stage(stage)
-        # restarts are chosen by validation loss: without validation one start
-        starts = cfg.ratio_starts if stage == "ratio" and validate else 1
+        # copies of the ratio branch are averaged: one start trains each; else restarts of
+        # the one branch are chosen by validation loss, so without validation there is one
+        copies = len(getattr(net, "ratio", ())) if stage == "ratio" else 1
+        starts = copies if copies > 1 else cfg.ratio_starts if stage == "ratio" and validate else 1
         # a later stage starts from the earlier stages' result, which it must beat
         to_beat = keep.best if si and validate else None
         best: _Selection | None = None
+        kept: list[_Selection] = []
         for start in range(starts):
+            branch = start if copies > 1 else 0
+            if stage == "ratio":
+                net.set_stage(stage, branch)
             if start:
-                net.restart_stage(stage, torch.Generator().manual_seed(seed * 1009 + start))
+                net.restart_stage(stage, torch.Generator().manual_seed(seed * 1009 + start), branch)
             label = stage if start == 0 else f"{stage}.{start + 1}"
             min_epochs = cfg.ratio_min_epochs if stage == "ratio" else cfg.min_epochs
             sel = _fit_stage(
                 model, cohort, sources, fit_patients, val_patients, cfg, seed, rng, hist, label, to_beat, min_epochs
             )
+            kept.append(sel)
             if best is None or sel.best < best.best:
                 best = sel
         assert best is not None
+        if copies > 1:
+            best = _average_copies(model, kept, cohort, sources, val_patients, cfg, seed)
         if si == 0 and best.n_good == 0:
             what = "training" if best.n_trained == 0 else "validation"
             raise DataError(
@@ -373,6 +393,50 @@ def fit_model(
     net.eval()  # stays on ``dev``: the fold's test predictions run there too
     hist.seconds = _time.perf_counter() - t_start
     return model, hist
+
+
+def _average_copies(
+    model: SlideModel,
+    starts: list[_Selection],
+    cohort: Cohort,
+    sources: list[SlideSource],
+    val_patients: np.ndarray,
+    cfg: FitConfig,
+    seed: int,
+) -> _Selection:
+    """The ratio stage's copies together: copy k takes its weights from start k's kept epoch
+    and an equal share of the output (none for a start that kept nothing); the result is a
+    selection of all of them, with their validation loss, for the next stage to beat."""
+    net = model.net
+    good = [k for k, sel in enumerate(starts) if sel.state is not None]
+    out = _Selection(cfg.patience, cfg.ratio_min_epochs)
+    out.n_trained = sum(sel.n_trained for sel in starts)
+    out.n_good = sum(sel.n_good for sel in starts)
+    if not good:
+        return out
+    with torch.no_grad():
+        for k in good:
+            prefixes = (f"ratio.{k}.", f"ratio_out.{k}.")
+            net.load_state_dict({n: v for n, v in starts[k].state.items() if n.startswith(prefixes)}, strict=False)  # type: ignore[union-attr]
+        weights = torch.zeros_like(net.ratio_weights)
+        weights[good] = 1.0 / len(good)
+        net.ratio_weights.copy_(weights)
+    net.set_stage("ratio", None)
+    validate = len(val_patients) > 0
+    out.best = _validation_loss(model, cohort, sources, val_patients, cfg, seed) if validate else math.inf
+    if validate and not math.isfinite(out.best):
+        logger.warning("the averaged ratio branch has a non-finite validation loss; keeping its best copy alone")
+        k = min(good, key=lambda i: starts[i].best)
+        net.ratio_weights.zero_()[k] = 1.0
+        out.best = starts[k].best
+    out.state, out.best_epoch = copy.deepcopy(net.state_dict()), max(starts[k].best_epoch for k in good)
+    logger.info(
+        "ratio stage: %d copies averaged, validation loss %.4f (copies %s)",
+        len(good),
+        out.best,
+        ", ".join(f"{sel.best:.4f}" for sel in starts),
+    )
+    return out
 
 
 def _fit_stage(
