@@ -273,10 +273,16 @@ def test_survival_validation_without_events_keeps_the_last_epoch(
     censored = np.flatnonzero(co.y == 0)
     fit_p = np.setdiff1d(np.arange(len(co.patients)), censored[:3])
     with caplog.at_level("WARNING", logger="nic.learn.train"):
-        _, hist = fit_model(co, src, fit_p, censored[:3], FitConfig(epochs=3, width=8, batch_size=4), seed=0)
-    # not the epoch-0 weights of a constant loss 0: the last epoch of each stage, one start (no validation)
+        cfg = FitConfig(epochs=3, width=8, batch_size=4, ratio_average=False)
+        _, hist = fit_model(co, src, fit_p, censored[:3], cfg, seed=0)
+    # not the epoch-0 weights of a constant loss 0: the last epoch of each stage, one start
+    # (no validation to choose among starts by)
     assert hist.stage == ["ratio"] * 3 + ["conv"] * 3 and hist.best_epoch == 5
     assert "no events" in caplog.text
+    # averaged starts need no choosing: every start runs, each keeps its last epoch
+    model, hist = fit_model(co, src, fit_p, censored[:3], FitConfig(epochs=3, width=8, batch_size=4), seed=0)
+    assert hist.stage == ["ratio"] * 3 + ["ratio.2"] * 3 + ["ratio.3"] * 3 + ["conv"] * 3 and hist.best_epoch == 11
+    assert model.net.ratio_weights.tolist() == pytest.approx([1 / 3] * 3)
 
 
 def _train_args(small: PlantedCohort, out: Path, *extra: str) -> list[str]:
@@ -437,7 +443,7 @@ def test_averaged_ratio_starts_are_the_starts_best_of_chooses_from(small: Plante
     src = open_sources(co.store_paths)
     fit_p, val_p = np.arange(len(co.patients))[3:], np.arange(3)
     cfg = dict(epochs=3, width=8, batch_size=4, min_epochs=0, ratio_min_epochs=0, ratio_starts=2)
-    best, _ = fit_model(co, src, fit_p, val_p, FitConfig(**cfg), seed=0)
+    best, _ = fit_model(co, src, fit_p, val_p, FitConfig(**cfg, ratio_average=False), seed=0)
     avg, hist = fit_model(co, src, fit_p, val_p, FitConfig(**cfg, ratio_average=True), seed=0)
     assert hist.stage.count("ratio") == hist.stage.count("ratio.2") == 3
     assert len(best.net.ratio) == 1 and len(avg.net.ratio) == 2

@@ -57,10 +57,27 @@ def test_non_finite_validation_loss_is_never_the_best_epoch(
     co, src = _cohort(small)
     # epoch 2's validation loss is -inf: "smaller" than any real loss, yet no result
     monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: -math.inf if ep == 2 and not tr else None))
-    _, hist = fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=4, width=8, batch_size=4), seed=0)
+    cfg = FitConfig(epochs=4, width=8, batch_size=4, ratio_average=False)  # each epoch's own weights kept or not
+    _, hist = fit_model(co, src, np.arange(8), np.arange(8, 12), cfg, seed=0)
     assert hist.val_loss[2] == -math.inf  # recorded as it came
     assert hist.best_epoch != 2 and math.isfinite(hist.val_loss[hist.best_epoch])
     assert hist.val_loss[hist.best_epoch] == min(v for v in hist.val_loss if math.isfinite(v))
+
+
+def test_averaged_ratio_copies_with_a_non_finite_validation_loss_fall_back_to_the_best_copy(
+    small: PlantedCohort, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    co, src = _cohort(small)
+    # 3 starts x 2 epochs of the ratio stage validate 6 times; the 7th validation is the average's
+    monkeypatch.setattr(train_mod, "task_loss", _Poison(lambda ep, tr: math.nan if ep == 6 and not tr else None))
+    with caplog.at_level("WARNING", logger="nic.learn.train"):
+        m, hist = fit_model(co, src, np.arange(8), np.arange(8, 12), FitConfig(epochs=2, width=8, batch_size=4), seed=0)
+    assert hist.stage[:6] == ["ratio", "ratio", "ratio.2", "ratio.2", "ratio.3", "ratio.3"]
+    assert "keeping its best copy alone" in caplog.text
+    weights = m.net.ratio_weights.tolist()
+    assert sorted(weights) == [0.0, 0.0, 1.0]
+    best_start = int(np.argmin([min(hist.val_loss[2 * k : 2 * k + 2]) for k in range(3)]))
+    assert weights[best_start] == 1.0 and _weights_finite(m)
 
 
 def test_non_finite_training_batches_do_not_step(
