@@ -86,6 +86,7 @@ def test_slide_paths_folder_csv_and_fallback_mpp(slides: Path, tmp_path: Path) -
         ({"lr": -1.0}, "`lr` must be a number greater than 0"),
         ({"min_tissue": 1.5}, r"`min_tissue` must be a number in \[0, 1\]"),
         ({"balance": "patients"}, "`balance` must be one of cells, slides"),
+        ({"upsample": "bilinear"}, "`upsample` must be one of transposed, resize"),
     ],
 )
 def test_unsupervised_config_checks_its_values(kw: dict, match: str) -> None:
@@ -177,8 +178,10 @@ def _val_curve(run: Path, key: str) -> list[float]:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
-@pytest.mark.parametrize("method", ["vae", "contrastive", "bigan"])
-def test_method_trains_exports_and_compresses(method: str, slides: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "upsample"), [("vae", "transposed"), ("contrastive", ""), ("bigan", "transposed"), ("bigan", "resize")]
+)
+def test_method_trains_exports_and_compresses(method: str, upsample: str, slides: Path, tmp_path: Path) -> None:
     from nic.compress import compress_slide
     from nic.encoder_training import UnsupervisedConfig, train_unsupervised
     from nic.encoders import load_encoder
@@ -193,6 +196,7 @@ def test_method_trains_exports_and_compresses(method: str, slides: Path, tmp_pat
         epochs=3,
         batch_size=16,
         lr=3e-3 if method != "bigan" else 1e-3,
+        upsample=upsample or "transposed",
         progress=False,
         seed=0,
     )
@@ -216,6 +220,29 @@ def test_method_trains_exports_and_compresses(method: str, slides: Path, tmp_pat
     assert (store / "zarr.json").is_file()
     with pytest.raises(OutputError, match="already holds training runs"):
         train_unsupervised(cfg, run)
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "resize"])
+def test_decoder_sizes_and_the_checkerboard_of_a_stride_2_transposed_conv(upsample: str) -> None:
+    from nic.encoder_training._methods import Decoder, _forward_sides
+
+    torch.manual_seed(0)
+    assert Decoder(8, 16, _forward_sides(64, 4), upsample).eval()(torch.randn(2, 8)).shape == (2, 3, 64, 64)
+    dec = Decoder(8, 16, _forward_sides(31, 1), upsample).eval()  # one step: 15 -> 31
+    with torch.no_grad():  # a constant first map: the same code in every cell
+        dec.fc.weight.zero_()
+        dec.fc.bias.fill_(1.0)
+        for m in dec.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):  # every tap the same weight
+                m.weight.fill_(0.01)
+                m.bias.zero_()
+        img = dec(torch.zeros(1, 8))[0, 0, 2:-2, 2:-2]  # away from the zero padding at the borders
+    # 3x3 taps at stride 2: even and odd output pixels get different numbers of taps
+    spread = float(img.max() - img.min())
+    if upsample == "resize":
+        assert spread < 1e-5
+    else:
+        assert spread > 1e-3 and not torch.allclose(img[0::2, 0::2].mean(), img[1::2, 1::2].mean())
 
 
 def test_cli_train_encoder_methods(slides: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from nic.cli._common import config_option, flag, library_default
+from nic.cli._names import NamesCommand
 
 _DATASET_HELP = (
     "Dataset: [class:|regr:]PATH[?mpp=UM_PX&group=COL&label=COL]. PATH is a folder of class folders "
@@ -75,6 +76,12 @@ def train_encoder_cmd(
     ),
     val_patches: int = config_option(UNSUPERVISED, "val_patches", "Unsupervised methods: validation patches (pairs)."),
     kl_weight: float = config_option(UNSUPERVISED, "kl_weight", "VAE: weight of the KL term (small)."),
+    upsample: str = config_option(
+        UNSUPERVISED,
+        "upsample",
+        "VAE decoder and BiGAN generator: {names:nic.encoder_training._config:UPSAMPLE} (resize: nearest"
+        " then a 3x3 conv, no checkerboard).",
+    ),
     encoder: str = _per_method(
         "encoder",
         "Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune).",
@@ -156,7 +163,8 @@ def train_encoder_cmd(
         if task:
             raise OptionError(f"--method {method} learns without labels; drop --task (or use --method multitask)")
         uconfig = UnsupervisedConfig(method=method, slides=tuple(slides or ()), slide_mpp=slide_mpp, patches=patches,
-                                     val_patches=val_patches, kl_weight=kl_weight, **shared)  # fmt: skip
+                                     val_patches=val_patches, kl_weight=kl_weight, upsample=upsample,
+                                     **shared)  # fmt: skip
         result, items = train_unsupervised(uconfig, out), "items"
     typer.echo(f"encoder: {result.encoder_path.parent}")
     if method != "multitask":
@@ -319,7 +327,7 @@ def concat_encoders_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    app.command("train-encoder")(train_encoder_cmd)
+    app.command("train-encoder", cls=NamesCommand)(train_encoder_cmd)
     app.command("probe")(probe_cmd)
     app.command("augment-preview")(augment_preview_cmd)
     app.command("nuclei-patches")(nuclei_patches_cmd)

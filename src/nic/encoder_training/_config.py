@@ -38,6 +38,8 @@ _DEFAULT_LR = {"vae": 1e-3, "contrastive": 1e-3, "bigan": 2e-4}
 SAMPLING = ("proportional", "balanced")
 #: How unsupervised patches are drawn from slides (see :class:`SlidePatchSampler`).
 BALANCE = ("cells", "slides")
+#: How the VAE's decoder and the BiGAN's generator upsample (see :class:`~nic.encoder_training._methods.Decoder`).
+UPSAMPLE = ("transposed", "resize")
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,9 @@ class UnsupervisedConfig(EncoderRunSettings):
     (at least ``min_tissue`` tissue) at the encoder's um/px, ``val_patches`` more with
     another seed; ``balance`` ``slides`` draws every slide equally often (else every tissue
     cell).  ``lr`` ``None`` is the method's default (Adam; 2e-4 for the BiGAN);
-    ``kl_weight`` weighs the VAE's KL term against its summed squared error.  The BiGAN
-    has no validation loss to stop on and runs all ``epochs``.
+    ``kl_weight`` weighs the VAE's KL term against its summed squared error; ``upsample``
+    is how the VAE's decoder and the BiGAN's generator enlarge their maps (:data:`UPSAMPLE`).
+    The BiGAN has no validation loss to stop on and runs all ``epochs``.
     """
 
     method: str
@@ -188,6 +191,7 @@ class UnsupervisedConfig(EncoderRunSettings):
     epochs: int = 5
     lr: float | None = None
     kl_weight: float = 0.01
+    upsample: str = "transposed"
     min_tissue: float = 0.5
     balance: str = "cells"
     early_stopping_patience: int = 4
@@ -208,6 +212,7 @@ class UnsupervisedConfig(EncoderRunSettings):
         check_number("kl_weight", self.kl_weight, 0, float("inf"))
         check_number("min_tissue", self.min_tissue, 0, 1)
         check_choice("balance", self.balance, BALANCE)
+        check_choice("upsample", self.upsample, UPSAMPLE)
 
     @property
     def learning_rate(self) -> float:

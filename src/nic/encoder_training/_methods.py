@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nic.errors import EncoderError
+from nic.encoder_training._config import UPSAMPLE
+from nic.errors import EncoderError, check_choice
 from nic.patches.augment import AugmentConfig, ColorAugment
 
 logger = logging.getLogger(__name__)
@@ -54,27 +55,31 @@ class Decoder(nn.Module):
     """Code (N, C) -> image (N, 3, S, S) in [-1, 1], S the encoder's pooled input side.
 
     The nic-cnn encoder mirrored: Dense to the last feature map (``width`` channels), then
-    per encoder block a 3x3 stride-2 transposed convolution -> batch norm -> LeakyReLU(0.2),
-    halving the channels after the first (as DCGAN generators do: a full-width decoder
-    costs ~15x more on a CPU), and a 3x3 convolution to RGB with tanh.  ``sides`` are the
-    encoder's feature-map sides, pooled input first.
+    per encoder block an upsampling step -> batch norm -> LeakyReLU(0.2), halving the
+    channels after the first (as DCGAN generators do: a full-width decoder costs ~15x more
+    on a CPU), and a 3x3 convolution to RGB with tanh.  ``sides`` are the encoder's
+    feature-map sides, pooled input first.  ``upsample``: ``transposed``, a 3x3 stride-2
+    transposed convolution (the encoder's layers mirrored); ``resize``, nearest-neighbour
+    resizing to the next side then a 3x3 convolution, which cannot draw the checkerboard a
+    3x3 kernel at stride 2 leaves (its output pixels get 1 or 2 kernel taps by parity).
     """
 
-    def __init__(self, code_size: int, width: int, sides: list[int]) -> None:
+    def __init__(self, code_size: int, width: int, sides: list[int], upsample: str = "transposed") -> None:
         super().__init__()
+        check_choice("upsample", upsample, UPSAMPLE)
         self.width, self.side = width, sides[-1]
         self.fc = nn.Linear(code_size, width * self.side * self.side)
         self.pre = nn.Sequential(nn.BatchNorm1d(width * self.side * self.side), nn.LeakyReLU(0.2))
         ups: list[nn.Module] = []
         chans = width
         for i, (big, small) in enumerate(zip(reversed(sides[:-1]), reversed(sides[1:]))):
-            pad = big - ((small - 1) * 2 + 3)
             out = chans if i == 0 else max(chans // 2, 8)
-            ups += [
-                nn.ConvTranspose2d(chans, out, 3, stride=2, output_padding=pad),
-                nn.BatchNorm2d(out),
-                nn.LeakyReLU(0.2),
-            ]
+            if upsample == "resize":
+                ups += [nn.Upsample(size=(big, big), mode="nearest"), nn.Conv2d(chans, out, 3, padding=1)]
+            else:
+                pad = big - ((small - 1) * 2 + 3)
+                ups.append(nn.ConvTranspose2d(chans, out, 3, stride=2, output_padding=pad))
+            ups += [nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
             chans = out
         self.ups = nn.Sequential(*ups)
         self.to_rgb = nn.Conv2d(chans, 3, 3, padding=1)
@@ -134,11 +139,12 @@ class VaeModule(_Base):
         kl_weight: float = 0.01,
         augment: AugmentConfig = AugmentConfig(),
         seed: int | None = 0,
+        upsample: str = "transposed",
     ) -> None:
         super().__init__(encoder, lr, augment, seed)
         sides = _mirror_sides(encoder, patch_size)
         self.logvar = nn.Linear(encoder.head.in_features, code_size)
-        self.decoder = Decoder(code_size, encoder.feature_shape[0], sides)
+        self.decoder = Decoder(code_size, encoder.feature_shape[0], sides, upsample)
         self.kl_weight = float(kl_weight)
         self.save_hyperparameters({"lr": lr, "kl_weight": kl_weight, "code_size": code_size})
 
@@ -281,10 +287,11 @@ class BiganModule(_Base):
         augment: AugmentConfig = AugmentConfig(),
         seed: int | None = 0,
         smooth: float = 0.9,
+        upsample: str = "transposed",
     ) -> None:
         super().__init__(encoder, lr, augment, seed)
         sides = _mirror_sides(encoder, patch_size)
-        self.generator = Decoder(code_size, encoder.feature_shape[0], sides)
+        self.generator = Decoder(code_size, encoder.feature_shape[0], sides, upsample)
         self.discriminator = _Discriminator(code_size, width=max(4, encoder.feature_shape[0] // 2))
         self.code_size, self.smooth = int(code_size), float(smooth)
         self.automatic_optimization = False

@@ -161,8 +161,9 @@ def _module(config: UnsupervisedConfig, encoder: Any) -> Any:
 
     encoder.module.train()
     common = {"lr": config.learning_rate, "augment": config.augment, "seed": config.seed}
-    if config.method == "vae":
-        return VaeModule(encoder.module, encoder.code_size, encoder.patch_size, kl_weight=config.kl_weight, **common)
     if config.method == "contrastive":
         return SiameseModule(encoder.module, encoder.code_size, **common)
+    common["upsample"] = config.upsample
+    if config.method == "vae":
+        return VaeModule(encoder.module, encoder.code_size, encoder.patch_size, kl_weight=config.kl_weight, **common)
     return BiganModule(encoder.module, encoder.code_size, encoder.patch_size, **common)
