@@ -119,6 +119,7 @@ def train(work: Path, method: str, slides: tuple[str, ...], args: argparse.Names
         patches=args.patches,
         val_patches=256,
         kl_weight=args.kl_weight,
+        upsample=args.upsample,
         epochs=args.epochs,
         batch_size=64,
         balance="slides",
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=3000, help="training patches (pairs) per method")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kl-weight", type=float, default=0.01, help="VAE KL weight")
+    ap.add_argument("--upsample", default="transposed", help="VAE decoder / BiGAN generator: transposed or resize")
     ap.add_argument("--suffix", default="", help="appended to the run folders' names (variants of a method)")
     ap.add_argument("--no-probe", action="store_true", help="train only")
     ap.add_argument("--methods", default="vae,contrastive,bigan")
