@@ -8,7 +8,7 @@
 #   survival (Cox) with nic-cnn, beside the c-index of the true tumour burden (what a perfect
 #     model could reach),
 # and a markdown table of the pooled out-of-fold values with 95% bootstrap CIs and every fold.
-# Settings were chosen on seeds 2029 and 2031 and confirmed on seeds generated afterwards
+# Settings were chosen on seeds 2029, 2031 and 6102 and confirmed on seeds generated afterwards
 # (README, "Learning on compressed slides").
 # With MITOSIS=1, proliferation once more on codes of a multitask encoder that nic trains
 # with a mitosis task (generated patches of seed 12, not the cohort's): ~11 min more on 2 cores.

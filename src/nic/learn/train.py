@@ -83,7 +83,7 @@ class FitConfig:
     ratio_starts: int = 3
     #: nic-cnn with a ratio branch: keep every start of the ratio stage as a copy of the
     #: branch and average their outputs; False: only the start with the lowest validation
-    #: loss, chosen on the ~20 patients a fold holds out for early stopping (proliferation
+    #: loss, chosen on the ~16 patients a fold holds out for early stopping (proliferation
     #: Spearman with the average 0.933 -> 0.944, 0.932 -> 0.939, 0.836 -> 0.862 and
     #: 0.822 -> 0.841 on four cohort x seed runs, lowest folds 0.66-0.89 -> 0.72-0.92)
     ratio_average: bool = True
