@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--cv-slides", type=int, default=120)
     ap.add_argument("--cv-size", type=int, default=4096)
     ap.add_argument("--cv-seed", type=int, default=2029)
+    ap.add_argument(
+        "--cv-encoders", default="", help="names of encoders to cross-validate, comma-separated (default all)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -209,8 +212,12 @@ def main() -> None:
         cv_cohort = args.cv_cohort
         if cv_cohort is None:
             cv_cohort = cohort(work / "cv", args.cv_slides, args.cv_size, args.cv_seed).parent
-        for name, spec in encoders.items():
-            cv[name] = slide_cv(work, cv_cohort, name, spec, args)
+        chosen = [n.strip() for n in args.cv_encoders.split(",") if n.strip()] or list(encoders)
+        unknown = sorted(set(chosen) - set(encoders))
+        if unknown:
+            raise SystemExit(f"--cv-encoders: no encoder named {unknown[0]!r}; the table has {', '.join(encoders)}")
+        for name in chosen:
+            cv[name] = slide_cv(work, cv_cohort, name, encoders[name], args)
 
     lines = [
         f"LC25000 lung probe ({len(table)} patches, 450 source groups, 3 classes; {args.repeats} group-aware "
