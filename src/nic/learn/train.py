@@ -360,7 +360,6 @@ def fit_model(
         starts = copies if copies > 1 else cfg.ratio_starts if stage == "ratio" and validate else 1
         # a later stage starts from the earlier stages' result, which it must beat
         to_beat = keep.best if si and validate else None
-        best: _Selection | None = None
         kept: list[_Selection] = []
         for start in range(starts):
             branch = start if copies > 1 else 0
@@ -374,11 +373,10 @@ def fit_model(
                 model, cohort, sources, fit_patients, val_patients, cfg, seed, rng, hist, label, to_beat, min_epochs
             )
             kept.append(sel)
-            if best is None or sel.best < best.best:
-                best = sel
-        assert best is not None
         if copies > 1:
             best = _average_copies(model, kept, cohort, sources, val_patients, cfg, seed)
+        else:  # the first of the starts with the lowest validation loss
+            best = min(kept, key=lambda sel: sel.best)
         if si == 0 and best.n_good == 0:
             what = "training" if best.n_trained == 0 else "validation"
             raise DataError(
