@@ -278,6 +278,50 @@ def test_a_slide_still_busy_after_the_wait_exits_1(slides, encoder_dir, tmp_path
     assert "1 of 1 slide(s) busy (locked by another process): b.tif" in res.output
 
 
+# -- (12b) a script without the main guard ---------------------------------------------------------
+
+
+def test_a_script_without_the_main_guard_fails_at_once_and_says_why(slides, encoder_dir, tmp_path):
+    """Reader processes import the calling script again; an unguarded script used to run the
+    job again in the reader, which then waited (600 s) for the slide the parent had locked
+    while the parent waited for the reader."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import json\n"
+        "from nic.compress import CompressOptions, compress_slides\n"
+        f"r = compress_slides([{str(slides['b'])!r}], {str(encoder_dir)!r}, {str(tmp_path / 'out')!r}, "
+        "CompressOptions(workers=1))\n"
+        "print(json.dumps([[x.status, x.error] for x in r]))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    [[status, error]] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert status == "failed"
+    assert error.startswith("a reader process ended abruptly") and 'under `if __name__ == "__main__":`' in error
+    # the reader's own error, on stderr, says what happened
+    assert "nic was called while a worker process was starting and importing the main script" in run.stderr
+    assert not is_complete(store_path(tmp_path / "out", "b"))
+
+
+def test_the_main_guard_check_fires_only_in_a_starting_worker(monkeypatch):
+    import multiprocessing as mp
+
+    from nic._processes import check_main_guard, spawn_context
+    from nic.errors import NicError
+
+    check_main_guard()  # this process is no starting worker
+    assert spawn_context().get_start_method() == "spawn"
+    monkeypatch.setattr(mp.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(NicError, match="worker process was starting"):
+        check_main_guard()
+    with pytest.raises(NicError, match="worker process was starting"):
+        spawn_context()
+
+
 # -- (13) exit codes ----------------------------------------------------------------------------
 
 

@@ -423,9 +423,11 @@ def compress_slides(
     a script that calls this with ``workers > 0`` needs the usual
     ``if __name__ == "__main__":`` guard, and should import torch inside it.
     """
+    from nic._processes import check_main_guard
     from nic.encoders import Encoder, load_encoder
     from nic.encoders._io import require_weights
 
+    check_main_guard()  # in a reader re-running an unguarded script, this would wait for the parent's lock
     options = options or CompressOptions()
     files = collect_slides(slides)
     if isinstance(encoder, Encoder):

@@ -401,6 +401,9 @@ def compress_on_cluster(
     differs: slides already running when one fails are finished).
     A missing ``dask``/``distributed`` is an :class:`OptionError` naming the install.
     """
+    from nic._processes import check_main_guard
+
+    check_main_guard()
     distributed = _distributed()
     options = options or CompressOptions()
     if cluster is None:

@@ -477,7 +477,7 @@ def encode_slide(
                     nxt += 1
                 future, slot = inflight.popleft()
                 try:
-                    batches.host(pool.patches(future.result(), slot), task.cells)
+                    batches.host(pool.patches(pool.result(future), slot), task.cells)
                 finally:
                     pool.release(slot)
                 count(task.n)

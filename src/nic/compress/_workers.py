@@ -22,10 +22,14 @@ import multiprocessing as mp
 import signal
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from nic._processes import MAIN_GUARD_HINT, spawn_context
+from nic.errors import NicError
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +208,7 @@ class ReaderPool:
                 self.free = list(range(slots))
             self._pool = ProcessPoolExecutor(
                 max_workers=workers,
-                mp_context=mp.get_context("spawn"),
+                mp_context=spawn_context(),
                 initializer=_init_worker,
                 initargs=(names, self.slot_shape),
             )
@@ -222,6 +226,17 @@ class ReaderPool:
             slot = self.free.pop()
             return self._pool.submit(_run_shm, task, slot), slot
         return self._pool.submit(_run_pickle, task), -1
+
+    def result(self, future: Future[Any]) -> Any:
+        """The result of a read :meth:`submit` started; a reader that died is a
+        :class:`NicError` saying what kills readers."""
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise NicError(
+                "a reader process ended abruptly: it was killed (e.g. out of memory), or it failed while "
+                f"starting, e.g. because {MAIN_GUARD_HINT} (its error is printed above)"
+            ) from e
 
     def patches(self, result: Any, slot: int) -> np.ndarray:
         if slot < 0:

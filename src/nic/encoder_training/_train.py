@@ -465,14 +465,14 @@ def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainRes
     if _launched_externally():
         _IN_DDP = True
         return target(config, out)
-    import multiprocessing
     import queue
 
     from nic._outputs import check_new_folder
+    from nic._processes import MAIN_GUARD_HINT, spawn_context
 
+    ctx = spawn_context()  # first: a rank re-running an unguarded script would find `out` made
     out = Path(out)
     check_new_folder(out, None, holds=("config.json", "checkpoints"), what="training runs")
-    ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(target, config, out, r, config.devices, port, results), daemon=False)
@@ -489,7 +489,8 @@ def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainRes
                 if dead:
                     code = procs[dead[0]].exitcode
                     raise RuntimeError(
-                        f"training process {dead[0]} ended with exit code {code} without a result"
+                        f"training process {dead[0]} ended with exit code {code} without a result "
+                        f"(killed, or it failed while starting, e.g. because {MAIN_GUARD_HINT})"
                     ) from None
                 continue
             if error is not None:

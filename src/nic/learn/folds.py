@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,9 +122,9 @@ def fit_folds_parallel(
     """Every fold in a spawned worker process, one fold per device at a time (fold ``k`` on
     ``devices[k % n]``).  The first fold that fails stops the others and its error is raised
     here as it was raised in the worker."""
-    import multiprocessing
-
     import torch
+
+    from nic._processes import MAIN_GUARD_HINT, spawn_context
 
     assert config.devices
     devices = config.devices
@@ -133,7 +134,7 @@ def fit_folds_parallel(
     logger.info("fitting %d folds in %d worker processes on %s, %d torch threads each",
                 len(folds), n, ", ".join(devices[:n]), threads)  # fmt: skip
     out: dict[int, tuple[SlideModel, FitHistory, list[np.ndarray]]] = {}
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=spawn_context())
     try:
         # one fold per device at a time: fold k + n starts on fold k's device when k is done
         running: dict[Future[Any], int] = {pool.submit(_run_fold_job, jobs[k]): k for k in range(n)}
@@ -141,7 +142,13 @@ def fit_folds_parallel(
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 k = running.pop(fut)
-                _, meta, state, hist, views = fut.result()  # a worker's error is raised here
+                try:
+                    _, meta, state, hist, views = fut.result()  # a worker's error is raised here
+                except BrokenProcessPool as e:
+                    raise RuntimeError(
+                        f"the worker fitting fold {k} ended abruptly: it was killed (e.g. out of memory), or it "
+                        f"failed while starting, e.g. because {MAIN_GUARD_HINT} (its error is printed above)"
+                    ) from e
                 out[k] = (_model_from(meta, state), hist, views)
                 if k + n < len(jobs):
                     running[pool.submit(_run_fold_job, jobs[k + n])] = k + n
