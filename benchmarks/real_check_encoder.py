@@ -89,7 +89,7 @@ def synth_datasets(work: Path, n: int) -> Path:
 
 def train(work: Path, name: str, tasks: list[str], args: argparse.Namespace) -> tuple[Path, dict]:
     """One multitask run under ``work/runs/name`` (reused when finished); ``args`` gives
-    ``epochs`` and ``seed``, and optionally ``sampling``, ``weight_decay``, ``aug_strength``."""
+    ``epochs`` and ``seed``, and optionally ``sampling``, ``weight_decay``, ``aug_strength``, ``encoder``."""
     from nic.encoder_training import EncoderTrainConfig, parse_task_spec, train_encoder
     from nic.patches.augment import AugmentConfig
 
@@ -98,7 +98,7 @@ def train(work: Path, name: str, tasks: list[str], args: argparse.Namespace) -> 
         return run / "encoder", json.loads((run / "metrics.json").read_text())
     cfg = EncoderTrainConfig(
         tasks=tuple(parse_task_spec(t) for t in tasks),
-        encoder="nic-cnn",
+        encoder=getattr(args, "encoder", "nic-cnn"),
         epochs=args.epochs,
         batch_size=64,
         lr=1e-3,

@@ -21,7 +21,8 @@ Usage (each encoder trains for minutes on 2 cores)::
 
 Writes ``<work>/results.json`` and ``<work>/results.md``; finished runs are reused.  Recipe
 variants go in their own run folders (``--suffix``) with ``--sampling``, ``--aug-strength``,
-``--weight-decay``.
+``--weight-decay``, ``--encoder`` (the architecture: ``nic-cnn`` or e.g. a timm ResNet at
+128 px, ``'timm:resnet18?patch_size=128&mpp=0.5'``; its random initialisation is the floor).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def main() -> None:
     ap.add_argument("--sampling", default="proportional", help="task sampling of the multitask runs")
     ap.add_argument("--aug-strength", type=float, default=1.0)
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument(
+        "--encoder",
+        default="nic-cnn",
+        help="the architecture trained (and its random init probed), e.g. 'timm:resnet18?patch_size=128&mpp=0.5'",
+    )
     ap.add_argument("--suffix", default="", help="appended to the run folders' names (recipe variants)")
     ap.add_argument("--leave-out", default="lung,nuclei,mitosis", help="the sets to leave out, one run each")
     ap.add_argument("--seed", type=int, default=0)
@@ -90,13 +96,13 @@ def main() -> None:
         path, training[name] = train(work, name, tasks, args)
         table = read_patch_table(real[held])
         encoders = {
-            "nic-cnn random init": "nic-cnn",
+            f"{args.encoder} random init": args.encoder,
             "published multitask-4 (Keras)": str(KERAS / "encoder_multitask-4.h5"),
             f"nic multitask {name}": str(path),
         }
         results[held] = {}
         for label, spec in encoders.items():
-            random_init = spec == "nic-cnn"
+            random_init = spec == args.encoder
             enc = load_encoder(spec, seed=args.seed if random_init else None)
             r = linear_probe(enc, table, repeats=args.repeats, seed=args.seed, random_init=random_init)
             results[held][label] = probe_row(r)
@@ -105,7 +111,8 @@ def main() -> None:
     lines = [
         f"Leave one dataset out: probe on the left-out set ({args.repeats} group-aware 75/25 splits, mean ± sd); "
         f"nic encoders trained on the other real sets + 3 generated tasks, {args.epochs} epochs, sampling "
-        f"{args.sampling}, augmentation strength {args.aug_strength:g}, weight decay {args.weight_decay:g}.",
+        f"{args.sampling}, augmentation strength {args.aug_strength:g}, weight decay {args.weight_decay:g}, "
+        f"architecture {args.encoder}.",
         "",
         "| left out | encoder | probe |",
         "|---|---|---|",
