@@ -120,10 +120,11 @@ def train(work: Path, method: str, slides: tuple[str, ...], args: argparse.Names
         val_patches=256,
         kl_weight=args.kl_weight,
         upsample=args.upsample,
+        **({} if args.instance_noise is None else {"instance_noise": args.instance_noise}),
         epochs=args.epochs,
         batch_size=64,
         balance="slides",
-        seed=args.seed,
+        seed=args.seed if args.train_seed is None else args.train_seed,
         progress=False,
     )
     t0 = time.perf_counter()
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kl-weight", type=float, default=0.01, help="VAE KL weight")
     ap.add_argument("--upsample", default="transposed", help="VAE decoder / BiGAN generator: transposed or resize")
+    ap.add_argument("--instance-noise", type=float, default=None, help="BiGAN: instance noise sd (default: nic's)")
+    ap.add_argument("--train-seed", type=int, default=None, help="seed of the encoder training (default: --seed)")
     ap.add_argument("--suffix", default="", help="appended to the run folders' names (variants of a method)")
     ap.add_argument("--no-probe", action="store_true", help="train only")
     ap.add_argument("--methods", default="vae,contrastive,bigan")

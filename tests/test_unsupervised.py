@@ -87,6 +87,7 @@ def test_slide_paths_folder_csv_and_fallback_mpp(slides: Path, tmp_path: Path) -
         ({"min_tissue": 1.5}, r"`min_tissue` must be a number in \[0, 1\]"),
         ({"balance": "patients"}, "`balance` must be one of cells, slides"),
         ({"upsample": "bilinear"}, "`upsample` must be one of transposed, resize"),
+        ({"instance_noise": -0.1}, "`instance_noise` must be a number"),
     ],
 )
 def test_unsupervised_config_checks_its_values(kw: dict, match: str) -> None:
@@ -220,6 +221,46 @@ def test_method_trains_exports_and_compresses(method: str, upsample: str, slides
     assert (store / "zarr.json").is_file()
     with pytest.raises(OutputError, match="already holds training runs"):
         train_unsupervised(cfg, run)
+
+
+def test_bigan_instance_noise_reaches_the_discriminator_and_fades_by_mid_run(
+    slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nic.encoder_training._methods as methods
+    from nic.encoder_training import UnsupervisedConfig, train_unsupervised
+
+    seen: list[tuple[float, float]] = []  # per batch: the scheduled sd, the sd of (D's real image - the image)
+    step = methods.BiganModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        target, forward = self._target, self.discriminator.forward
+        batch_state: dict = {"clean": None, "recorded": False}
+
+        def keep_target(x):
+            batch_state["clean"] = target(x)
+            return batch_state["clean"]
+
+        def record_first_call(images, z):  # D's first call in a batch is on the real images
+            if not batch_state["recorded"]:
+                seen.append((self.noise_sd(), float((images - batch_state["clean"]).std())))
+                batch_state["recorded"] = True
+            return forward(images, z)
+
+        self._target, self.discriminator.forward = keep_target, record_first_call
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            del self._target, self.discriminator.forward
+
+    monkeypatch.setattr(methods.BiganModule, "training_step", recording_step)
+    cfg = UnsupervisedConfig(
+        method="bigan", slides=(str(slides),), slide_mpp=0.5, encoder=TINY, patches=64, val_patches=16, epochs=2,
+        batch_size=16, progress=False, seed=0, instance_noise=0.2,
+    )  # fmt: skip
+    train_unsupervised(cfg, tmp_path / "run")
+    assert [round(sd, 4) for sd, _ in seen] == [0.2, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0]  # 8 batches
+    for sd, measured in seen:  # the real images D sees carry noise of that sd (none once it has faded)
+        assert measured == pytest.approx(sd, abs=0.02) if sd > 0 else measured == 0.0
 
 
 @pytest.mark.parametrize("upsample", ["transposed", "resize"])

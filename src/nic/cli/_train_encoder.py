@@ -82,6 +82,11 @@ def train_encoder_cmd(
         "VAE decoder and BiGAN generator: {names:nic.encoder_training._config:UPSAMPLE} (resize: nearest"
         " then a 3x3 conv, no checkerboard).",
     ),
+    instance_noise: float = config_option(
+        UNSUPERVISED,
+        "instance_noise",
+        "BiGAN: sd of the noise added to the discriminator's images ([-1, 1] units), decreasing to 0 (0: none).",
+    ),
     encoder: str = _per_method(
         "encoder",
         "Encoder to train: registry name (random init), timm:<model>, a Keras .h5 or saved encoder (fine-tune).",
@@ -164,7 +169,7 @@ def train_encoder_cmd(
             raise OptionError(f"--method {method} learns without labels; drop --task (or use --method multitask)")
         uconfig = UnsupervisedConfig(method=method, slides=tuple(slides or ()), slide_mpp=slide_mpp, patches=patches,
                                      val_patches=val_patches, kl_weight=kl_weight, upsample=upsample,
-                                     **shared)  # fmt: skip
+                                     instance_noise=instance_noise, **shared)  # fmt: skip
         result, items = train_unsupervised(uconfig, out), "items"
     typer.echo(f"encoder: {result.encoder_path.parent}")
     if method != "multitask":

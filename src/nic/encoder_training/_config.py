@@ -179,7 +179,9 @@ class UnsupervisedConfig(EncoderRunSettings):
     another seed; ``balance`` ``slides`` draws every slide equally often (else every tissue
     cell).  ``lr`` ``None`` is the method's default (Adam; 2e-4 for the BiGAN);
     ``kl_weight`` weighs the VAE's KL term against its summed squared error; ``upsample``
-    is how the VAE's decoder and the BiGAN's generator enlarge their maps (:data:`UPSAMPLE`).
+    is how the VAE's decoder and the BiGAN's generator enlarge their maps (:data:`UPSAMPLE`);
+    ``instance_noise`` the standard deviation of the Gaussian noise added to every image the
+    BiGAN's discriminator sees (in [-1, 1] units), decreasing linearly to 0 over the run.
     The BiGAN has no validation loss to stop on and runs all ``epochs``.
     """
 
@@ -192,6 +194,7 @@ class UnsupervisedConfig(EncoderRunSettings):
     lr: float | None = None
     kl_weight: float = 0.01
     upsample: str = "transposed"
+    instance_noise: float = 0.2
     min_tissue: float = 0.5
     balance: str = "cells"
     early_stopping_patience: int = 4
@@ -210,6 +213,7 @@ class UnsupervisedConfig(EncoderRunSettings):
         if self.slide_mpp is not None:
             check_number("slide_mpp", self.slide_mpp, 0, float("inf"), low_open=True)
         check_number("kl_weight", self.kl_weight, 0, float("inf"))
+        check_number("instance_noise", self.instance_noise, 0, float("inf"))
         check_number("min_tissue", self.min_tissue, 0, 1)
         check_choice("balance", self.balance, BALANCE)
         check_choice("upsample", self.upsample, UPSAMPLE)

@@ -274,8 +274,11 @@ class BiganModule(_Base):
 
     Stabilising recipe: Adam lr 2e-4, betas (0.5, 0.999) for D and for E+G; the
     non-saturating loss; spectral norm and dropout 0.2 in D; one-sided label smoothing
-    (real target 0.9).  Logs ``train_d_loss``, ``train_g_loss`` and, in validation,
-    ``val_recon`` (squared error of G(E(x)) per pixel, a sign of a consistent E and G).
+    (real target 0.9); instance noise: Gaussian noise of sd ``instance_noise`` (in the
+    images' [-1, 1] units) added to every image D sees, real or generated, in both steps,
+    decreasing linearly to 0 at the middle of the run, none after (:meth:`noise_sd`).  Logs
+    ``train_d_loss``, ``train_g_loss`` and, in validation, ``val_recon`` (squared error of
+    G(E(x)) per pixel, a sign of a consistent E and G).
     """
 
     def __init__(
@@ -288,14 +291,18 @@ class BiganModule(_Base):
         seed: int | None = 0,
         smooth: float = 0.9,
         upsample: str = "transposed",
+        instance_noise: float = 0.2,
     ) -> None:
         super().__init__(encoder, lr, augment, seed)
         sides = _mirror_sides(encoder, patch_size)
         self.generator = Decoder(code_size, encoder.feature_shape[0], sides, upsample)
         self.discriminator = _Discriminator(code_size, width=max(4, encoder.feature_shape[0] // 2))
         self.code_size, self.smooth = int(code_size), float(smooth)
+        self.instance_noise = float(instance_noise)
         self.automatic_optimization = False
-        self.save_hyperparameters({"lr": lr, "code_size": code_size, "smooth": smooth})
+        self.save_hyperparameters(
+            {"lr": lr, "code_size": code_size, "smooth": smooth, "instance_noise": instance_noise}
+        )
         self.register_buffer("_z_fixed", torch.randn(8, code_size, generator=torch.Generator().manual_seed(0)))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -307,6 +314,10 @@ class BiganModule(_Base):
         z_hat = self.encoder(x)
         fake = self.generator(z)
         ones, zeros = torch.full((n,), self.smooth, device=x.device), torch.zeros(n, device=x.device)
+        sd = self.noise_sd()
+        if sd > 0:  # D sees noisy images: its two distributions overlap, its gradients stay informative
+            real = real + sd * torch.randn_like(real)
+            fake = fake + sd * torch.randn_like(fake)
         # discriminator step
         d_real = self.discriminator(real, z_hat.detach())
         d_fake = self.discriminator(fake.detach(), z)
@@ -325,6 +336,18 @@ class BiganModule(_Base):
         self.log("train_g_loss", g_loss, prog_bar=True, batch_size=n)
         self.log("train_loss", d_loss + g_loss, batch_size=n)
         return d_loss + g_loss
+
+    def noise_sd(self) -> float:
+        """The instance noise's sd for this batch: ``instance_noise`` at the first, falling
+        linearly to 0 at the middle of the run, 0 after (constant without a trainer)."""
+        if self.instance_noise <= 0:
+            return 0.0
+        trainer = self._trainer
+        if trainer is None:
+            return self.instance_noise
+        batches = max(1, int(trainer.estimated_stepping_batches))
+        # global_step counts optimizer steps, two per batch (D, then E and G): 1 at mid-run
+        return self.instance_noise * max(0.0, 1.0 - self.global_step / batches)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = self._inputs(batch, False)

@@ -166,4 +166,6 @@ def _module(config: UnsupervisedConfig, encoder: Any) -> Any:
     common["upsample"] = config.upsample
     if config.method == "vae":
         return VaeModule(encoder.module, encoder.code_size, encoder.patch_size, kl_weight=config.kl_weight, **common)
-    return BiganModule(encoder.module, encoder.code_size, encoder.patch_size, **common)
+    return BiganModule(
+        encoder.module, encoder.code_size, encoder.patch_size, instance_noise=config.instance_noise, **common
+    )
