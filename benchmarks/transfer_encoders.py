@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--synth-n", type=int, default=100, help="generated patches per tissue class / per task")
     ap.add_argument("--sampling", default="proportional", help="task sampling of the multitask runs")
     ap.add_argument("--aug-strength", type=float, default=1.0)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument(
+        "--weight-decay", type=float, default=None, help="Adam weight decay (default: nic's; 0 for the runs before it)"
+    )
     ap.add_argument(
         "--encoder",
         default="nic-cnn",
@@ -67,6 +69,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.weight_decay is None:
+        from nic.encoder_training import EncoderTrainConfig
+
+        args.weight_decay = EncoderTrainConfig.__dataclass_fields__["weight_decay"].default
 
     import torch
 

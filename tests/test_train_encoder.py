@@ -134,6 +134,7 @@ def test_parse_task_spec() -> None:
         ({"epochs": 0}, "`epochs` must be an integer of at least 1"),
         ({"batch_size": 0}, "`batch_size` must be an integer of at least 1"),
         ({"lr": 0.0}, "`lr` must be a number greater than 0"),
+        ({"weight_decay": -1e-4}, "`weight_decay` must be a number"),
         ({"sampling": "random"}, "`sampling` must be one of proportional, balanced"),
         ({"samples_per_epoch": 0}, "`samples_per_epoch` must be an integer of at least 1"),
         ({"val_fraction": 1.0}, r"`val_fraction` must be a number in \(0, 1\)"),
@@ -291,6 +292,8 @@ def test_cli_train_probe_preview(tmp_path: Path, synth: Path) -> None:
             "16",
             "--aug-strength",
             "0.5",
+            "--weight-decay",
+            "0.001",
             "--no-progress",
             "--out",
             str(run),
@@ -298,7 +301,8 @@ def test_cli_train_probe_preview(tmp_path: Path, synth: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "patches/s" in r.output and (run / "encoder" / "encoder.safetensors").is_file()
-    assert json.loads((run / "config.json").read_text())["train"]["augment"]["strength"] == 0.5
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["augment"]["strength"] == 0.5 and saved["weight_decay"] == 0.001
     r = _run(["probe", "--encoder", str(run / "encoder"), "--data", f"class:{synth / 'tissue_type'}"])
     assert r.exit_code == 0, r.output
     assert "accuracy" in r.output and "auc" in r.output

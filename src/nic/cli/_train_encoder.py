@@ -107,6 +107,9 @@ def train_encoder_cmd(
         "--aug-strength",
         help="Colour/geometry augmentation strength (0 = none, 1 = default heavy).",
     ),
+    weight_decay: float = config_option(
+        MULTITASK, "weight_decay", "Multitask: L2 penalty on the weights (Adam weight_decay); 0 for none."
+    ),
     sampling: str = config_option(
         MULTITASK, "sampling", "'proportional' (by dataset size) or 'balanced' (tasks equally often)."
     ),
@@ -161,8 +164,9 @@ def train_encoder_cmd(
         if slides:
             raise OptionError("--slides is for the unsupervised methods; give --method vae, contrastive or bigan")
         tasks = tuple(parse_task_spec(t) for t in task or ())
-        config = EncoderTrainConfig(tasks=tasks, sampling=sampling, samples_per_epoch=samples_per_epoch,
-                                    max_per_task=max_per_task, val_fraction=val_fraction, **shared)  # fmt: skip
+        config = EncoderTrainConfig(tasks=tasks, weight_decay=weight_decay, sampling=sampling,
+                                    samples_per_epoch=samples_per_epoch, max_per_task=max_per_task,
+                                    val_fraction=val_fraction, **shared)  # fmt: skip
         result, items = train_encoder(config, out), "patches"
     else:
         if task:

@@ -130,16 +130,16 @@ class EncoderRunSettings:
 class EncoderTrainConfig(EncoderRunSettings):
     """A supervised multitask run: one head per :class:`TaskSpec` on a shared encoder.
 
-    ``lr`` (Adam) is divided by 10 when ``val_loss`` has not improved for
-    ``plateau_patience`` epochs (down to ``min_lr``); ``samples_per_epoch`` (default: all
-    training patches) sets the epoch length, drawn across tasks as ``sampling`` says;
-    ``max_per_task`` caps each task's training patches (quick runs); ``val_fraction`` of
-    each task's groups is held out for validation.
+    ``lr`` (Adam, with ``weight_decay`` as an L2 penalty on every weight) is divided by 10
+    when ``val_loss`` has not improved for ``plateau_patience`` epochs (down to ``min_lr``);
+    ``samples_per_epoch`` (default: all training patches) sets the epoch length, drawn
+    across tasks as ``sampling`` says; ``max_per_task`` caps each task's training patches
+    (quick runs); ``val_fraction`` of each task's groups is held out for validation.
     """
 
     tasks: tuple[TaskSpec, ...]
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
     sampling: str = "proportional"
     samples_per_epoch: int | None = None
     max_per_task: int | None = None
@@ -156,6 +156,7 @@ class EncoderTrainConfig(EncoderRunSettings):
             raise OptionError(f"task name(s) {', '.join(dup)} given twice; name each task once")
         super().__post_init__()
         check_number("lr", self.lr, 0, float("inf"), low_open=True)
+        check_number("weight_decay", self.weight_decay, 0, float("inf"))
         check_choice("sampling", self.sampling, SAMPLING)
         for name in ("samples_per_epoch", "max_per_task"):
             if getattr(self, name) is not None:
