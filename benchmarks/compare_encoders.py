@@ -119,7 +119,7 @@ def train(work: Path, method: str, slides: tuple[str, ...], args: argparse.Names
         patches=args.patches,
         val_patches=256,
         kl_weight=args.kl_weight,
-        upsample=args.upsample,
+        upsample=args.upsample,  # None: the method's default
         **({} if args.instance_noise is None else {"instance_noise": args.instance_noise}),
         epochs=args.epochs,
         batch_size=64,
@@ -141,7 +141,9 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=3000, help="training patches (pairs) per method")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--kl-weight", type=float, default=0.01, help="VAE KL weight")
-    ap.add_argument("--upsample", default="transposed", help="VAE decoder / BiGAN generator: transposed or resize")
+    ap.add_argument(
+        "--upsample", default=None, help="VAE decoder / BiGAN generator: transposed or resize (default: nic's)"
+    )
     ap.add_argument("--instance-noise", type=float, default=None, help="BiGAN: instance noise sd (default: nic's)")
     ap.add_argument("--train-seed", type=int, default=None, help="seed of the encoder training (default: --seed)")
     ap.add_argument("--suffix", default="", help="appended to the run folders' names (variants of a method)")

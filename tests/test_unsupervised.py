@@ -197,7 +197,7 @@ def test_method_trains_exports_and_compresses(method: str, upsample: str, slides
         epochs=3,
         batch_size=16,
         lr=3e-3 if method != "bigan" else 1e-3,
-        upsample=upsample or "transposed",
+        upsample=upsample or None,
         progress=False,
         seed=0,
     )
@@ -261,6 +261,26 @@ def test_bigan_instance_noise_reaches_the_discriminator_and_fades_by_mid_run(
     assert [round(sd, 4) for sd, _ in seen] == [0.2, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0]  # 8 batches
     for sd, measured in seen:  # the real images D sees carry noise of that sd (none once it has faded)
         assert measured == pytest.approx(sd, abs=0.02) if sd > 0 else measured == 0.0
+
+
+def test_upsampling_defaults_per_method_and_the_run_records_it() -> None:
+    from torch import nn
+
+    from nic.encoder_training import UnsupervisedConfig
+    from nic.encoder_training._unsupervised import _module
+    from nic.encoders import load_encoder
+
+    def resizes(cfg: UnsupervisedConfig) -> bool:
+        module = _module(cfg, load_encoder(TINY, seed=0))
+        decoder = module.generator if cfg.method == "bigan" else module.decoder
+        return any(isinstance(m, nn.Upsample) for m in decoder.modules())
+
+    bigan, vae = (UnsupervisedConfig(method=m, slides=("s.svs",)) for m in ("bigan", "vae"))
+    assert (bigan.upsampling, vae.upsampling) == ("resize", "transposed")
+    assert bigan.to_json()["upsample"] == "resize" and vae.to_json()["upsample"] == "transposed"
+    assert resizes(bigan) and not resizes(vae)
+    chosen = UnsupervisedConfig(method="bigan", slides=("s.svs",), upsample="transposed")
+    assert chosen.upsampling == "transposed" and not resizes(chosen)
 
 
 @pytest.mark.parametrize("upsample", ["transposed", "resize"])

@@ -76,11 +76,12 @@ def train_encoder_cmd(
     ),
     val_patches: int = config_option(UNSUPERVISED, "val_patches", "Unsupervised methods: validation patches (pairs)."),
     kl_weight: float = config_option(UNSUPERVISED, "kl_weight", "VAE: weight of the KL term (small)."),
-    upsample: str = config_option(
-        UNSUPERVISED,
-        "upsample",
-        "VAE decoder and BiGAN generator: {names:nic.encoder_training._config:UPSAMPLE} (resize: nearest"
+    upsample: str | None = typer.Option(
+        None,
+        "--upsample",
+        help="VAE decoder and BiGAN generator: {names:nic.encoder_training._config:UPSAMPLE} (resize: nearest"
         " then a 3x3 conv, no checkerboard).",
+        show_default="transposed (vae), resize (bigan)",
     ),
     instance_noise: float = config_option(
         UNSUPERVISED,

@@ -40,6 +40,7 @@ SAMPLING = ("proportional", "balanced")
 BALANCE = ("cells", "slides")
 #: How the VAE's decoder and the BiGAN's generator upsample (see :class:`~nic.encoder_training._methods.Decoder`).
 UPSAMPLE = ("transposed", "resize")
+_DEFAULT_UPSAMPLE = {"vae": "transposed", "contrastive": "transposed", "bigan": "resize"}
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,8 @@ class UnsupervisedConfig(EncoderRunSettings):
     another seed; ``balance`` ``slides`` draws every slide equally often (else every tissue
     cell).  ``lr`` ``None`` is the method's default (Adam; 2e-4 for the BiGAN);
     ``kl_weight`` weighs the VAE's KL term against its summed squared error; ``upsample``
-    is how the VAE's decoder and the BiGAN's generator enlarge their maps (:data:`UPSAMPLE`);
+    is how the VAE's decoder and the BiGAN's generator enlarge their maps (:data:`UPSAMPLE`;
+    ``None``: the method's default, ``transposed`` for the VAE, ``resize`` for the BiGAN);
     ``instance_noise`` the standard deviation of the Gaussian noise added to every image the
     BiGAN's discriminator sees (in [-1, 1] units), decreasing linearly to 0 over the run.
     The BiGAN has no validation loss to stop on and runs all ``epochs``.
@@ -194,7 +196,7 @@ class UnsupervisedConfig(EncoderRunSettings):
     epochs: int = 5
     lr: float | None = None
     kl_weight: float = 0.01
-    upsample: str = "transposed"
+    upsample: str | None = None
     instance_noise: float = 0.2
     min_tissue: float = 0.5
     balance: str = "cells"
@@ -217,13 +219,20 @@ class UnsupervisedConfig(EncoderRunSettings):
         check_number("instance_noise", self.instance_noise, 0, float("inf"))
         check_number("min_tissue", self.min_tissue, 0, 1)
         check_choice("balance", self.balance, BALANCE)
-        check_choice("upsample", self.upsample, UPSAMPLE)
+        if self.upsample is not None:
+            check_choice("upsample", self.upsample, UPSAMPLE)
 
     @property
     def learning_rate(self) -> float:
         return float(self.lr if self.lr is not None else _DEFAULT_LR[self.method])
 
+    @property
+    def upsampling(self) -> str:
+        """``upsample``, or the method's default when it is ``None``."""
+        return self.upsample if self.upsample is not None else _DEFAULT_UPSAMPLE[self.method]
+
     def to_json(self) -> dict[str, Any]:
         d = super().to_json()
         d["slides"] = list(self.slides)
+        d["upsample"] = self.upsampling  # what the run used
         return d

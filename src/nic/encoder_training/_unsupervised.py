@@ -163,7 +163,7 @@ def _module(config: UnsupervisedConfig, encoder: Any) -> Any:
     common = {"lr": config.learning_rate, "augment": config.augment, "seed": config.seed}
     if config.method == "contrastive":
         return SiameseModule(encoder.module, encoder.code_size, **common)
-    common["upsample"] = config.upsample
+    common["upsample"] = config.upsampling
     if config.method == "vae":
         return VaeModule(encoder.module, encoder.code_size, encoder.patch_size, kl_weight=config.kl_weight, **common)
     return BiganModule(
