@@ -184,7 +184,7 @@ class UnsupervisedConfig(EncoderRunSettings):
     is how the VAE's decoder and the BiGAN's generator enlarge their maps (:data:`UPSAMPLE`;
     ``None``: the method's default, ``transposed`` for the VAE, ``resize`` for the BiGAN);
     ``instance_noise`` the standard deviation of the Gaussian noise added to every image the
-    BiGAN's discriminator sees (in [-1, 1] units), decreasing linearly to 0 over the run.
+    BiGAN's discriminator sees (in [-1, 1] units), decreasing linearly to 0 by mid-run.
     The BiGAN has no validation loss to stop on and runs all ``epochs``.
     """
 
