@@ -72,7 +72,7 @@ def main() -> None:
     if args.weight_decay is None:
         from nic.encoder_training import EncoderTrainConfig
 
-        args.weight_decay = EncoderTrainConfig.__dataclass_fields__["weight_decay"].default
+        args.weight_decay = EncoderTrainConfig.weight_decay  # the dataclass field's default
 
     import torch
 

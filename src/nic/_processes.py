@@ -8,7 +8,7 @@ nic at its top level, without the ``if __name__ == "__main__":`` guard, would th
 whole job again inside every worker, and, when it reaches a slide the parent has locked,
 wait for it while the parent waits for that worker.  :func:`spawn_context` and
 :func:`check_main_guard` turn that into an error, raised at once in the worker (which the
-user sees on stderr) and reported by the parent (:data:`MAIN_GUARD_HINT`).
+user sees on stderr) and reported by the parent (:data:`WORKER_DIED_HINT`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ from typing import Any
 
 from nic.errors import NicError
 
-__all__ = ["MAIN_GUARD_HINT", "check_main_guard", "spawn_context"]
+__all__ = ["MAIN_GUARD_HINT", "WORKER_DIED_HINT", "check_main_guard", "spawn_context"]
 
 #: What to do when a spawned worker failed while it started.
 MAIN_GUARD_HINT = (
     'a script that calls nic must do so under `if __name__ == "__main__":`, since worker processes '
     "import the script again when they start"
+)
+
+#: Why a spawned worker ends without a result, for the parent's message.
+WORKER_DIED_HINT = (
+    f"it was killed (e.g. out of memory), or it failed while starting, e.g. because {MAIN_GUARD_HINT} "
+    "(its error is printed above)"
 )
 
 

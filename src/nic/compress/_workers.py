@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nic._processes import MAIN_GUARD_HINT, spawn_context
+from nic._processes import WORKER_DIED_HINT, spawn_context
 from nic.errors import NicError
 
 logger = logging.getLogger(__name__)
@@ -233,10 +233,7 @@ class ReaderPool:
         try:
             return future.result()
         except BrokenProcessPool as e:
-            raise NicError(
-                "a reader process ended abruptly: it was killed (e.g. out of memory), or it failed while "
-                f"starting, e.g. because {MAIN_GUARD_HINT} (its error is printed above)"
-            ) from e
+            raise NicError(f"a reader process ended abruptly: {WORKER_DIED_HINT}") from e
 
     def patches(self, result: Any, slot: int) -> np.ndarray:
         if slot < 0:

@@ -468,7 +468,7 @@ def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainRes
     import queue
 
     from nic._outputs import check_new_folder
-    from nic._processes import MAIN_GUARD_HINT, spawn_context
+    from nic._processes import WORKER_DIED_HINT, spawn_context
 
     ctx = spawn_context()  # first: a rank re-running an unguarded script would find `out` made
     out = Path(out)
@@ -489,8 +489,7 @@ def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainRes
                 if dead:
                     code = procs[dead[0]].exitcode
                     raise RuntimeError(
-                        f"training process {dead[0]} ended with exit code {code} without a result "
-                        f"(killed, or it failed while starting, e.g. because {MAIN_GUARD_HINT})"
+                        f"training process {dead[0]} ended with exit code {code} without a result: {WORKER_DIED_HINT}"
                     ) from None
                 continue
             if error is not None:

@@ -124,7 +124,7 @@ def fit_folds_parallel(
     here as it was raised in the worker."""
     import torch
 
-    from nic._processes import MAIN_GUARD_HINT, spawn_context
+    from nic._processes import WORKER_DIED_HINT, spawn_context
 
     assert config.devices
     devices = config.devices
@@ -145,10 +145,7 @@ def fit_folds_parallel(
                 try:
                     _, meta, state, hist, views = fut.result()  # a worker's error is raised here
                 except BrokenProcessPool as e:
-                    raise RuntimeError(
-                        f"the worker fitting fold {k} ended abruptly: it was killed (e.g. out of memory), or it "
-                        f"failed while starting, e.g. because {MAIN_GUARD_HINT} (its error is printed above)"
-                    ) from e
+                    raise RuntimeError(f"the worker fitting fold {k} ended abruptly: {WORKER_DIED_HINT}") from e
                 out[k] = (_model_from(meta, state), hist, views)
                 if k + n < len(jobs):
                     running[pool.submit(_run_fold_job, jobs[k + n])] = k + n
