@@ -30,7 +30,9 @@ Usage (each training run takes minutes on 2 shared cores)::
 
     python benchmarks/compare_encoders.py --work /tmp/nic_compare --patches 3000 --epochs 2
 
-Writes ``<work>/results.json`` and ``<work>/results.md``; finished runs are reused.
+Writes ``<work>/results.json`` and ``<work>/results.md``; finished runs are reused. Slide-level
+results are kept per cohort and seed under ``<work>/slide_cv/``, so a rerun with ``--cv-encoders``
+recomputes only those and keeps the other encoders' rows of the same cohort and seed.
 """
 
 from __future__ import annotations
@@ -66,16 +68,32 @@ SLIDE_LABELS = (
 )
 
 
+def slide_cv_folder(work: Path, cohort_dir: Path, name: str, seed: int) -> Path:
+    """Where encoder ``name``'s slide-level results on ``cohort_dir`` with training seed
+    ``seed`` are kept: results of another cohort or seed are never reused for these."""
+    import hashlib
+    import re
+
+    key = hashlib.sha256(f"{cohort_dir.resolve()}|{seed}".encode()).hexdigest()[:10]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return work / "slide_cv" / f"{cohort_dir.resolve().name}-seed{seed}-{key}" / slug
+
+
+def cached_slide_cv(folder: Path) -> dict[str, dict] | None:
+    """The three labels' results kept in ``folder``, or None if any is missing."""
+    caches = [folder / f"cv_{label}.json" for label, *_ in SLIDE_LABELS]
+    if not all(c.is_file() for c in caches):
+        return None
+    return {label: json.loads(c.read_text()) for (label, *_), c in zip(SLIDE_LABELS, caches)}
+
+
 def slide_cv(work: Path, cohort_dir: Path, name: str, spec: str, args: argparse.Namespace) -> dict[str, dict]:
     """Compress ``cohort_dir/slides`` with encoder ``spec`` and cross-validate the three
     slide-level labels on the codes; {label: metric entry of metrics.json}."""
-    import re
-
     from nic.compress import CompressOptions, compress_slides
     from nic.learn import CVConfig, FitConfig, LabelSpec, train_cv
 
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    folder = work / "slide_cv" / slug
+    folder = slide_cv_folder(work, cohort_dir, name, args.seed)
     stores = folder / "compressed"
     results = compress_slides(
         [cohort_dir / "slides"],
@@ -221,8 +239,11 @@ def main() -> None:
         unknown = sorted(set(chosen) - set(encoders))
         if unknown:
             raise SystemExit(f"--cv-encoders: no encoder named {unknown[0]!r}; the table has {', '.join(encoders)}")
-        for name in chosen:
-            cv[name] = slide_cv(work, cv_cohort, name, encoders[name], args)
+        for name in encoders:  # every encoder's row: computed now if chosen, else kept from an earlier run
+            if name in chosen:
+                cv[name] = slide_cv(work, cv_cohort, name, encoders[name], args)
+            elif (kept := cached_slide_cv(slide_cv_folder(work, cv_cohort, name, args.seed))) is not None:
+                cv[name] = kept
 
     lines = [
         f"LC25000 lung probe ({len(table)} patches, 450 source groups, 3 classes; {args.repeats} group-aware "
