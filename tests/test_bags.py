@@ -237,15 +237,15 @@ def test_grid_fit_recovers_fractional_steps() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     step=st.floats(64, 1100),
-    origin=st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)),
+    origin=st.tuples(st.floats(-0.999, 0.999), st.floats(-0.999, 0.999)),
     rows=st.integers(1, 40),
     cols=st.integers(1, 40),
     seed=st.integers(0, 2**16),
     integer=st.booleans(),
 )
 def test_grid_recovered_from_corners(step, origin, rows, cols, seed, integer) -> None:
-    """Any subset of any grid (fractional step and origin), its corners rounded to whole
-    pixels or not, comes back at the same cells, origin and step."""
+    """Any subset of any grid (fractional step and origin, also left of / above the slide),
+    its corners rounded to whole pixels or not, comes back at the same cells, origin and step."""
     rc = np.argwhere(np.random.default_rng(seed).random((rows, cols)) < 0.5)
     if len(rc) < 2:
         rc = np.unique(np.array([[0, 0], [rows - 1, cols - 1]]), axis=0)

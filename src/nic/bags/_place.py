@@ -150,8 +150,12 @@ def place_on_grid(
                     "nic's grid holds one code per cell: pass `snap=True` to keep one patch per patch-sized cell"
                 )
         step = (sx, sy)
-        # the cell corner nearest the slide's top-left, a rounding error below 0 counting as 0
-        origin = (ox - math.floor((ox + tolerance(sx)) / sx) * sx, oy - math.floor((oy + tolerance(sy)) / sy) * sy)
+        # the cell corner nearest the slide's top-left, a rounding error below 0 counting as 0;
+        # a patch that starts left of / above the slide (snapped stores export those) starts the grid
+        origin = (
+            ox - max(0, math.floor((ox + tolerance(sx)) / sx)) * sx,
+            oy - max(0, math.floor((oy + tolerance(sy)) / sy)) * sy,
+        )
         cells = np.stack(
             [ky + int(round((oy - origin[1]) / sy)), kx + int(round((ox - origin[0]) / sx))], axis=1
         ).astype(np.int64)
@@ -162,6 +166,8 @@ def place_on_grid(
                 "repeated coordinates); pass `snap=True` to keep one patch per cell"
             )
     if len(cells):
+        if cells.min() < 0:  # never index from the far side of the grid
+            raise AssertionError(f"{source}: a patch placed at cell {cells.min(0).tolist()}, left of / above the grid")
         rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
     else:
         rows = cols = 0
