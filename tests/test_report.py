@@ -113,6 +113,36 @@ def test_report_has_every_section(runs: dict[str, Path], tmp_path: Path, task: s
     assert re.search(r"(src|href)=[\"']?(https?:|//|file:)", text) is None and "<script" not in text
 
 
+def test_report_reads_ids_and_classes_as_written(tmp_path: Path) -> None:
+    """Patient ids that look like numbers ("0007") and classes that sort one way as text and
+    another as numbers ("10" > "2"): the curves are drawn for the run's positive class, the
+    same AUC as metrics.json, and the gallery finds its patients."""
+    import json
+
+    import pandas as pd
+
+    from nic.explain import write_report
+
+    c = make_planted_cohort(tmp_path, 20, grid=(12, 12), n_pairs=2, seed=5)
+    df = pd.read_csv(c.labels, dtype=str)
+    df["patient"] = df["patient"].str[1:]
+    df["grade"] = np.where(df["growth_pattern"] == "1", "10", "2")
+    df.to_csv(tmp_path / "labels.csv", index=False)
+    run = tmp_path / "run"
+    spec = LabelSpec(tmp_path / "labels.csv", "binary", target="grade")
+    fit = FitConfig(model="meanpool", epochs=2, width=8, batch_size=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_cv(CVConfig(c.stores, spec, fit, folds=2, out=run, n_bootstrap=20))
+    finally:
+        torch.set_num_threads(before)
+    text = write_report(run, tmp_path / "r.html", gallery=1).read_text()
+    value = json.loads((run / "metrics.json").read_text())["auc"]["value"]
+    assert "Positive class: 10." in text and f"AUC {value:.3f}" in text
+    assert len(re.findall(r"confident: patient \d{4}, slide s\d{4}_\d", text)) == 2, "gallery pictures"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_demo_report_renders_in_chromium(tmp_path: Path) -> None:

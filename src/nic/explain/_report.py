@@ -115,12 +115,13 @@ def _binary_figures(y: np.ndarray, p: np.ndarray, label: str = "") -> tuple[list
     return figs, ece
 
 
-def _task_section(task: str, pred: Any) -> str:
+def _task_section(task: str, pred: Any, classes: list[str] | None = None) -> str:
+    """``classes``: the run's classes in its own order (the last of two is the positive one)."""
     parts: list[str] = []
     notes = ""
     if task == "binary":
-        classes = sorted(set(pred["target"].astype(str)))
-        y = (pred["target"].astype(str) == classes[-1]).to_numpy().astype(int)
+        assert classes is not None and len(classes) == 2
+        y = (pred["target"] == classes[-1]).to_numpy().astype(int)
         figs, ece = _binary_figures(y, pred["probability"].to_numpy())
         parts += figs
         notes = f"Positive class: {html.escape(classes[-1])}. Expected calibration error {ece:.3f} (10 bins)."
@@ -311,7 +312,10 @@ def report_html(run_dir: str | Path, gallery: int = 3) -> str:
     run = load_run(run_dir)
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    pred = pd.read_csv(run_dir / "predictions.csv")
+    text = {"patient": str}  # ids and class names as written ("007", "10"), never parsed as numbers
+    if run.task in ("binary", "multiclass"):
+        text.update(target=str, prediction=str)
+    pred = pd.read_csv(run_dir / "predictions.csv", dtype=text, keep_default_na=False, na_values=[""])
     cfg = run.config
     task = run.task
     n_slides = int(pred["n_slides"].sum()) if "n_slides" in pred else len(pred)
@@ -332,7 +336,7 @@ def report_html(run_dir: str | Path, gallery: int = 3) -> str:
         f"<h1>nic run report: {html.escape(run_dir.name)}</h1><p class=note>{html.escape(str(run_dir.resolve()))}</p>",
         f"<h2>Data</h2>{summary}",
         _metrics_section(metrics),
-        _task_section(task, pred),
+        _task_section(task, pred, run.models[0].classes),
         _uncertainty_section(pred),
         _gallery_section(run, pred, gallery) if gallery else "",
         _history_section(run_dir),
