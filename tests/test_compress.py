@@ -232,6 +232,28 @@ def test_complete_store_is_kept_and_overwrite_redoes_it(slides, encoder, tmp_pat
     assert open_store(store).variants == 8
 
 
+def test_same_weights_with_other_settings_are_another_encoder(slides, encoder_dir, tmp_path):
+    """The same weights with another normalisation give other codes: a complete store made
+    with one is not kept for the other, and a folder holding both is not one training set."""
+    from nic.store import EncoderIdentity, check_same_encoder
+
+    w = encoder_dir / "encoder.safetensors"
+    plain = nic.load_encoder("nic-cnn", weights=w)
+    store = compress_slide(slides["b"], plain, tmp_path, workers=0)
+    assert compress_slide(slides["b"], nic.load_encoder("nic-cnn", weights=w), tmp_path, workers=0) == store
+    other = nic.load_encoder("nic-cnn", weights=w, mean=(0.6, 0.5, 0.5))
+    assert other.checksum == plain.checksum
+    with pytest.raises(StoreError, match=r"made differently \(encoder settings mean \[0\.5, 0\.5, 0\.5\] \(this run: "):
+        compress_slide(slides["b"], other, tmp_path, workers=0)
+    compress_slide(slides["c"], other, tmp_path, workers=0)
+    stores = [open_store(p) for p in sorted(tmp_path.glob("*.zarr"))]
+    with pytest.raises(StoreError, match=r"another encoder or settings.*: settings sha256"):
+        check_same_encoder(stores, tmp_path)
+    # identities recorded before settings were (runs of older versions) still match
+    ident = stores[0].encoder
+    assert ident.settings and EncoderIdentity(**{**ident.to_json(), "settings": None}).diff(ident) == []
+
+
 # -- interruption, resume, locks ----------------------------------------------------------------
 
 

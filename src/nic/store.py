@@ -51,6 +51,7 @@ __all__ = [
     "CompressedSlide",
     "EncoderIdentity",
     "StoreAttrs",
+    "encoder_settings_sha256",
     "open_store",
     "create_store",
     "mark_complete",
@@ -101,7 +102,10 @@ class EncoderIdentity:
 
     ``checksum`` is the sha256 of the encoder's weights ("" for a random initialisation,
     which ``random_seed`` then identifies); ``mpp`` and ``patch`` are the grid's um/px and
-    patch side in pixels; ``variants`` is 8 for dihedral stores, else 1.
+    patch side in pixels; ``variants`` is 8 for dihedral stores, else 1; ``settings`` is
+    :func:`encoder_settings_sha256` of the encoder's config (the same weights with another
+    normalisation or pooling give other codes), None where not recorded (runs of older
+    versions): then it is not compared.
     """
 
     name: str = ""
@@ -112,6 +116,7 @@ class EncoderIdentity:
     variants: int = 1
     random_init: bool = False
     random_seed: int | None = None
+    settings: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -126,12 +131,15 @@ class EncoderIdentity:
         shortened to their first 12 hex digits."""
         labels = {"name": "encoder", "checksum": "weights sha256", "mpp": "um/px", "patch": "patch px",
                   "code_size": "code size", "variants": "variants", "random_init": "random init",
-                  "random_seed": "random seed"}  # fmt: skip
+                  "random_seed": "random seed",
+                  "settings": "settings sha256 (normalisation, architecture options)"}  # fmt: skip
         out = []
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "settings" and (a is None or b is None):
+                continue
             if a != b:
-                if f.name == "checksum":
+                if f.name in ("checksum", "settings"):
                     a, b = a[:12], b[:12]
                 out.append(f"{labels[f.name]} {a!r} (not {b!r})")
         return out
@@ -152,6 +160,18 @@ class EncoderIdentity:
         if self.variants == 8:
             parts.append("8 dihedral variants")
         return f"{self.name or 'an unnamed encoder'} ({', '.join(parts)})"
+
+
+def encoder_settings_sha256(config: Mapping[str, Any] | None) -> str | None:
+    """sha256 of what in an encoder's recorded config (``EncoderConfig.to_json()``) decides
+    its codes besides the weights: everything but its display ``name``.  None for None."""
+    if config is None:
+        return None
+    import hashlib
+    import json
+
+    text = json.dumps({k: v for k, v in config.items() if k != "name"}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _pair(v: Any, kind: type = float) -> tuple[Any, Any] | None:
@@ -234,7 +254,8 @@ class StoreAttrs:
     @property
     def encoder(self) -> EncoderIdentity:
         return EncoderIdentity(self.encoder_name, self.encoder_checksum, self.mpp, self.patch, self.code_size,
-                               self.variants, bool(self.random_init), self.random_seed)  # fmt: skip
+                               self.variants, bool(self.random_init), self.random_seed,
+                               encoder_settings_sha256(self.encoder_config))  # fmt: skip
 
     def diff(self, want: Mapping[str, Any]) -> list[str]:
         """``"key X (this run: Y)"`` for every key of ``want`` whose value here differs."""

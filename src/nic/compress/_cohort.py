@@ -40,7 +40,7 @@ from nic.compress._pipeline import CompressOptions, compress_planned, plan_slide
 from nic.compress._workers import ReaderPool
 from nic.errors import DataError, SlideError, StoreError
 from nic.slide import SLIDE_SUFFIXES, list_slides
-from nic.store import StoreAttrs, is_complete, slide_id_for, store_path, verify_store
+from nic.store import StoreAttrs, encoder_settings_sha256, is_complete, slide_id_for, store_path, verify_store
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +287,9 @@ class _Cohort:
             diff.append(f"slide_mpp {list(meta.slide_mpp or ())!r} given by the user (this run: the file's)")
         seed = e.source.get("seed") if e.random_init else None
         diff += meta.diff({"random_init": e.random_init, "random_seed": seed})
+        have_settings = encoder_settings_sha256(meta.encoder_config)
+        if have_settings is not None and have_settings != encoder_settings_sha256(e.config.to_json()):
+            diff.append(f"encoder settings {_settings_diff(meta.encoder_config or {}, e.config.to_json())}")
         if e.random_init and seed is None:  # an unseeded random initialisation is never the same twice
             diff.insert(
                 0,
@@ -389,6 +392,12 @@ class _Cohort:
             if not pending or left <= 0:
                 return
             time.sleep(min(1.0, left))
+
+
+def _settings_diff(have: dict[str, Any], want: dict[str, Any]) -> str:
+    """``"mean [..] (this run: [..])"`` for each config key that differs, name aside."""
+    keys = sorted((set(have) | set(want)) - {"name"})
+    return ", ".join(f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in keys if have.get(k) != want.get(k))
 
 
 def _open_attrs(store: Path) -> dict[str, object]:
