@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,7 @@ def test_saved_metadata_is_checked(tmp_path: Path) -> None:
         load_encoder(tmp_path / "a")
 
 
-def test_timm_weights_and_pickle_policy(tmp_path: Path) -> None:
+def test_timm_weights_and_pickle_policy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
@@ -242,8 +243,17 @@ def test_timm_weights_and_pickle_policy(tmp_path: Path) -> None:
     patches = _patches(3, 32)
     expected = source.embed(patches)
 
-    from_query = load_encoder(f"timm:test_resnet?patch_size=32&weights={tmp_path / 'w.safetensors'}")
-    from_kwarg = load_encoder("timm:test_resnet", weights=tmp_path / "w.safetensors", patch_size=32)
+    with caplog.at_level(logging.WARNING, logger="nic"):
+        from_query = load_encoder(f"timm:test_resnet?patch_size=32&weights={tmp_path / 'w.safetensors'}")
+    # local weights without their mean/std: normalised with timm's own, said aloud
+    assert "w.safetensors: normalising with mean [0.5, 0.5, 0.5] / std [0.5, 0.5, 0.5], timm's values" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nic"):
+        from_kwarg = load_encoder(
+            "timm:test_resnet", weights=tmp_path / "w.safetensors", patch_size=32, mean=source.config.mean,
+            std=source.config.std,
+        )  # fmt: skip
+    assert "normalising" not in caplog.text
     np.testing.assert_array_equal(from_query.embed(patches), expected)
     np.testing.assert_array_equal(from_kwarg.embed(patches), expected)
     assert from_query.checksum == file_sha256(tmp_path / "w.safetensors")

@@ -315,6 +315,14 @@ def _create(
             encoder = create_encoder(name, **kwargs)
     if file not in (None, ""):
         _load_weights_into(encoder, Path(str(file)).expanduser(), unsafe)
+        if name == "timm" and ("mean" not in kwargs or "std" not in kwargs):
+            c = encoder.config
+            logger.warning(
+                "%s: normalising with mean %s / std %s, timm's values for its own %s weights; if these weights "
+                "were trained with others, pass them (e.g. ImageNet's, for UNI: "
+                "mean=[0.485,0.456,0.406]&std=[0.229,0.224,0.225])",
+                file, [round(v, 4) for v in c.mean], [round(v, 4) for v in c.std], kwargs.get("model_name"),
+            )  # fmt: skip
     elif name == "timm" and bool(kwargs.get("pretrained")):
         encoder.checksum = _state_sha256(encoder.module)
         encoder.source = {"format": "timm-pretrained", "model": kwargs["model_name"], "sha256": encoder.checksum}

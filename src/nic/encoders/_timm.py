@@ -7,10 +7,11 @@ whose pooled output after its conv head has 1,024); mean/std come from timm's
 pretrained config (ImageNet defaults for most models); the patch size from
 ``patch_size``, else ``img_size``, else the model's default input size, else 224 px.
 Foundation encoders (ViT-class, e.g. ``timm:vit_large_patch16_224?weights=FILE&init_values=1e-5``
-for UNI) take their mean/std and 224 px patch from the same config, 0.5 um/px unless
-``mpp=`` says otherwise.  Random initialisation unless ``pretrained=True`` is
-asked for explicitly (timm then downloads); local weights are loaded by
-:func:`nic.encoders.load_encoder` (``weights=``).
+for UNI) take their 224 px patch from the same config, 0.5 um/px unless ``mpp=`` says
+otherwise; their mean/std must be given (``mean=[..]&std=[..]``) where they differ from
+timm's for its own weights (``load_encoder`` warns when local weights come without them).
+Random initialisation unless ``pretrained=True`` is asked for explicitly (timm then
+downloads); local weights are loaded by :func:`nic.encoders.load_encoder` (``weights=``).
 """
 
 from __future__ import annotations
