@@ -381,6 +381,14 @@ def test_slides_must_match_the_bags(cmu_store: Path, tmp_path: Path, cmu: Path, 
     with pytest.raises(DataError, match="made from a 4000 x 2967 px slide.*2220 x 2967"):
         import_bags(tmp_path / "t", "trident", tmp_path / "b", slides=[cmu])
     assert not (tmp_path / "b").exists()  # refused before anything was written
+    # a bag of a 40x scan (0.25 um/px) given this 0.499 um/px slide: its codes would be at 1 um/px here
+    with h5py.File(tmp_path / "t" / "CMU-1-Small-Region.h5", "r+") as f:
+        f["coords"].attrs["level0_width"] = 2220
+        f["coords"].attrs["level0_magnification"] = 40
+        del f["coords"].attrs["patch_size_level0"]
+    with pytest.raises(DataError, match=r"level 0 TRIDENT called 40x, but its slide is 0\.499 um/px \(20x\)"):
+        import_bags(tmp_path / "t", "trident", tmp_path / "b", slides=[cmu])
+    assert not (tmp_path / "b").exists()
 
 
 def test_export_refuses_a_folder_with_files(tmp_path: Path) -> None:

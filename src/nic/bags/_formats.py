@@ -223,6 +223,15 @@ def _read_trident(path: Path, info: SlideInfo) -> Bag:
     else:
         _need(ca, ("level0_magnification",), path, "pass the TRIDENT coordinates as TRIDENT wrote them")
         p0 = patch * float(ca["level0_magnification"]) / target
+    if info.mpp and ca.get("level0_magnification") not in (None, "None"):
+        # TRIDENT names level 0 by its um/px bucket: another bucket means another scan (or um/px)
+        made, here = float(ca["level0_magnification"]), trident_magnification(float(info.mpp[0]))
+        if not math.isclose(made, here, rel_tol=1e-3):
+            raise DataError(
+                f"{path}: made from a slide whose level 0 TRIDENT called {_number(made)}x, but its slide is "
+                f"{float(info.mpp[0]):.4g} um/px ({_number(here)}x), so these codes are not at "
+                f"{10.0 / target:g} um/px on it; give the slide they were made from, or its true um/px (`mpp`)"
+            )
     overlap = float(ca.get("overlap") or 0) * p0 / patch
     size = None
     if ca.get("level0_width") not in (None, "None") and ca.get("level0_height") not in (None, "None"):
