@@ -254,6 +254,17 @@ def test_same_weights_with_other_settings_are_another_encoder(slides, encoder_di
     assert ident.settings and EncoderIdentity(**{**ident.to_json(), "settings": None}).diff(ident) == []
 
 
+def test_codes_beyond_float16_fail_the_slide_instead_of_storing_inf(slides, tmp_path):
+    """float16 holds |x| <= 65504: an encoder whose codes are larger (here mean colour / 1e-6)
+    fails the slide with a message, and no complete store of infinities is left."""
+    from nic.errors import EncoderError
+
+    huge = nic.load_encoder("mean-rgb", std=(1e-6,) * 3)
+    with pytest.raises(EncoderError, match=r"NaN or beyond float16's range .* e\.g\. cell \(\d+, \d+\); .*fp32"):
+        compress_slide(slides["b"], huge, tmp_path, workers=0)
+    assert not is_complete(store_path(tmp_path, "b"))
+
+
 # -- interruption, resume, locks ----------------------------------------------------------------
 
 

@@ -53,6 +53,11 @@ def compress(
         "readers, or device (also on a CPU).",
     ),
     device: str = config_option(OPTIONS, "device", f"torch device: {DEVICE_HELP}."),
+    precision: str = config_option(
+        OPTIONS,
+        "precision",
+        "Encoder arithmetic: auto (fp16 autocast on CUDA/MPS, fp32 on a CPU), fp32, fp16 or bf16.",
+    ),
     dihedral: bool = config_option(
         OPTIONS, "dihedral", "Also store the 8 rotations/flips of every patch: (8, C, H, W)."
     ),
@@ -126,8 +131,8 @@ def compress(
 
     options = CompressOptions(
         mpp=mpp, batch_size=_auto_or_int(batch_size), workers=_auto_or_int(workers), device=device,
-        decode=decode, dihedral=dihedral, overwrite=overwrite, min_tissue=min_tissue, random_init=random_init,
-        seed=seed, busy_wait=wait_busy,
+        decode=decode, precision=precision, dihedral=dihedral, overwrite=overwrite, min_tissue=min_tissue,
+        random_init=random_init, seed=seed, busy_wait=wait_busy,
     )  # fmt: skip
     files = collect_slides(slides)
     if not files:

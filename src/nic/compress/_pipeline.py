@@ -36,7 +36,7 @@ from nic._outputs import file_sha256
 from nic.compress._encode import DIHEDRAL_ORDER, BatchEncoder, Precision
 from nic.compress._tiles import DeviceTiles, open_device_tiles
 from nic.compress._workers import ReaderPool, ReadTask, Transport, read_patches
-from nic.errors import MppError, OptionError, check_choice, check_int, check_number
+from nic.errors import EncoderError, MppError, OptionError, check_choice, check_int, check_number
 from nic.grid import PatchGrid, patch_grid
 from nic.slide._mpp import check_user_mpp
 from nic.store import StoreAttrs, create_store, mark_complete
@@ -332,7 +332,16 @@ class _Blocks:
         self.written = 0
 
     def add(self, codes: np.ndarray, cells: np.ndarray) -> None:
-        """Place codes (V, n, C) at grid cells (n, 2) (row, col)."""
+        """Place codes (V, n, C) at grid cells (n, 2) (row, col); :class:`EncoderError` for
+        codes that are not finite (NaN, or beyond float16's +-65504) instead of storing them."""
+        bad = ~np.isfinite(codes).all(axis=(0, 2))
+        if bad.any():
+            r, c = (int(v) for v in cells[int(np.argmax(bad))])
+            raise EncoderError(
+                f"the encoder gave codes that are NaN or beyond float16's range (|x| > 65504) for {int(bad.sum())} of "
+                f"{len(cells)} patches of a batch, e.g. cell ({r}, {c}); with half precision on a GPU try "
+                "`precision='fp32'`, else check the encoder's weights and normalisation"
+            )
         block = cells[:, 0] // BLOCK_ROWS
         for b in np.unique(block):
             b = int(b)
