@@ -255,3 +255,64 @@ def test_list_slides_reads_files_folders_and_csvs(tmp_path):
     (tmp_path / "nocol.csv").write_text("file\na.svs\n")
     with pytest.raises(DataError, match=r"nocol\.csv: no 'slide' or 'path' column \(columns: \['file'\]\)"):
         list_slides([tmp_path / "nocol.csv"])
+
+
+# -- pixels the fast path and the plain-image path must not get wrong -------------------------------
+
+
+def _smooth_rgb(h: int, w: int) -> np.ndarray:
+    """Smooth pink and purple shades on white: lossy codecs keep them to a grey level or two."""
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    tissue = (yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.12
+    rgb = np.stack([200 - 60 * xx, 90 + 50 * yy, 170 + 20 * xx * yy], axis=-1)
+    return np.where(tissue[..., None], rgb, 245).round().astype(np.uint8)
+
+
+def _to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """Full-range BT.601 YCbCr, as JPEG and TIFF's default YCbCr coefficients define it."""
+    r, g, b = np.moveaxis(rgb.astype(np.float64), -1, 0)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    return np.clip(np.rint(np.stack([y, cb, cr], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def test_ycbcr_tiles_are_read_in_rgb(tmp_path):
+    """Photometric YCbCr with deflate, and Aperio's JPEG 2000 YCbCr (compression 33003), decode
+    to Y, Cb, Cr samples: those levels go to OpenSlide, which converts them; YCbCr in JPEG
+    tiles (converted by the JPEG decoder) stays on the fast path."""
+    import imagecodecs
+
+    rgb = _smooth_rgb(512, 512)
+    deflate = tmp_path / "ycbcr_deflate.tif"
+    tifffile.imwrite(deflate, _to_ycbcr(rgb), tile=(256, 256), photometric="ycbcr", subsampling=(1, 1),
+                     compression="zlib", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # fmt: skip
+    j2k = tmp_path / "aperio_j2k.svs"
+    ycc = _to_ycbcr(rgb)
+    tiles = [imagecodecs.jpeg2k_encode(np.ascontiguousarray(ycc[i : i + 256, j : j + 256]), level=95,
+                                       codecformat="j2k", mct=False)
+             for i in (0, 256) for j in (0, 256)]  # fmt: skip
+    desc = "Aperio Image Library v10.0.50\r\n512x512 [0,0 512x512] (256x256) J2K/YUV16 Q=70|AppMag = 20|MPP = 0.5"
+    with tifffile.TiffWriter(j2k) as tw:
+        tw.write(iter(tiles), shape=(512, 512, 3), dtype=np.uint8, tile=(256, 256), photometric="rgb",
+                 compression=33003, description=desc, metadata=None)  # fmt: skip
+    jpeg = tmp_path / "ycbcr_jpeg.tif"
+    tifffile.imwrite(jpeg, rgb, tile=(256, 256), photometric="rgb", compression="jpeg",  # stored as YCbCr
+                     compressionargs={"level": 95, "outcolorspace": "ycbcr"}, resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+    assert tifffile.TiffFile(jpeg).pages[0].photometric == 6
+    for path, backend in ((deflate, "openslide"), (j2k, "openslide"), (jpeg, "tiff")):
+        with nic.open_slide(path) as s:
+            assert s.backend == backend, path.name
+            got = s.read_region((0, 0), (512, 512)).astype(int)
+        assert np.abs(got - rgb).mean() < 1.5, path.name
+
+
+def test_ycbcr_tiles_without_openslide_are_refused(tmp_path):
+    """An OME-TIFF (not for OpenSlide) of YCbCr deflate tiles: a clear error, not YCbCr as RGB."""
+    p = tmp_path / "ycbcr.ome.tif"
+    with tifffile.TiffWriter(p, ome=True) as tw:
+        tw.write(_to_ycbcr(_smooth_rgb(256, 256)), tile=(256, 256), photometric="ycbcr", subsampling=(1, 1),
+                 compression="zlib", metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "axes": "YXS"})  # fmt: skip
+    with pytest.raises(SlideError, match=r"ycbcr\.ome\.tif: its pixels are YCbCr \(ADOBE_DEFLATE.*RGB"):
+        nic.open_slide(p)

@@ -98,18 +98,34 @@ class _TiffLevel:
 
 
 #: TIFF compressions the fast path decodes (none, LZW, JPEG, deflate, JPEG 2000 variants, ...).
-FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 33003, 33004, 33005, 34712, 50000, 50001, 50002}
+#: Not 33003, Aperio's JPEG 2000 of YCbCr components: they decode to Y, Cb and Cr, which
+#: only OpenSlide turns into RGB.
+FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 33004, 33005, 34712, 50000, 50001, 50002}
+JPEG = 7
+#: Compressions whose YCbCr pixels tifffile (imagecodecs) decodes to RGB: old-style JPEG,
+#: JPEG and lossy JPEG.  With any other compression they come back as stored.
+_YCBCR_TO_RGB = {6, 7, 33007, 34892}
+APERIO_J2K_YCBCR = 33003
+
+
+def ycbcr_as_stored(page: Any) -> bool:
+    """Whether tifffile decodes ``page`` to Y, Cb, Cr samples rather than RGB: Aperio's
+    JPEG 2000 YCbCr, or photometric YCbCr with a compression other than JPEG."""
+    compression = int(page.compression)
+    return compression == APERIO_J2K_YCBCR or (int(page.photometric) == 6 and compression not in _YCBCR_TO_RGB)
 
 
 def tiled_rgb_page(page: Any) -> bool:
-    """Whether the fast path can decode ``page``: tiled, 8-bit RGB, a known compression."""
+    """Whether the fast path can decode ``page``: tiled, 8-bit RGB (YCbCr only when JPEG
+    decoding turns it into RGB), a known compression."""
+    photometric = int(page.photometric)
     return bool(
         page.is_tiled
         and page.tiledepth == 1
         and page.bitspersample == 8
         and page.samplesperpixel in (3, 4)
         and page.planarconfig == 1
-        and int(page.photometric) in (2, 6)  # RGB, YCbCr
+        and (photometric == 2 or (photometric == 6 and int(page.compression) == JPEG))  # RGB, JPEG YCbCr
         and int(page.compression) in FAST_COMPRESSIONS
     )
 

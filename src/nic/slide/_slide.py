@@ -17,6 +17,7 @@ from nic.slide._readers import (
     Reader,
     TiffTileReader,
     tiled_rgb_page,
+    ycbcr_as_stored,
 )
 
 __all__ = ["Slide", "open_slide", "PLAIN_IMAGE_SUFFIXES", "SLIDE_SUFFIXES", "is_slide_file"]
@@ -458,6 +459,14 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
             mpp_xy, source = _tiff_only_mpp(p, tif, mpp, vendor, props)
             _check_extent(p, pages)
             return Slide(p, TiffTileReader(p, levels, pages, None, tif), mpp_xy, source, vendor, props, "tiff")
+        if ycbcr_as_stored(base):
+            import tifffile
+
+            codec = tifffile.COMPRESSION(int(base.compression)).name
+            raise SlideError(
+                f"{p}: its pixels are YCbCr ({codec} compression), which nic turns into RGB only through "
+                "OpenSlide, and OpenSlide does not open this file; save it as an RGB (or JPEG-compressed) tiled TIFF"
+            )
         mpp_xy, source = _tiff_only_mpp(p, tif, mpp, vendor, props)
         rgb = _as_rgb(p, base.asarray())
         tif.close()
