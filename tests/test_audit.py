@@ -117,3 +117,20 @@ def test_encoder_sets_grid_and_speed(
     assert 0 < float(row["est_seconds"]) < 60
     big = audit_slide(odd_slides["good"], AuditOptions(mpp=0.5, patch=256))
     assert big.tissue_patches < default.tissue_patches
+
+
+def test_nearest_level_of_non_square_pixels_is_the_level_read(tmp_path: Path) -> None:
+    """0.25 x 0.5 um/px: level 1 is 0.5 um/px in x but 1.0 in y, so at 0.5 um/px level 0 is
+    read, and the audit names that level, at its coarser axis's um/px."""
+    from nic.slide import open_slide
+
+    p = tmp_path / "aniso.tif"
+    rgb = make_rgb(1024, 512, 5)
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(rgb, tile=(256, 256), photometric="rgb", resolution=(4e4, 2e4), resolutionunit="CENTIMETER")
+        tw.write(np.ascontiguousarray(rgb[::2, ::2]), tile=(256, 256), photometric="rgb", subfiletype=1)
+    row = audit_slide(p, FAST)
+    with open_slide(p) as s:
+        assert s.best_level(0.5) == 0
+    assert (row.nearest_level, row.nearest_level_mpp, row.level_near_encoder) == (0, 0.5, True)
+    assert "anisotropic pixels (0.25 x 0.5 um/px)" in row.flags and not row.would_fail

@@ -316,3 +316,26 @@ def test_ycbcr_tiles_without_openslide_are_refused(tmp_path):
                  compression="zlib", metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "axes": "YXS"})  # fmt: skip
     with pytest.raises(SlideError, match=r"ycbcr\.ome\.tif: its pixels are YCbCr \(ADOBE_DEFLATE.*RGB"):
         nic.open_slide(p)
+
+
+def _pyramid(path: Path, pixels: np.ndarray, mpp: tuple[float, float], levels: int = 2, **kw) -> Path:
+    """A tiled (256 px) TIFF pyramid of halving levels, level 0 at ``mpp`` (x, y) um/px."""
+    with tifffile.TiffWriter(path) as tw:
+        lv = pixels
+        for i in range(levels):
+            res = {"resolution": (1e4 / mpp[0], 1e4 / mpp[1]), "resolutionunit": "CENTIMETER"} if i == 0 else {}
+            tw.write(lv, tile=(256, 256), subfiletype=1 if i else 0, **res, **kw)
+            lv = np.ascontiguousarray(lv[::2, ::2])
+    return path
+
+
+def test_non_square_pixels_read_a_level_fine_enough_on_both_axes(tmp_path):
+    """0.25 x 0.5 um/px: at 0.5 um/px level 1 would be 1.0 um/px in y, so level 0 is read."""
+    rgb = np.full((512, 1024, 3), 230, np.uint8)
+    rgb[1::2] = (120, 40, 150)  # rows 0.5 um apart alternate
+    p = _pyramid(tmp_path / "aniso.tif", rgb, mpp=(0.25, 0.5), photometric="rgb")
+    with nic.open_slide(p) as s:
+        assert s.mpp == pytest.approx((0.25, 0.5))
+        assert s.best_level(0.5) == 0 and s.best_level(1.0) == 1
+        got = s.read_region((0, 0), (64, 64), mpp=0.5)
+    assert np.array_equal(got, rgb[:64, :128].reshape(64, 64, 2, 3).mean(axis=2).astype(np.uint8))

@@ -187,12 +187,11 @@ def _check_pyramid(row: AuditRow, ds: list[float]) -> None:
 def _check_levels(row: AuditRow, slide: Any, ds: list[float], o: AuditOptions) -> None:
     from nic.compress._pipeline import MPP_TOLERANCE
 
-    mx = float(slide.mpp[0])
-    level_mpp = [mx * d for d in ds]
+    coarse = max(slide.mpp)  # a level is as fine as its coarser axis (Slide.best_level)
+    level_mpp = [coarse * d for d in ds]
     best = min(range(len(ds)), key=lambda i: abs(math.log(level_mpp[i] / o.mpp)))
     row.nearest_level, row.nearest_level_mpp = best, round(level_mpp[best], 6)
     row.level_near_encoder = abs(math.log(level_mpp[best] / o.mpp)) <= math.log(NEAR)
-    coarse = max(slide.mpp)
     if coarse > o.mpp * MPP_TOLERANCE:
         row.flag(
             f"scanned at {coarse:.4g} um/px, coarser than the encoder's {o.mpp:g} um/px: nic compress refuses it",

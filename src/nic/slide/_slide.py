@@ -91,8 +91,9 @@ class Slide:
         return int(w * self.mpp[0] / mpp + 1e-6), int(h * self.mpp[1] / mpp + 1e-6)
 
     def best_level(self, mpp: float) -> int:
-        """The coarsest level that is still at least as fine as ``mpp`` um/px."""
-        want = mpp / min(self.mpp)
+        """The coarsest level that is still at least as fine as ``mpp`` um/px on both axes
+        (with non-square pixels, the coarser axis decides)."""
+        want = mpp / max(self.mpp)
         best = 0
         for i, lv in enumerate(self.levels):
             if lv.downsample <= want * (1 + 1e-3) and lv.downsample >= self.levels[best].downsample:
