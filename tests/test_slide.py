@@ -339,3 +339,20 @@ def test_non_square_pixels_read_a_level_fine_enough_on_both_axes(tmp_path):
         assert s.best_level(0.5) == 0 and s.best_level(1.0) == 1
         got = s.read_region((0, 0), (64, 64), mpp=0.5)
     assert np.array_equal(got, rgb[:64, :128].reshape(64, 64, 2, 3).mean(axis=2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("alpha", ["unassalpha", "assocalpha"])
+def test_tiled_rgba_tiff_is_composed_over_white(tmp_path, alpha):
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (512, 512, 1)).astype(np.uint8)
+    colour = rng.integers(0, 256, (512, 512, 3))
+    if alpha == "assocalpha":  # premultiplied: colour scaled by alpha
+        colour = colour * a // 255
+    rgba = np.concatenate([colour.astype(np.uint8), a], axis=-1)
+    rgba[:64] = 0  # transparent black
+    p = _pyramid(tmp_path / "rgba.tif", rgba, mpp=(0.5, 0.5), photometric="rgb", extrasamples=(alpha,))
+    with nic.open_slide(p) as fast, nic.open_slide(p, backend="openslide") as ref:
+        assert fast.backend == "tiff"
+        got, want = fast.read_region((0, 0), (512, 512)), ref.read_region((0, 0), (512, 512))
+    assert (got[:64] == 255).all()
+    assert np.abs(got.astype(int) - want).max() <= 1

@@ -73,14 +73,29 @@ class OpenSlideReader:
         self.handle.close()
 
 
-def _over_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (non-premultiplied, as PIL returns it) composed over a white background."""
+def _over_white(rgba: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """RGBA composed over a white background: non-premultiplied (as PIL returns it), or
+    ``premultiplied`` (a TIFF's associated alpha, whose colour is already scaled by alpha)."""
     alpha = rgba[..., 3]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgba[..., :3])
     a = alpha[..., None].astype(np.uint16)
-    rgb = (rgba[..., :3].astype(np.uint16) * a + WHITE * (255 - a) + 127) // 255
+    if premultiplied:
+        rgb = np.minimum(rgba[..., :3].astype(np.uint16) + (WHITE - a), WHITE)
+    else:
+        rgb = (rgba[..., :3].astype(np.uint16) * a + WHITE * (255 - a) + 127) // 255
     return rgb.astype(np.uint8)
+
+
+#: TIFF ExtraSamples value of an unassociated (not premultiplied) alpha.  libtiff, and so
+#: OpenSlide, takes associated and unspecified extra samples as premultiplied alpha.
+UNASSOCIATED_ALPHA = 2
+
+
+def premultiplied_alpha(page: Any) -> bool:
+    """Whether the fourth sample of a tifffile RGBA ``page`` is premultiplied alpha."""
+    extra = tuple(page.extrasamples or ())
+    return not (extra and int(extra[0]) == UNASSOCIATED_ALPHA)
 
 
 class _TiffLevel:
@@ -95,6 +110,7 @@ class _TiffLevel:
         self.counts = np.asarray(page.databytecounts, dtype=np.int64)
         self.decode = page.decode  # tifffile binds tables, colour space and predictor
         self.jpegtables = page.jpegtables
+        self.premultiplied = premultiplied_alpha(page)
 
 
 #: TIFF compressions the fast path decodes (none, LZW, JPEG, deflate, JPEG 2000 variants, ...).
@@ -178,7 +194,8 @@ class TiffTileReader:
         else:
             data = os.pread(self._fd, n, int(tl.offsets[index]))
             arr = tl.decode(data, index, jpegtables=tl.jpegtables)[0]
-            tile = arr.reshape(arr.shape[-3:])[..., :3]
+            tile = arr.reshape(arr.shape[-3:])
+            tile = _over_white(tile, tl.premultiplied) if tile.shape[-1] == 4 else tile
         with self._lock:
             self._cache[key] = tile
             self._cached += tile.nbytes

@@ -16,6 +16,7 @@ from nic.slide._readers import (
     OpenSlideReader,
     Reader,
     TiffTileReader,
+    premultiplied_alpha,
     tiled_rgb_page,
     ycbcr_as_stored,
 )
@@ -469,7 +470,7 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
                 "OpenSlide, and OpenSlide does not open this file; save it as an RGB (or JPEG-compressed) tiled TIFF"
             )
         mpp_xy, source = _tiff_only_mpp(p, tif, mpp, vendor, props)
-        rgb = _as_rgb(p, base.asarray())
+        rgb = _as_rgb(p, base.asarray(), premultiplied_alpha(base))
         tif.close()
         return Slide(p, ImageReader(rgb), mpp_xy, source, "image", props, "image")
     except BaseException:
@@ -513,7 +514,9 @@ def _open_plain(p: Path, mpp: float | tuple[float, float] | None) -> Slide:
     return Slide(p, ImageReader(rgb), mpp_xy, source, "image", {}, "image")
 
 
-def _as_rgb(p: Path, a: np.ndarray) -> np.ndarray:
+def _as_rgb(p: Path, a: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """8-bit pixels as (h, w, 3) RGB: grey repeated, RGBA over white (``premultiplied``: a
+    TIFF's associated alpha); anything else refused."""
     if a.dtype != np.uint8:
         raise SlideError(f"{p}: pixels are {a.dtype}, nic reads 8-bit RGB images; convert the image to 8-bit RGB")
     if a.ndim == 2:
@@ -521,7 +524,7 @@ def _as_rgb(p: Path, a: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 4:
         from nic.slide._readers import _over_white
 
-        return _over_white(a)
+        return _over_white(a, premultiplied)
     if a.ndim == 3 and a.shape[2] == 3:
         return np.ascontiguousarray(a)
     raise SlideError(f"{p}: image of shape {a.shape} is not RGB; convert it to 8-bit RGB")
