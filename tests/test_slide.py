@@ -356,3 +356,15 @@ def test_tiled_rgba_tiff_is_composed_over_white(tmp_path, alpha):
         got, want = fast.read_region((0, 0), (512, 512)), ref.read_region((0, 0), (512, 512))
     assert (got[:64] == 255).all()
     assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_16_bit_png_is_refused_like_a_16_bit_tiff(tmp_path):
+    from PIL import Image
+
+    grey = np.tile(np.linspace(40, 240, 64), (16, 1)).astype(np.uint16) * 257
+    png, tif = tmp_path / "g16.png", tmp_path / "g16.tif"
+    Image.fromarray(grey).save(png)
+    tifffile.imwrite(tif, grey, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    for p in (png, tif):
+        with pytest.raises(SlideError, match=rf"{p.name}: pixels are uint16, nic reads 8-bit RGB"):
+            nic.open_slide(p, mpp=0.5)

@@ -495,6 +495,10 @@ def _tiff_only_mpp(p: Path, tif: Any, mpp: Any, vendor: str, props: dict[str, st
     return resolve_mpp(p, mpp, "tiff", props, _resolution(tif.pages[0]))
 
 
+#: PIL modes of more than 8 bits per sample: 16-bit and 32-bit integer, float greyscale.
+_WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def _open_plain(p: Path, mpp: float | tuple[float, float] | None) -> Slide:
     from PIL import Image, UnidentifiedImageError
 
@@ -506,7 +510,11 @@ def _open_plain(p: Path, mpp: float | tuple[float, float] | None) -> Slide:
                     "save it as a tiled pyramidal TIFF"
                 )
             img.load()
-            rgb = _as_rgb(p, np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB")))
+            if img.mode in _WIDE_MODES:  # converting would clip every value above 255: refused as it is
+                pixels = np.asarray(img)
+            else:
+                pixels = np.asarray(img.convert("RGBA" if img.mode in ("RGBA", "LA", "P", "PA") else "RGB"))
+            rgb = _as_rgb(p, pixels)
     except (UnidentifiedImageError, OSError) as e:
         raise SlideError(f"{p}: not a readable image ({e}); the file may be truncated or not an image") from e
     res = None
