@@ -119,6 +119,35 @@ def test_encoder_sets_grid_and_speed(
     assert big.tissue_patches < default.tissue_patches
 
 
+def test_any_failure_is_that_slides_row(odd_slides: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that is not a SlideError (a codec, memory, a bug) marks that slide, not the
+    whole audit; an interrupt still stops it."""
+    import nic.grid
+    import nic.slide
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("cannot allocate 3 GiB")
+
+    monkeypatch.setattr(nic.grid, "patch_grid", no_memory)
+    [good, power] = audit_slides([odd_slides["good"], odd_slides["power"]], AuditOptions())
+    assert good.readable and good.would_fail and good.flags == ["unreadable pixels"]
+    assert good.error == f"{odd_slides['good']}: MemoryError: cannot allocate 3 GiB" and power.would_fail
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("unexpected tag")
+
+    monkeypatch.setattr(nic.slide, "open_slide", broken)
+    row = audit_slide(odd_slides["good"], FAST)
+    assert not row.readable and row.flags == ["unreadable"] and "ValueError: unexpected tag" in row.error
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nic.slide, "open_slide", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        audit_slide(odd_slides["good"], FAST)
+
+
 def test_nearest_level_of_non_square_pixels_is_the_level_read(tmp_path: Path) -> None:
     """0.25 x 0.5 um/px: level 1 is 0.5 um/px in x but 1.0 in y, so at 0.5 um/px level 0 is
     read, and the audit names that level, at its coarser axis's um/px."""

@@ -368,3 +368,26 @@ def test_16_bit_png_is_refused_like_a_16_bit_tiff(tmp_path):
     for p in (png, tif):
         with pytest.raises(SlideError, match=rf"{p.name}: pixels are uint16, nic reads 8-bit RGB"):
             nic.open_slide(p, mpp=0.5)
+
+
+def test_size_limits_are_nics_own(tmp_path, monkeypatch):
+    """A plain image over PIL's decompression-bomb limit but under nic's opens (and PIL's
+    limit is left as it was); over nic's limit, a plain image or a strip TIFF is refused by
+    size before it is decoded."""
+    import PIL.Image
+
+    import nic.slide._slide as slide_mod
+
+    rgb = np.random.default_rng(4).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    png, tif = tmp_path / "big.png", tmp_path / "big.tif"
+    PIL.Image.fromarray(rgb).save(png)
+    tifffile.imwrite(tif, rgb, rowsperstrip=10, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 12,000 px: a "bomb" to PIL
+    with nic.open_slide(png, mpp=0.5) as s:
+        assert np.array_equal(s.read_region((0, 0), (120, 100)), rgb)
+    assert PIL.Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.setattr(slide_mod, "MAX_PLAIN_PIXELS", 10_000)
+    with pytest.raises(SlideError, match=r"big\.png: a plain image of 120x100 px is too large.*tiled pyramidal"):
+        nic.open_slide(png, mpp=0.5)
+    with pytest.raises(SlideError, match=r"big\.tif: a TIFF image of 120x100 px stored in strips, too large"):
+        nic.open_slide(tif)

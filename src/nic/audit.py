@@ -137,11 +137,17 @@ def audit_slide(path: str | Path, options: AuditOptions | None = None) -> AuditR
     p = Path(path)
     row = AuditRow(str(p.resolve() if p.exists() else p), encoder_mpp=o.mpp)
     try:
-        slide, mpp_error = _open(p)
-    except SlideError as e:
-        row.error = str(e)
-        row.flag("unreadable", fail=True)
-        return row
+        _audit(row, p, o)
+    except Exception as e:  # whatever one slide raises is that slide's fault, not the cohort's
+        if not isinstance(e, SlideError):
+            logger.debug("%s: audit failed", p, exc_info=True)
+        row.error = str(e) if isinstance(e, SlideError) else f"{p}: {type(e).__name__}: {e}"
+        row.flag("unreadable pixels" if row.readable else "unreadable", fail=True)
+    return row
+
+
+def _audit(row: AuditRow, p: Path, o: AuditOptions) -> None:
+    slide, mpp_error = _open(p)
     with slide:
         row.readable = True
         row.vendor = slide.vendor
@@ -158,7 +164,7 @@ def audit_slide(path: str | Path, options: AuditOptions | None = None) -> AuditR
                 row.flag(f"um/px missing: the file holds a {dpi:g}-dpi image-software default", fail=True)
             else:
                 row.flag("um/px missing", fail=True)
-            return row
+            return
         mx, my = slide.mpp
         row.mpp_x, row.mpp_y, row.mpp_source = float(mx), float(my), slide.mpp_source
         if abs(mx / my - 1) > 0.01:
@@ -173,7 +179,6 @@ def audit_slide(path: str | Path, options: AuditOptions | None = None) -> AuditR
         _check_levels(row, slide, ds, o)
         if not row.would_fail and o.tissue:
             _estimate(row, slide, o)
-    return row
 
 
 def _check_pyramid(row: AuditRow, ds: list[float]) -> None:
@@ -205,12 +210,7 @@ def _check_levels(row: AuditRow, slide: Any, ds: list[float], o: AuditOptions) -
 def _estimate(row: AuditRow, slide: Any, o: AuditOptions) -> None:
     from nic.grid import patch_grid
 
-    try:
-        grid = patch_grid(slide, mpp=o.mpp, patch=o.patch)
-    except SlideError as e:
-        row.error = str(e)
-        row.flag("unreadable pixels", fail=True)
-        return
+    grid = patch_grid(slide, mpp=o.mpp, patch=o.patch)  # a failure is audit_slide's "unreadable pixels"
     row.tissue_patches = grid.n_tissue
     row.est_seconds = grid.n_tissue / o.patches_per_s
     if grid.n_tissue == 0:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -469,8 +472,18 @@ def _open_tiff_only(p: Path, mpp: float | tuple[float, float] | None, backend: B
                 f"{p}: its pixels are YCbCr ({codec} compression), which nic turns into RGB only through "
                 "OpenSlide, and OpenSlide does not open this file; save it as an RGB (or JPEG-compressed) tiled TIFF"
             )
+        if base.imagewidth * base.imagelength > MAX_PLAIN_PIXELS:
+            kind = "not in 8-bit RGB tiles nic reads piece by piece" if base.is_tiled else "stored in strips"
+            raise SlideError(
+                f"{p}: a TIFF image of {base.imagewidth}x{base.imagelength} px {kind}, too large to hold whole; "
+                "save it as a tiled pyramidal 8-bit RGB TIFF"
+            )
         mpp_xy, source = _tiff_only_mpp(p, tif, mpp, vendor, props)
-        rgb = _as_rgb(p, base.asarray(), premultiplied_alpha(base))
+        try:
+            pixels = base.asarray()
+        except Exception as e:  # a codec or memory failure
+            raise _unreadable(p, "cannot read its pixels", e) from e
+        rgb = _as_rgb(p, pixels, premultiplied_alpha(base))
         tif.close()
         return Slide(p, ImageReader(rgb), mpp_xy, source, "image", props, "image")
     except BaseException:
@@ -499,11 +512,29 @@ def _tiff_only_mpp(p: Path, tif: Any, mpp: Any, vendor: str, props: dict[str, st
 _WIDE_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _nic_size_limit() -> Iterator[None]:
+    """PIL's decompression-bomb check (an error above 179 Mpx that says nothing of the fix)
+    turned off while a plain image is opened, whose size nic checks against its own
+    MAX_PLAIN_PIXELS instead; one thread at a time, as the limit is a PIL global."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open_plain(p: Path, mpp: float | tuple[float, float] | None) -> Slide:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(p) as img:
+        with _nic_size_limit(), Image.open(p) as img:
             if img.width * img.height > MAX_PLAIN_PIXELS:
                 raise SlideError(
                     f"{p}: a plain image of {img.width}x{img.height} px is too large to hold whole; "
