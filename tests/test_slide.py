@@ -257,6 +257,15 @@ def test_list_slides_reads_files_folders_and_csvs(tmp_path):
         list_slides([tmp_path / "nocol.csv"])
 
 
+def test_csv_with_a_utf8_bom_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the first column's name."""
+    from nic.slide import list_slides
+
+    table = tmp_path / "excel.csv"
+    table.write_bytes(b"\xef\xbb\xbfslide,mpp\na.svs,0.25\n")
+    assert list_slides([table], mpp_column=True) == [(tmp_path / "a.svs", 0.25)]
+
+
 # -- pixels the fast path and the plain-image path must not get wrong -------------------------------
 
 

@@ -52,7 +52,7 @@ def list_slides(
 
 
 def _from_csv(path: Path, mpp_column: bool) -> list[tuple[Path, float | None]]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel starts its UTF-8 CSVs with a BOM
         reader = csv.DictReader(fh)
         cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         col = cols.get("slide") or cols.get("path")
