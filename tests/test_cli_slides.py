@@ -71,3 +71,15 @@ def test_tissue_writes_mask_and_overlay(shared, tmp_path, wsi_dir: Path):
     assert mask.shape == (370 // 2, 276 // 2) and set(np.unique(mask)) <= {0, 255}
     assert overlay.shape[0] == mask.shape[0] and overlay.shape[1] > 2 * mask.shape[1]
     assert "% tissue" in r.output
+
+
+def test_tissue_refuses_a_mask_mpp_that_is_not_a_positive_number(tmp_path):
+    slide = tmp_path / "crop.png"
+    Image.fromarray(np.full((40, 60, 3), 245, np.uint8)).save(slide)
+    for value in ("nan", "inf", "0", "-3"):
+        r = runner.invoke(
+            app, ["tissue", str(slide), "--mpp", "0.5", "--mask-mpp", value, "-o", str(tmp_path / "m.png")]
+        )
+        assert r.exit_code == 2, (value, r.output)
+        assert r.stderr.strip() == f"error: --mask-mpp must be a number greater than 0 (got {float(value)!r})"
+    assert not (tmp_path / "m.png").exists()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nic.errors import check_number
 from nic.slide import Slide
 
 __all__ = ["TissueMask", "tissue_mask", "mask_from_rgb", "saturation", "ink"]
@@ -104,6 +105,7 @@ def tissue_mask(slide: Slide, mpp: float = 8.0) -> TissueMask:
 
     A slide scanned coarser than ``mpp`` is masked at its own resolution instead.
     """
+    check_number("mpp", mpp, 0, float("inf"), low_open=True, high_open=True)
     mpp = max(mpp, max(slide.mpp))
     rgb = slide.thumbnail(mpp)
     mask, t = mask_from_rgb(rgb, mpp)

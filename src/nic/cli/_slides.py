@@ -58,10 +58,12 @@ def tissue(
     mask_mpp: float = typer.Option(8.0, "--mask-mpp", help="um/px of the mask (coarser is faster)."),
 ) -> None:
     """Detect tissue; write the mask and an overlay on the thumbnail to look at."""
+    from nic.errors import check_number
     from nic.explain import save_png, tissue_overlay
     from nic.slide import open_slide
     from nic.tissue import tissue_mask
 
+    check_number("mask_mpp", mask_mpp, 0, float("inf"), low_open=True, high_open=True)
     with open_slide(slide, mpp=mpp) as s:
         tm = tissue_mask(s, mpp=mask_mpp)
         thumb = s.thumbnail(tm.mpp)
