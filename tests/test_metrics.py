@@ -214,6 +214,18 @@ def test_expected_calibration_error_known_answers() -> None:
     assert math.isnan(expected_calibration_error([], []))
 
 
+def test_a_nan_label_makes_every_metric_nan() -> None:
+    # a missing label is undefined input, as a NaN score is: never a positive, an event or a miss
+    y, score = np.array([0.0, np.nan, 1.0, 0.0]), np.array([0.1, 0.05, 0.8, 0.2])
+    probs = np.eye(3)[[0, 1, 2, 0]] * 0.8 + 0.05
+    for f in (spearman, pearson, mae, auc, binary_auc, accuracy, balanced_accuracy, expected_calibration_error):
+        assert math.isnan(f(y, score)), f.__name__
+    for f in (auc, accuracy, balanced_accuracy, expected_calibration_error):
+        assert math.isnan(f([0.0, 1.0, np.nan, 2.0], probs)), f.__name__
+    assert math.isnan(c_index([1.0, 2.0, 3.0], [1.0, np.nan, 0.0], [3.0, 2.0, 1.0]))
+    assert math.isnan(accuracy([0, 1], [0.2, np.nan]))  # a NaN score too
+
+
 def test_mismatched_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="one row per row"):
         mae([1.0, 2.0], [1.0])

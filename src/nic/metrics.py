@@ -8,8 +8,8 @@ here, with ties given their average rank as scipy's ``rankdata`` does.
 Arguments are ``(y, pred)``: ``y`` (N,) targets, class indices or 0/1 labels and ``pred``
 (N,) values or scores, or (N, K) class probabilities; the c-index takes
 ``(time, event, risk)``.  A metric that is undefined for its input (fewer than two
-values, a constant side, one class only, no comparable pairs) is NaN rather than an
-error, so cross-validation folds and bootstrap resamples can skip it.
+values, a constant side, one class only, no comparable pairs, a NaN label, value or score)
+is NaN rather than an error, so cross-validation folds and bootstrap resamples can skip it.
 
 Definitions, each checked against a reference library in the tests:
 
@@ -49,6 +49,11 @@ def _pair(y: np.ndarray, pred: np.ndarray, dtype: type = np.float64) -> tuple[np
     if y.ndim != 1 or len(y) != len(pred):
         raise ValueError(f"y must be (N,) with one row per row of pred; got shapes {y.shape} and {pred.shape}")
     return y, pred
+
+
+def _has_nan(*arrays: np.ndarray) -> bool:
+    """Whether a float array among ``arrays`` holds a NaN (a missing label or score)."""
+    return any(a.dtype.kind in "fc" and bool(np.isnan(a).any()) for a in arrays)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -94,19 +99,22 @@ def _hard(pred: np.ndarray) -> np.ndarray:
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    """Fraction of class indices ``y`` equal to the decision of ``pred`` (see :func:`balanced_accuracy`)."""
+    """Fraction of class indices ``y`` equal to the decision of ``pred`` (see :func:`balanced_accuracy`);
+    NaN for no values or a NaN."""
     y, pred = _pair(y, pred)
-    return float(np.mean(_hard(pred) == y.astype(np.int64))) if len(y) else _NAN
+    if not len(y) or _has_nan(y, pred):
+        return _NAN
+    return float(np.mean(_hard(pred) == y.astype(np.int64)))
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     """Mean recall over the classes present in ``y``.
 
     ``pred`` (N,) probabilities of class 1 are thresholded at 0.5; (N, K) probabilities
-    use the argmax.  NaN for no values.
+    use the argmax.  NaN for no values or a NaN.
     """
     y, pred = _pair(y, pred)
-    if not len(y):
+    if not len(y) or _has_nan(y, pred):
         return _NAN
     y, hard = y.astype(np.int64), _hard(pred)
     return float(np.mean([np.mean(hard[y == k] == k) for k in np.unique(y)]))
@@ -116,9 +124,11 @@ def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC of labels ``y`` (N,) (non-zero = positive) against ``score`` (N,).
 
     The Mann-Whitney statistic with tied scores counting one half; NaN when one class is
-    absent or a score is NaN.
+    absent or a label or score is NaN.
     """
     y, score = _pair(y, score)
+    if _has_nan(y):
+        return _NAN
     pos = y.astype(bool)
     n_pos = int(pos.sum())
     n_neg = len(pos) - n_pos
@@ -133,9 +143,12 @@ def auc(y: np.ndarray, pred: np.ndarray) -> float:
 
     ``pred`` (N,): binary, ``y`` non-zero = positive.  (N, 2): binary with the scores of
     class 1.  (N, K > 2): the mean over the K classes of the one-vs-rest AUC of column k
-    for class k; NaN unless every class 0..K-1 occurs in ``y`` and none is all of it.
+    for class k; NaN unless every class 0..K-1 occurs in ``y`` and none is all of it, and
+    NaN for a NaN label or score.
     """
     y, pred = _pair(y, pred)
+    if _has_nan(y, pred):
+        return _NAN
     if pred.ndim == 1:
         return binary_auc(y, pred)
     if pred.ndim != 2:
@@ -155,14 +168,16 @@ def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     censored (j was still at risk when i died); two events at the same time are not
     comparable.  A pair is concordant when ``risk_i > risk_j``; tied risks count 1/2.
     Equals ``lifelines.utils.concordance_index(time, -risk, event)``.  NaN without pairs,
-    and NaN when a time or risk is not finite (as the other metrics; lifelines raises).
+    and NaN when a time or risk is not finite or an event is NaN (as the other metrics;
+    lifelines raises).
     """
     t, risk = _pair(time, risk)
     t = t.astype(np.float64)
-    e = np.asarray(event).astype(bool)
+    event = np.asarray(event)
+    e = event.astype(bool)
     if e.shape != t.shape:
         raise ValueError(f"event must be (N,) like time; got shapes {e.shape} and {t.shape}")
-    if not (np.isfinite(t).all() and np.isfinite(risk.astype(np.float64)).all()):
+    if not (np.isfinite(t).all() and np.isfinite(risk.astype(np.float64)).all()) or _has_nan(event):
         return _NAN
     num, den = 0.0, 0
     for i in np.flatnonzero(e):  # one row of the N x N pair table at a time: patient cohorts are small
@@ -180,10 +195,10 @@ def expected_calibration_error(y: np.ndarray, prob: np.ndarray, bins: int = 10) 
     Binary: ``prob`` (N,) of class 1, bins over ``prob`` and the observed rate of class 1
     per bin.  Multiclass: ``prob`` (N, K), top-label calibration (confidence = the largest
     probability, accuracy = whether that class is ``y``).  ECE = sum_b n_b/N |acc_b - conf_b|.
-    NaN for no values.
+    NaN for no values or a NaN.
     """
     y, prob = _pair(y, prob)
-    if not len(y):
+    if not len(y) or _has_nan(y, prob):
         return _NAN
     if prob.ndim == 2:
         conf, hit = prob.max(1), (prob.argmax(1) == y).astype(np.float64)
