@@ -203,6 +203,63 @@ def test_bad_labels_are_data_errors(tmp_path: Path, rows: dict, spec_kw: dict, m
         load_cohort(d, LabelSpec(csv, **kw))
 
 
+@pytest.mark.parametrize("second", ["/data/wsi/a.svs", "a ", "stores/a.zarr"])
+def test_one_slide_written_two_ways_is_a_duplicate(tmp_path: Path, second: str) -> None:
+    # a path and an id (or a trailing space) name one store: on two rows it would sit in train and test
+    d = _cohort_dir(tmp_path, ["a", "b"])
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"slide": ["a", "b", second], "patient": ["P", "Q", "R"], "y": [1, 2, 3]}).to_csv(csv, index=False)
+    with pytest.raises(DataError, match=r"slide 'a' is listed more than once \(row 2 'a', row 4 .*\)"):
+        load_cohort(d, LabelSpec(csv, "regression", target="y"))
+
+
+def test_patients_and_classes_are_stripped_as_slide_ids_are(tmp_path: Path) -> None:
+    # "P " is patient P: as a second patient its slide could land in another fold than P's
+    d = _cohort_dir(tmp_path, ["a", "b", "c"])
+    csv = tmp_path / "labels.csv"
+    rows = {"slide": ["a", "b", "c "], "patient": ["P", "P ", " Q"], "y": ["x", "x ", " z"]}
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    co = load_cohort(d, LabelSpec(csv, "binary", target="y"))
+    assert co.patients == ["P", "Q"] and list(co.slide_patient) == [0, 0, 1] and co.classes == ["x", "z"]
+
+
+def test_a_class_named_none_or_na_is_a_class_and_only_empty_cells_are_missing(tmp_path: Path) -> None:
+    d = _cohort_dir(tmp_path, ["a", "b", "c", "d", "e", "f"])
+    csv = tmp_path / "labels.csv"
+    grades = ["None", "NA", "null", "N/A", "None", ""]
+    pd.DataFrame({"slide": list("abcdef"), "patient": list("PQRSTU"), "grade": grades}).to_csv(csv, index=False)
+    co = load_cohort(d, LabelSpec(csv, "multiclass", target="grade"), require_all_stores=False)
+    assert co.patients == list("PQRST") and co.classes == ["N/A", "NA", "None", "null"]
+    # numbers: "NA" (as R writes it) and an empty cell are missing labels, left out with the warning
+    ys = ["1", "NA", "", "2", " 3 ", "4"]
+    pd.DataFrame({"slide": list("abcdef"), "patient": list("PQRSTU"), "y": ys}).to_csv(csv, index=False)
+    co = load_cohort(d, LabelSpec(csv, "regression", target="y"), require_all_stores=False)
+    assert co.patients == ["P", "S", "T", "U"] and np.allclose(co.y, [1, 2, 3, 4])
+
+
+@pytest.mark.parametrize(
+    ("task", "cols", "bad"),
+    [("regression", {"target": "y"}, "y"), ("survival", {"time": "t", "event": "e"}, "t"),
+     ("survival", {"time": "t", "event": "e"}, "e")],
+)  # fmt: skip
+def test_non_finite_numeric_labels_are_data_errors(tmp_path: Path, task: str, cols: dict, bad: str) -> None:
+    d = _cohort_dir(tmp_path, ["a", "b", "c"])
+    csv = tmp_path / "labels.csv"
+    rows = {"slide": list("abc"), "patient": list("PQR"), "y": ["1", "2", "3"], "t": ["1", "2", "3"], "e": ["1"] * 3}
+    rows[bad] = ["1", "-inf" if bad == "e" else "inf", "1"]
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    with pytest.raises(DataError, match=rf"column '{bad}' must be finite; found '-?inf' in row 3"):
+        load_cohort(d, LabelSpec(csv, task, **cols))  # type: ignore[arg-type]
+
+
+def test_the_slide_column_can_be_the_patient_column(tmp_path: Path) -> None:
+    d = _cohort_dir(tmp_path, ["a", "b", "c"])
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"slide": ["a", "/data/b.svs", "c"], "y": [1.0, 2.0, 3.0]}).to_csv(csv, index=False)
+    co = load_cohort(d, LabelSpec(csv, "regression", target="y", patient_column="slide"))
+    assert co.patients == ["a", "b", "c"] and list(co.slide_patient) == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [

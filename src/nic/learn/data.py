@@ -13,7 +13,7 @@ Grid coordinates are cells of the compressed grid (row ``y``, column ``x``), nev
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +33,7 @@ __all__ = [
     "load_cohort",
     "open_sources",
     "read_labels",
+    "read_slide_table",
     "crop_weights",
     "sample_crop_origin",
     "dihedral",
@@ -110,66 +111,128 @@ class Cohort:
         return np.flatnonzero(np.isin(self.slide_patient, np.asarray(patient_idx)))
 
 
-def read_labels(spec: LabelSpec):  # -> pandas.DataFrame
-    """Read the labels CSV, check its columns, drop (and count) rows with missing labels.
+def _label_columns(spec: LabelSpec) -> list[str]:
+    return [spec.time, spec.event] if spec.task == "survival" else [spec.target]  # type: ignore[list-item]
 
-    Returns a frame with the columns ``slide``, ``patient`` and the label columns, as strings
-    for ids and numbers for survival/regression labels.
+
+def read_labels(spec: LabelSpec, store_ids: Collection[str] = ()):  # -> pandas.DataFrame
+    """The rows of the labels CSV with a label, checked (see :func:`read_slide_table`).
+
+    Columns ``slide``, ``slide_id`` (resolved against ``store_ids``), ``patient`` and the
+    label columns: strings for ids and class labels, numbers for survival and regression
+    labels.  Rows with a missing label are left out with a warning that counts them.
     """
-    import pandas as pd
-
     spec.check()
-    path = Path(spec.labels)
-    if not path.is_file():
-        raise DataError(
-            f"{path}: no such labels file; pass a CSV with columns {spec.slide_column},{spec.patient_column},..."
-        )
-    try:
-        dtypes = {spec.slide_column: str, spec.patient_column: str}
-        if spec.task in ("binary", "multiclass") and spec.target:
-            dtypes[spec.target] = str  # class names as written ("1", not "1.0")
-        df = pd.read_csv(path, dtype=dtypes)
-    except Exception as e:  # pandas raises several parser errors
-        raise DataError(f"{path}: not a readable CSV ({e})") from e
-    label_cols = [spec.time, spec.event] if spec.task == "survival" else [spec.target]
-    wanted = [spec.slide_column, spec.patient_column, *label_cols]
-    missing = [c for c in wanted if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(str, df.columns))}"
-            " (name them with `slide_column`, `patient_column`, `target`, `time` or `event`)"
-        )
-    df = df[wanted].rename(columns={spec.slide_column: "slide", spec.patient_column: "patient"})
-    if df["slide"].isna().any() or df["patient"].isna().any():
-        raise DataError(
-            f"{path}: empty slide or patient cell in rows "
-            f"{list(np.flatnonzero(df['slide'].isna() | df['patient'].isna()) + 2)[:10]}"
-        )
-    dup = df["slide"][df["slide"].duplicated()].unique()
-    if len(dup):
-        raise DataError(f"{path}: slide(s) listed more than once: {', '.join(map(str, dup[:10]))}")
-    numeric = label_cols if spec.task in ("survival", "regression") else []
-    for c in numeric:
-        conv = pd.to_numeric(df[c], errors="coerce")
-        bad = df[c].notna() & conv.isna()
-        if bad.any():
-            raise DataError(
-                f"{path}: column {c!r} must be numeric; found {df[c][bad].iloc[0]!r} in row "
-                f"{int(np.flatnonzero(bad)[0]) + 2}"
-            )
-        df[c] = conv
+    return _labelled(_read_label_table(spec, store_ids), spec)
+
+
+def _read_label_table(spec: LabelSpec, store_ids: Collection[str]):  # -> DataFrame
+    """Every row of the labels CSV, read and checked, labelled or not."""
+    cols = _label_columns(spec)
+    numeric = cols if spec.task in ("survival", "regression") else []
+    return read_slide_table(spec.labels, spec.slide_column, spec.patient_column, store_ids, cols, numeric)
+
+
+def _labelled(df, spec: LabelSpec):  # -> DataFrame
+    """The rows of ``df`` (:func:`_read_label_table`) with a label; survival labels checked."""
+    path, label_cols = spec.labels, _label_columns(spec)
     na = df[label_cols].isna().any(axis=1)
     if na.any():
         logger.warning("%s: %d of %d rows have a missing label and are left out", path, int(na.sum()), len(df))
-        df = df[~na].reset_index(drop=True)
+        df = df[~na]
     if spec.task == "survival":
-        ev = df[spec.event]
-        if not ev.isin([0, 1]).all():
+        if not df[spec.event].isin([0, 1]).all():
             raise DataError(f"{path}: event column {spec.event!r} must hold 0 (censored) or 1 (event)")
         if (df[spec.time] < 0).any():
             raise DataError(f"{path}: time column {spec.time!r} has negative values")
     if df.empty:
         raise DataError(f"{path}: no rows with labels left")
+    return df.reset_index(drop=True)
+
+
+#: cells of a numeric label column read as missing: empty, and the markers pandas, R and
+#: spreadsheets write for a missing number (a number cannot be named "NA"); in id and class
+#: columns only an empty cell is missing, so a class may be called "None" or "NA"
+_MISSING_NUMBER = frozenset(
+    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+     "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+)  # fmt: skip
+
+
+def _rows(mask) -> str:  # mask: a boolean Series over the frame of read_slide_table
+    """CSV line numbers (the header is line 1) of the first rows where ``mask`` holds."""
+    rows = [int(r) for r in mask.index[mask.to_numpy()] + 2]
+    return ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+
+
+def read_slide_table(
+    path: str | Path,
+    slide_column: str,
+    patient_column: str,
+    store_ids: Collection[str] = (),
+    columns: Sequence[str] = (),
+    numeric: Sequence[str] = (),
+):  # -> pandas.DataFrame
+    """Read a CSV of slides, their patients and ``columns``; every CSV row, in file order.
+
+    Returns the columns ``slide`` (as written), ``slide_id`` (resolved against
+    ``store_ids``: an id, a slide path or a store path), ``patient`` and ``columns``, the
+    row index being the CSV line minus 2.  Ids, patients and class labels are stripped of
+    surrounding whitespace, and only an empty cell is missing there (a class may be called
+    ``None``); ``numeric`` columns are numbers, with the usual markers (``NA``, ``nan``,
+    ``NULL``, ...) as missing values.  :class:`DataError` for a missing column, an empty
+    slide or patient cell, one slide on two rows (also when written two ways, such as a
+    path and an id), and a numeric cell that is not a finite number.  ``patient_column``
+    may be ``slide_column`` (one slide per patient).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such labels file; pass a CSV with columns {slide_column},{patient_column},...")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises several parser errors
+        raise DataError(f"{path}: not a readable CSV ({e})") from e
+    wanted = [slide_column, patient_column, *columns]
+    missing = [c for c in dict.fromkeys(wanted) if c not in raw.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(str, raw.columns))}"
+            " (name them with `slide_column`, `patient_column`, `target`, `time` or `event`)"
+        )
+    df = pd.DataFrame({"slide": raw[slide_column], "patient": raw[patient_column]})
+    for c in columns:
+        df[c] = raw[c]
+    for c in df.columns:
+        df[c] = df[c].str.strip()
+        df[c] = df[c].mask(df[c].isin(_MISSING_NUMBER) if c in numeric else df[c] == "")
+    empty = df["slide"].isna() | df["patient"].isna()
+    if empty.any():
+        raise DataError(f"{path}: empty slide or patient cell in row(s) {_rows(empty)}; fill them in or drop the rows")
+    for c in numeric:
+        conv = pd.to_numeric(df[c], errors="coerce")
+        bad = df[c].notna() & ~np.isfinite(conv.to_numpy(np.float64))
+        if bad.any():
+            i = bad.idxmax()
+            raise DataError(
+                f"{path}: column {c!r} must be {'numeric' if np.isnan(conv[i]) else 'finite'}; found {df[c][i]!r} in"
+                f" row {i + 2} (leave the cell empty for a missing label)"
+            )
+        df[c] = conv
+    df.insert(1, "slide_id", _resolve_ids(df["slide"].tolist(), set(store_ids)))
+    if patient_column == slide_column:
+        df["patient"] = df["slide_id"]
+    dup = df["slide_id"].duplicated(keep=False)
+    if dup.any():
+        sid = df["slide_id"][dup].iloc[0]
+        same = df[df["slide_id"] == sid]
+        how = ", ".join(f"row {i + 2} {v!r}" for i, v in same["slide"].items())
+        more = int(df["slide_id"][dup].nunique()) - 1
+        raise DataError(
+            f"{path}: slide {sid!r} is listed more than once ({how})"
+            f"{f' and {more} more slide(s) too' if more else ''}; keep one row per slide"
+        )
     return df
 
 
@@ -189,9 +252,10 @@ def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: boo
     when ``require_all_stores``; both list the offending slides.  Labels must agree across the
     slides of one patient.
     """
-    df = read_labels(spec)
+    spec.check()
     stores = {store_id(p): p for p in list_stores(compressed)}
-    df["slide_id"] = _resolve_ids(df["slide"].tolist(), set(stores))
+    table = _read_label_table(spec, set(stores))
+    df = _labelled(table, spec)
     no_store = sorted(set(df["slide_id"]) - set(stores))
     if no_store:
         raise DataError(
@@ -199,19 +263,14 @@ def load_cohort(compressed: str | Path, spec: LabelSpec, require_all_stores: boo
             f"{', '.join(no_store[:10])}{' ...' if len(no_store) > 10 else ''}; compress them or drop their rows"
         )
     if require_all_stores:
-        import pandas as pd
-
-        all_ids = set(
-            _resolve_ids(pd.read_csv(spec.labels, dtype=str)[spec.slide_column].dropna().tolist(), set(stores))
-        )
-        extra = sorted(set(stores) - all_ids)
+        extra = sorted(set(stores) - set(table["slide_id"]))
         if extra:
             raise DataError(
                 f"{len(extra)} store(s) in {compressed} have no row in {spec.labels}: "
                 f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}; add their labels or move them out"
             )
     df = _drop_tissueless(df, stores, compressed)
-    label_cols = [spec.time, spec.event] if spec.task == "survival" else [spec.target]
+    label_cols = _label_columns(spec)
     per_patient = df.groupby("patient", sort=True)[label_cols].nunique()
     conflict = per_patient.index[(per_patient > 1).any(axis=1)].tolist()
     if conflict:
