@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from nic.errors import DataError
 from nic.learn import FitConfig, LabelSpec, fit_model, load_cohort, patient_mean
 from nic.learn.data import open_sources
 from nic.metrics import auc, c_index, spearman
@@ -456,3 +457,39 @@ def test_averaged_ratio_starts_are_the_starts_best_of_chooses_from(small: Plante
     again = type(avg).load(tmp_path / "m")
     assert again.spec.ratio_branches == 2
     np.testing.assert_allclose(again.predict_raw(src, 1, False), avg.predict_raw(src, 1, False), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def survival_run(small: PlantedCohort, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-fold meanpool survival run on ``small`` (1 epoch); read-only."""
+    from nic.learn import CVConfig, train_cv
+
+    out = tmp_path_factory.mktemp("survival") / "run"
+    spec = LabelSpec(small.labels, "survival", time="survival_time", event="survival_event")
+    train_cv(CVConfig(small.stores, spec, FitConfig(model="meanpool", epochs=1), folds=2, out=out, n_bootstrap=10))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["empty patient", "slide twice"])
+def test_predict_checks_its_labels_as_training_does(
+    small: PlantedCohort, survival_run: Path, tmp_path: Path, damage: str
+) -> None:
+    from nic.learn import predict_run
+
+    df = pd.read_csv(small.labels, dtype=str)
+    if damage == "empty patient":  # two slides of two patients would be pooled as patient "nan"
+        df.loc[[1, 4], "patient"] = ""
+        match = "empty slide or patient cell in row"
+    else:  # the same slide with another patient: the last row won
+        df = pd.concat([df, df.iloc[[0]].assign(slide=f"/data/{df['slide'][0]}.svs", patient="p999")])
+        match = f"slide '{df['slide'].iloc[0]}' is listed more than once"
+    bad = tmp_path / "labels.csv"
+    df.to_csv(bad, index=False)
+    with pytest.raises(DataError, match=match):
+        predict_run(survival_run, small.stores, bad)
+    # a patient written with a trailing space is the same patient
+    df = pd.read_csv(small.labels, dtype=str)
+    two = df["patient"][df["patient"].duplicated()].iloc[0]
+    df.loc[df.index[df["patient"] == two][1], "patient"] = two + " "
+    df.to_csv(bad, index=False)
+    assert len(predict_run(survival_run, small.stores, bad)) == df["patient"].str.strip().nunique()

@@ -340,8 +340,8 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
     """
     import pandas as pd
 
-    from nic.learn.data import _resolve_ids
-    from nic.store import list_stores
+    from nic.learn.data import read_slide_table
+    from nic.store import list_stores, store_id
 
     r = load_run(run)
     compressed = Path(compressed)
@@ -364,14 +364,8 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
     if labels is not None:
         lab = Path(labels)
         sc, pc = r.config["labels"]["slide_column"], r.config["labels"]["patient_column"]
-        try:
-            df = pd.read_csv(lab, dtype=str)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{lab}: not a readable CSV ({e})") from e
-        for c in (sc, pc):
-            if c not in df.columns:
-                raise DataError(f"{lab}: missing column {c!r}; found {', '.join(df.columns)}")
-        pat_of = dict(zip(_resolve_ids(df[sc].tolist(), set(ids)), df[pc]))
+        table = read_slide_table(lab, sc, pc, {store_id(p) for p in paths})
+        pat_of = dict(zip(table["slide_id"], table["patient"]))
         missing = [s for s in ids if s not in pat_of]
         if missing:
             raise DataError(f"{len(missing)} store(s) in {compressed} have no row in {lab}: {', '.join(missing[:10])}")
