@@ -493,3 +493,30 @@ def test_predict_checks_its_labels_as_training_does(
     df.loc[df.index[df["patient"] == two][1], "patient"] = two + " "
     df.to_csv(bad, index=False)
     assert len(predict_run(survival_run, small.stores, bad)) == df["patient"].str.strip().nunique()
+
+
+def test_predict_averages_survival_folds_on_the_scale_training_pooled_them(
+    small: PlantedCohort, survival_run: Path
+) -> None:
+    # training z-scores each fold model's log-risks with its out-of-fold mean and deviation
+    # before pooling them; predict must weigh the fold models the same way, not by the scale
+    # each happens to have
+    from nic.learn import load_run, predict_run
+
+    run = load_run(survival_run)
+    oof = pd.read_csv(survival_run / "predictions.csv").set_index("patient")
+    labels = pd.read_csv(small.labels, dtype=str)
+    srcs = open_sources([small.stores / f"{s}.zarr" for s in sorted(labels["slide"])])
+    pat = labels.set_index("slide").loc[[s.slide_id for s in srcs], "patient"].to_numpy()
+    patients = np.array(sorted(set(pat)))
+    fit = run.config["fit"]
+    expected = np.zeros(len(patients))
+    for k, m in enumerate(run.models):
+        raw = m.predict_raw(srcs, fit["tta_crops"], fit["tta_variants"], fit["seed"])[:, 0]
+        raw = np.array([raw[pat == p].mean() for p in patients])
+        mine = np.isin(patients, oof.index[oof["fold"] == k])
+        slope, icpt = np.polyfit(raw[mine], oof.loc[patients[mine], "risk"], 1)  # this fold's z-score
+        assert slope > 0
+        expected += (slope * raw + icpt) / len(run.models)
+    got = predict_run(survival_run, small.stores, small.labels).set_index("patient").loc[patients, "risk"]
+    assert np.allclose(got, expected, atol=1e-6)

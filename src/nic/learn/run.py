@@ -219,6 +219,12 @@ def _train_cv(
         test_s = cohort.slides_of(test_p)
         raw = np.stack([v.mean(0) for v in views])
         oof_raw[test_p] = patient_mean(raw, cohort.slide_patient[test_s], test_p)
+        if cohort.task == "survival":
+            # the Cox partial likelihood fixes no offset and each fold's model has its own scale:
+            # the model z-scores its log-risks with the statistics of its out-of-fold ones, both
+            # here, before they are pooled, and in predict_run, before the fold models are averaged
+            r = oof_raw[test_p, 0]
+            model.risk_scale = (float(r.mean()), float(r.std()) or 1.0)
         pv = _views_of_patients(views, cohort.slide_patient[test_s], test_p)
         spread[test_p] = [model.spread(v) for v in pv]
         fold_of[test_p] = k
@@ -237,16 +243,7 @@ def _train_cv(
         if out is not None:
             model.save(out / f"fold_{k}")
     allp = np.arange(n_p)
-    if cohort.task == "survival":
-        # the Cox partial likelihood fixes no offset and each fold's model has its own
-        # scale: z-score the out-of-fold log-risks within each fold before pooling them
-        for k in range(len(folds)):
-            sel = fold_of == k
-            r = oof_raw[sel]
-            scale = r.std(axis=0) + 1e-12
-            oof_raw[sel] = (r - r.mean(axis=0)) / scale
-            spread[sel] /= scale[0]
-    # each fold's model converts its own outputs (its own target scaling)
+    # each fold's model converts its own outputs (its own target scaling or risk standardisation)
     pred = _per_fold_prediction(models, oof_raw, fold_of)
     pooled = _metrics(cohort, allp, pred)
     t = cohort.time if cohort.time is not None else None
@@ -330,7 +327,9 @@ def check_run_encoder(run: Run, sources: list[SlideSource], compressed: Path) ->
 
 def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | None = None):  # -> DataFrame
     """Apply every fold model of a run to every store in ``compressed``; the prediction is
-    the mean of the fold models' predictions (each converted with its own scaling).
+    the mean of the fold models' predictions (each converted with its own scaling; survival:
+    each fold model's log-risks z-scored with the statistics of its out-of-fold log-risks,
+    as the run's pooled out-of-fold risks are).
 
     Returns one row per slide (``slide``, then the task's prediction columns); with
     ``labels`` (a CSV with the run's slide and patient columns) one row per patient, each
@@ -344,6 +343,12 @@ def predict_run(run: str | Path, compressed: str | Path, labels: str | Path | No
     from nic.store import list_stores, store_id
 
     r = load_run(run)
+    if r.task == "survival" and any(m.risk_scale is None for m in r.models):
+        logger.warning(
+            "%s: the run does not record its folds' risk scales (an older nic); the fold models' log-risks are "
+            "averaged as they are, so a fold with larger ones weighs more (train the run again to fix)",
+            r.path,
+        )
     compressed = Path(compressed)
     paths = list_stores(compressed)
     if not paths:

@@ -40,6 +40,10 @@ class SlideModel:
     net: torch.nn.Module
     target: TargetScale = field(default_factory=TargetScale)  #: regression: targets <-> outputs
     classes: list[str] | None = None
+    #: survival: (mean, std) of the fold's out-of-fold log-risks, which the model's risks are
+    #: standardised with (the Cox loss fixes neither offset nor scale, and each fold's model has its
+    #: own); None for models of runs written before nic recorded it (risks as the network gives them)
+    risk_scale: tuple[float, float] | None = None
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -49,6 +53,7 @@ class SlideModel:
             "crop": self.crop,
             "target": self.target.to_json(),
             "classes": self.classes,
+            "risk_scale": None if self.risk_scale is None else list(self.risk_scale),
         }
 
     def save(self, folder: Path) -> None:
@@ -66,7 +71,9 @@ class SlideModel:
         """A model with fresh weights as :meth:`meta` describes it (load the weights next)."""
         spec = ModelSpec(**meta["spec"])
         net = create_model(meta["model"], spec)
-        return cls(meta["model"], spec, meta["task"], int(meta["crop"]), net, _target_scale(meta), meta["classes"])
+        rs = meta.get("risk_scale")
+        return cls(meta["model"], spec, meta["task"], int(meta["crop"]), net, _target_scale(meta), meta["classes"],
+                   None if rs is None else (float(rs[0]), float(rs[1])))  # fmt: skip
 
     @classmethod
     def load(cls, folder: Path) -> SlideModel:
@@ -99,7 +106,10 @@ class SlideModel:
         return model
 
     def to_prediction(self, raw: np.ndarray) -> np.ndarray:
-        """Raw outputs (N, n_out) -> (N,) values / probabilities / log-risks, or (N, K) probabilities."""
+        """Raw outputs (N, n_out) -> (N,) values / probabilities / log-risks, or (N, K) probabilities.
+
+        Log-risks are standardised with :attr:`risk_scale` when the model has one.
+        """
         if self.task == "regression":
             return self.target.inverse(raw[:, 0])
         if self.task == "binary":
@@ -107,6 +117,8 @@ class SlideModel:
         if self.task == "multiclass":
             e = np.exp(raw - raw.max(1, keepdims=True))
             return e / e.sum(1, keepdims=True)
+        if self.risk_scale is not None:
+            return (raw[:, 0] - self.risk_scale[0]) / self.risk_scale[1]
         return raw[:, 0]
 
     def predict_raw(
