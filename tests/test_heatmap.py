@@ -118,6 +118,24 @@ def test_abmil_contributions_sum_to_the_output(planted: PlantedCohort, tmp_path:
     np.testing.assert_allclose(share.numpy(), out.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_survival_maps_are_in_the_units_of_the_predictions(planted: PlantedCohort) -> None:
+    """A survival fold model's predictions are its log-risks standardised by its own scale
+    (so folds average fairly): its abmil contributions sum to its output less the bias in
+    those units, not in the network's raw scale, which differs from fold to fold."""
+    from nic.explain._heatmap import model_map
+
+    spec = LabelSpec(planted.labels, "survival", time="survival_time", event="survival_event")
+    res = train_cv(CVConfig(planted.stores, spec, FitConfig(model="abmil", epochs=2, width=16, batch_size=8), folds=2))
+    src = open_sources(sorted(planted.stores.glob("*.zarr"))[:1])[0]
+    for model in res.models:
+        assert model.risk_scale is not None and model.crop >= max(src.grid_shape)  # one window
+        heat = model_map(model, src, "contribution", 0, variants=False)
+        x, m = src.crop(0, 0, model.crop)
+        with torch.no_grad():
+            raw = float(model.net(torch.from_numpy(x[None]), torch.from_numpy(m[None]))[0, 0] - model.net.out.bias[0])
+        assert np.nansum(heat) == pytest.approx(raw / model.risk_scale[1], rel=1e-5)
+
+
 # -- alignment ----------------------------------------------------------------------------
 
 

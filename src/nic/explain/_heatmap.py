@@ -29,7 +29,8 @@ the slide's orientation).  Slides larger than the model's crop are covered by wi
 the crop's size overlapping by half, averaged where they overlap.  Regression maps are in
 the units of the transformed target (each fold's scaling applied): the target's own units
 with ``target_transform`` "none", log units with "log", normal scores with "rank" (a run
-decides "auto" once for its cohort, so every fold's map is in the same units).
+decides "auto" once for its cohort, so every fold's map is in the same units).  Survival
+maps are in standardised log-risk units, each fold's scale applied as in its predictions.
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def model_map(model: SlideModel, src: SlideSource, method: str, k: int = 0, vari
     out = total / np.maximum(count, 1)
     if model.task == "regression" and method != "attention":
         out = out * model.target.std  # in the (transformed) target's units
+    elif model.task == "survival" and method != "attention" and model.risk_scale is not None:
+        out = out / model.risk_scale[1]  # in the fold's standardised log-risk units, as its predictions
     out[~src.tissue] = np.nan
     return out
 
