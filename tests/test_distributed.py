@@ -364,3 +364,40 @@ def test_nic_imports_without_dask_and_says_how_to_install_it(slides, tmp_path):
     code_line, *lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     assert code_line == "2" and len(lines) == 1, p.stdout
     assert "pip install 'neural-image-compression[cluster]'" in lines[0] and "--scheduler" in lines[0]
+
+
+def test_a_scheduler_without_workers_is_waited_for_aloud(monkeypatch, caplog):
+    """A reachable scheduler with no worker yet (a batch queue still starting them): the
+    client says so every WORKER_WAIT_S seconds instead of waiting in silence, and goes on
+    when a worker joins."""
+    import logging
+
+    from nic.compress import _distributed
+
+    monkeypatch.setattr(_distributed, "WORKER_WAIT_S", 0.3)
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as lc,
+        distributed.Client(lc) as client,
+        caplog.at_level(logging.WARNING, logger="nic"),
+    ):
+        timer = threading.Timer(1.2, lc.scale, args=(1,))
+        timer.start()
+        try:
+            _distributed._wait_for_a_worker(client, lc.scheduler_address)
+        finally:
+            timer.cancel()
+        assert len(client.scheduler_info()["workers"]) == 1
+    waits = [r.getMessage() for r in caplog.records if "has no worker yet" in r.getMessage()]
+    assert waits and "start workers for it" in waits[0], caplog.text
+
+
+def test_a_scheduler_file_that_is_not_one_is_a_one_line_error(slides, tmp_path):
+    bad = tmp_path / "scheduler.json"
+    bad.write_text("this is not what a Dask scheduler writes")
+    res = CliRunner().invoke(
+        app,
+        ["compress", str(slides[0]), "--encoder", "mean-rgb", "--out", str(tmp_path / "o"), "--scheduler", str(bad)],
+    )
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: --scheduler {bad}: cannot reach a Dask scheduler through this scheduler file")
+    assert not (tmp_path / "o").exists()

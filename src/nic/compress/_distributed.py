@@ -321,13 +321,20 @@ def _connect(cluster: ClusterOptions, n_slides: int) -> Iterator[Any]:
         if s.endswith(".json") and "://" not in s:
             if not Path(s).is_file():
                 raise OptionError(f"`scheduler` {s}: no such scheduler file; give the file the scheduler wrote")
-            client = distributed.Client(scheduler_file=s)
+            try:
+                client = distributed.Client(scheduler_file=s, timeout="30s")
+            except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:  # stale, or not one
+                raise OptionError(
+                    f"`scheduler` {s}: cannot reach a Dask scheduler through this scheduler file ({type(e).__name__}: "
+                    f"{e}); is the scheduler running, and is this the file it wrote?"
+                ) from e
         else:
             try:
                 client = distributed.Client(s, timeout="30s")
             except OSError as e:
                 raise OptionError(f"`scheduler` {s}: cannot reach a Dask scheduler there ({e})") from e
         with client:
+            _wait_for_a_worker(client, s)
             yield client
         return
     from dask.system import CPU_COUNT
@@ -346,6 +353,27 @@ def _connect(cluster: ClusterOptions, n_slides: int) -> Iterator[Any]:
     ):
         logger.info("local Dask cluster of %d worker(s) at %s", workers, lc.scheduler_address)
         yield client
+
+
+#: seconds between the messages while a scheduler has no worker yet
+WORKER_WAIT_S = 60.0
+
+
+def _wait_for_a_worker(client: Any, scheduler: str) -> None:
+    """Return once the scheduler has a worker, saying every :data:`WORKER_WAIT_S` seconds
+    that it waits (workers of a batch queue may take long to start; Ctrl-C stops)."""
+    waited = 0.0
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            return
+        except TimeoutError:
+            waited += WORKER_WAIT_S
+            logger.warning(
+                "the Dask scheduler %s has no worker yet (waited %.0f s); start workers for it (e.g. `dask worker "
+                "%s`, or scale your dask-jobqueue/kubernetes cluster), or press Ctrl-C",
+                scheduler, waited, scheduler,
+            )  # fmt: skip
 
 
 def _encoder_arg(client: Any, encoder: Any) -> Any:
