@@ -174,7 +174,7 @@ def _grid_coords(rows: int, cols: int, step: int, seed: int, keep: float = 0.6) 
     return rc, np.stack([rc[:, 1] * step, rc[:, 0] * step], 1).astype(np.int64)
 
 
-def test_trident_folder_without_slides(tmp_path: Path) -> None:
+def test_trident_folder_without_slides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 40x scan patched at 20x, 256 px: 512 level-0 px per cell, 0.5 um/px nominal."""
     d = tmp_path / "features_uni_v1"
     d.mkdir()
@@ -201,6 +201,21 @@ def test_trident_folder_without_slides(tmp_path: Path) -> None:
 
     with pytest.raises(OutputError, match="already holds stores for .*; pass `overwrite=True` to replace them"):
         import_bags(d, "trident", tmp_path / "stores")
+
+    # an interrupted overwrite leaves the stores it would replace as they were
+    import nic.store
+
+    before = {s.slide_id: (s.attrs["created"], s.load()) for s in stores}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(nic.store, "mark_complete", interrupt)
+        import_bags(d, "trident", tmp_path / "stores", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "stores").iterdir()) == ["slide0.zarr", "slide1.zarr"]
+    for s in map(open_store, sorted((tmp_path / "stores").iterdir())):
+        assert s.attrs["created"] == before[s.slide_id][0] and np.array_equal(s.load(), before[s.slide_id][1])
 
 
 def test_overlap_and_off_grid_are_refused_unless_snapped(tmp_path: Path) -> None:

@@ -297,6 +297,30 @@ def test_keyboard_interrupt_leaves_an_unfinished_store_and_rerun_equals_clean(sl
     np.testing.assert_allclose(_features(store), clean, atol=1e-3)
 
 
+def test_an_interrupted_overwrite_keeps_the_old_store(slides, encoder, tmp_path, monkeypatch):
+    """`overwrite` replaces a complete store only with a whole one: interrupted, the old
+    store is still there, complete and intact; finished, the new one takes its place."""
+    from nic.compress import _pipeline
+    from nic.store import verify_store
+
+    store = compress_slide(slides["b"], encoder, tmp_path, workers=0)
+    before, created = _features(store), open_store(store).attrs["created"]
+
+    def interrupt(self, codes, cells):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(_pipeline._Blocks, "add", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            compress_slide(slides["b"], encoder, tmp_path, workers=0, overwrite=True, min_tissue=0.3)
+    assert is_complete(store) and open_store(store).attrs["created"] == created
+    assert verify_store(store, deep=True) == [] and np.array_equal(_features(store), before)
+    assert [p.name for p in tmp_path.iterdir()] == ["b.zarr"]  # no staged leftovers
+    compress_slide(slides["b"], encoder, tmp_path, workers=0, overwrite=True, min_tissue=0.3)
+    assert open_store(store).meta.min_tissue == 0.3 and verify_store(store, deep=True) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["b.zarr"]
+
+
 _RUN = """
 import json, sys
 def main():

@@ -34,10 +34,11 @@ top-left corner is level-0 ``origin + (col, row) * step``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,7 @@ __all__ = [
     "encoder_settings_sha256",
     "open_store",
     "create_store",
+    "building_store",
     "mark_complete",
     "is_complete",
     "verify_store",
@@ -437,21 +439,24 @@ def create_store(
     attrs: StoreAttrs | Mapping[str, Any],
     variants: int = 1,
     chunk: int = 64,
+    in_new_folder: bool = False,
 ) -> Any:
     """Create an empty, unfinished store (features all 0) and return its ``features`` array.
 
     An existing store at ``path`` is removed first; callers decide whether that is allowed.
+    ``in_new_folder``: ``path`` is an empty folder made for the store (a staged one, see
+    :func:`nic._outputs.staged_folder`), kept as it is.
     """
     import zarr
 
     p = Path(path)
-    if p.exists():
+    if p.exists() and not in_new_folder:
         shutil.rmtree(p)
     h, w = grid_shape
     if tissue.shape != (h, w):
         raise ValueError(f"tissue mask {tissue.shape} does not match the grid {grid_shape}")
     d = attrs.to_json() if isinstance(attrs, StoreAttrs) else dict(attrs)
-    g = zarr.open_group(str(p), mode="w", zarr_format=3)
+    g = zarr.open_group(str(p), mode="a" if in_new_folder else "w", zarr_format=3)
     g.attrs.update({**d, "format": FORMAT, "complete": False})
     shape: tuple[int, ...] = (code_size, h, w)
     chunks: tuple[int, ...] = (code_size, chunk, chunk)
@@ -461,6 +466,26 @@ def create_store(
     t = g.create_array("tissue", shape=(h, w), chunks=(max(h, 1), max(w, 1)), dtype="bool", fill_value=False)
     t[...] = tissue
     return feats
+
+
+@contextlib.contextmanager
+def building_store(path: str | Path) -> Iterator[tuple[Path, bool]]:
+    """``(where, staged)``: where to build the store ``path``, for :func:`create_store`
+    (``in_new_folder=staged``) and :func:`mark_complete`.
+
+    Without a complete store at ``path`` that is ``path`` itself (an unfinished store there
+    is rebuilt).  A complete one is replaced only by a whole one: the new store is built in
+    a hidden sibling folder that takes its place on a clean exit
+    (:func:`nic._outputs.staged_folder`), so a failure or an interruption leaves it as it was.
+    """
+    p = Path(path)
+    if not is_complete(p):
+        yield p, False
+        return
+    from nic._outputs import staged_folder
+
+    with staged_folder(p, replace=True, is_ours=is_complete) as stage:
+        yield stage, True
 
 
 def mark_complete(path: str | Path, extra: Mapping[str, Any] | None = None) -> None:

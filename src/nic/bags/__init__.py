@@ -101,7 +101,7 @@ def _file_sha256(path: Path) -> str:
 
 def _write_store(bag: Bag, place: Placement, out: Path, slide: dict[str, Any], extractor: str, t0: float) -> Path:
     import nic
-    from nic.store import StoreAttrs, create_store, mark_complete, store_path
+    from nic.store import StoreAttrs, building_store, create_store, mark_complete, store_path
 
     feats = bag.read_features()
     if not place.keep.all():
@@ -144,21 +144,25 @@ def _write_store(bag: Bag, place: Placement, out: Path, slide: dict[str, Any], e
         created=datetime.now(UTC).isoformat(timespec="seconds"), extra=extra,
     )  # fmt: skip
     path = store_path(out, bag.slide_id)
-    features = create_store(path, int(bag.code_size), (rows, cols), tissue, attrs, chunk=BLOCK_ROWS)
     order = np.argsort(cells[:, 0], kind="stable")
     cells, feats16 = cells[order], feats16[order]
     bounds = np.searchsorted(cells[:, 0], np.arange(0, rows + BLOCK_ROWS, BLOCK_ROWS))
-    for b, r0 in enumerate(range(0, rows, BLOCK_ROWS)):
-        lo, hi = bounds[b], bounds[b + 1]
-        if lo == hi:
-            continue
-        h = min(BLOCK_ROWS, rows - r0)
-        buf = np.zeros((bag.code_size, h, cols), np.float16)
-        buf[:, cells[lo:hi, 0] - r0, cells[lo:hi, 1]] = feats16[lo:hi].T
-        features[:, r0 : r0 + h, :] = buf
-    seconds = time.perf_counter() - t0
-    n = int(len(cells))
-    mark_complete(path, {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)})
+    with building_store(path) as (target, staged):  # a store it replaces stays until this one is whole
+        features = create_store(
+            target, int(bag.code_size), (rows, cols), tissue, attrs, chunk=BLOCK_ROWS, in_new_folder=staged
+        )
+        for b, r0 in enumerate(range(0, rows, BLOCK_ROWS)):
+            lo, hi = bounds[b], bounds[b + 1]
+            if lo == hi:
+                continue
+            h = min(BLOCK_ROWS, rows - r0)
+            buf = np.zeros((bag.code_size, h, cols), np.float16)
+            buf[:, cells[lo:hi, 0] - r0, cells[lo:hi, 1]] = feats16[lo:hi].T
+            features[:, r0 : r0 + h, :] = buf
+        seconds = time.perf_counter() - t0
+        n = int(len(cells))
+        done = {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)}
+        mark_complete(target, done)
     return path
 
 

@@ -39,7 +39,7 @@ from nic.compress._workers import ReaderPool, ReadTask, Transport, read_patches
 from nic.errors import EncoderError, MppError, OptionError, check_choice, check_int, check_number
 from nic.grid import PatchGrid, patch_grid
 from nic.slide._mpp import check_user_mpp
-from nic.store import StoreAttrs, create_store, mark_complete
+from nic.store import StoreAttrs, building_store, create_store, mark_complete
 from nic.tissue import tissue_mask
 
 logger = logging.getLogger(__name__)
@@ -518,23 +518,30 @@ def compress_planned(
     pool: ReaderPool | None,
     on_patches: Callable[[int], None] | None = None,
 ) -> int:
-    """Create ``store`` (removing an unfinished one), encode, then mark it complete."""
+    """Create ``store`` (removing an unfinished one), encode, then mark it complete.
+
+    A complete store (``overwrite``) is replaced only by a whole one: the new store is
+    built in a hidden sibling folder and swapped in at the end, so a failure or an
+    interruption leaves the old store as it was.
+    """
     t0 = time.perf_counter()
     attrs = store_attrs(plan, encoder, options)
     variants = 8 if options.dihedral else 1
     grid = plan.grid
-    features = create_store(
-        store, int(encoder.code_size), grid.shape, grid.tissue, attrs, variants=variants, chunk=BLOCK_ROWS
-    )
-    tiles = device_tiles(plan, runner, options)
-    try:
-        n = encode_slide(plan, runner, features, pool if tiles is None else None, on_patches, tiles)
-    finally:
-        if tiles is not None:
-            tiles.close()
-    seconds = time.perf_counter() - t0
-    mark_complete(
-        store, {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)}
-    )
+    with building_store(store) as (target, staged):
+        features = create_store(
+            target, int(encoder.code_size), grid.shape, grid.tissue, attrs, variants=variants, chunk=BLOCK_ROWS,
+            in_new_folder=staged,
+        )  # fmt: skip
+        tiles = device_tiles(plan, runner, options)
+        try:
+            n = encode_slide(plan, runner, features, pool if tiles is None else None, on_patches, tiles)
+        finally:
+            if tiles is not None:
+                tiles.close()
+        seconds = time.perf_counter() - t0
+        mark_complete(
+            target, {"seconds": round(seconds, 3), "patches": n, "patches_per_s": round(n / max(seconds, 1e-9), 1)}
+        )
     logger.info("%s: %d patches in %.1f s -> %s", plan.slide.path, n, seconds, store)
     return n
