@@ -62,7 +62,7 @@ def _csv(path: Path, rows: list[list[object]], header: list[str]) -> Path:
 
 
 def test_parse_dataset_spec() -> None:
-    s = parse_dataset_spec("regr:/data/n.csv?mpp=0.25&group=slide&label=density&weight=2")
+    s = parse_dataset_spec("regr:/data/n.csv?mpp=0.25&group=slide&label=density&weight=2", extra=("weight",))
     assert (s.kind, s.path, s.mpp, s.group, s.label, s.options) == (
         "regr",
         Path("/data/n.csv"),
@@ -76,6 +76,15 @@ def test_parse_dataset_spec() -> None:
     for bad in ("", "tissue:/x", "class:", "class:/x?mpp=abc", "class:/x?mpp=-1"):
         with pytest.raises(DataError):
             parse_dataset_spec(bad)
+
+
+def test_dataset_spec_refuses_unknown_keys(tmp_path: Path) -> None:
+    # a misspelt key used to be dropped, and the probe then split patch by patch
+    for bad, key in [("x.csv?grp=slide", "grp"), ("x.csv?MPP=0.25&group=slide", "MPP"), ("x.csv?weight=2", "weight")]:
+        with pytest.raises(DataError, match=f"unknown key\\(s\\) {key}; known: mpp, group, label, path"):
+            parse_dataset_spec(bad)
+        with pytest.raises(DataError, match="unknown key"):
+            read_patch_table(bad)
 
 
 def test_read_csv_classes_groups_and_regression(tmp_path: Path) -> None:
@@ -111,6 +120,36 @@ def test_read_folder_and_labels_csv_preference(tmp_path: Path, lc25000: Path) ->
     assert lc.groups is not None and len(np.unique(lc.groups)) == 450 and len(lc) == 1800
 
 
+def test_class_folders_refuse_columns_they_cannot_have(tmp_path: Path) -> None:
+    import dataclasses
+
+    for c in ("a", "b"):
+        for i in range(2):
+            _img(tmp_path / "ds" / c / f"slide{i}.png")
+    for spec in (f"class:{tmp_path / 'ds'}?group=slide", f"{tmp_path / 'ds'}?label=tissue"):
+        with pytest.raises(DataError, match="class folders has no columns"):
+            read_patch_table(spec)
+    with pytest.raises(DataError, match="group 'patient'"):  # what `nic probe --group-col patient` builds
+        read_patch_table(dataclasses.replace(parse_dataset_spec(tmp_path / "ds"), group="patient"))
+    # a labels.csv beside the class folders has columns: the group is read from it
+    rows = [[f"{c}/slide{i}.png", c, f"s{i}"] for c in "ab" for i in range(2)]
+    _csv(tmp_path / "ds" / "labels.csv", rows, ["path", "label", "slide"])
+    assert list(read_patch_table(f"{tmp_path / 'ds'}?group=slide").groups) == ["s0", "s1", "s0", "s1"]
+
+
+def test_class_folders_need_two_classes_with_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _img(tmp_path / "ds" / "tumour" / "0.png")
+    with pytest.raises(DataError, match="only 'tumour' holds images.*two or more"):
+        read_patch_table(tmp_path / "ds")
+    (tmp_path / "ds" / "stroma").mkdir()
+    with pytest.raises(DataError, match="only 'tumour' holds images"):
+        read_patch_table(tmp_path / "ds")
+    _img(tmp_path / "ds" / "normal" / "0.png")
+    with caplog.at_level("WARNING"):
+        t = read_patch_table(tmp_path / "ds")
+    assert t.classes == ("normal", "tumour") and t.num_outputs == 2 and "stroma hold no images" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("rows", "header", "match"),
     [
@@ -124,6 +163,61 @@ def test_bad_csv_errors_name_the_problem(tmp_path: Path, rows: list, header: lis
     _img(tmp_path / "p0.png")
     with pytest.raises(DataError, match=match):
         read_patch_table(_csv(tmp_path / "x.csv", rows, header))
+
+
+def test_missing_number_markers_are_not_classes(tmp_path: Path) -> None:
+    for i in range(4):
+        _img(tmp_path / f"p{i}.png")
+    floats = _csv(tmp_path / "f.csv", [["p0.png", 0.5], ["p1.png", 1.7], ["p2.png", "NA"], ["p3.png", 2.2]],
+                  ["path", "label"])  # fmt: skip
+    with pytest.raises(DataError, match="on line 4 is 'NA', a missing number.*drop the row"):
+        read_patch_table(floats)  # was a 4-class classification
+    with pytest.raises(DataError, match="on line 4 is 'NA'"):
+        read_patch_table(f"regr:{floats}")
+    ints = _csv(tmp_path / "i.csv", [["p0.png", 0], ["p1.png", 1], ["p2.png", "null"], ["p3.png", 1]],
+                ["path", "label"])  # fmt: skip
+    with pytest.raises(DataError, match="'null', a missing number.*class:"):
+        read_patch_table(ints)  # was 3 classes: 0, 1, null
+    assert read_patch_table(f"class:{ints}").classes == ("0", "1", "null")  # a class may be called null
+    names = _csv(tmp_path / "n.csv", [["p0.png", "a"], ["p1.png", "NA"]], ["path", "label"])
+    assert read_patch_table(names).classes == ("NA", "a")
+
+
+def test_short_and_long_rows_name_their_line(tmp_path: Path) -> None:
+    for i in range(3):
+        _img(tmp_path / f"p{i}.png")
+    (tmp_path / "s.csv").write_text("path,label,group\np0.png,a,g0\np1.png,b\np2.png,a,g2\n")
+    with pytest.raises(DataError, match="line 3 has no 'group' field"):
+        read_patch_table(tmp_path / "s.csv")
+    (tmp_path / "l.csv").write_text("path,label\np0.png,a\n\np1.png\n")
+    with pytest.raises(DataError, match="line 4 has no 'label' field"):
+        read_patch_table(tmp_path / "l.csv")
+    (tmp_path / "x.csv").write_text("path,label\np0.png,a\np,1.png,b\n")
+    with pytest.raises(DataError, match="line 3 has 3 fields, the header 2"):
+        read_patch_table(tmp_path / "x.csv")
+
+
+def test_class_names_are_kept_as_written(tmp_path: Path) -> None:
+    for i in range(8):
+        _img(tmp_path / f"p{i}.png")
+    names = ["01", "1", "02", "2"]
+    t = read_patch_table(_csv(tmp_path / "z.csv", [[f"p{i}.png", names[i % 4]] for i in range(8)], ["path", "label"]))
+    assert t.classes == ("01", "1", "02", "2") and list(t.labels) == [0, 1, 2, 3] * 2
+    # a whole number written as a float is that integer; integers sort as numbers
+    floats = ["1.0", "10", "2.0", "2"]
+    t = read_patch_table(_csv(tmp_path / "f.csv", [[f"p{i}.png", floats[i % 4]] for i in range(8)], ["path", "label"]))
+    assert t.classes == ("1", "2", "10") and list(t.labels[:4]) == [0, 2, 1, 1]
+
+
+def test_csv_with_bom_spaced_header_and_tsv(tmp_path: Path) -> None:
+    for i in range(2):
+        _img(tmp_path / f"p{i}.png")
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label, group\np0.png,a,g0\np1.png,b,g1\n".encode())
+    t = read_patch_table(tmp_path / "bom.csv")
+    assert t.classes == ("a", "b") and list(t.groups) == ["g0", "g1"]
+    (tmp_path / "t.tsv").write_text("path\tlabel\tgroup\np0.png\ta\tg0\np1.png\tb\tg1\n")
+    t = read_patch_table(tmp_path / "t.tsv")
+    assert t.classes == ("a", "b") and list(t.groups) == ["g0", "g1"]
 
 
 def test_bad_regression_label(tmp_path: Path) -> None:

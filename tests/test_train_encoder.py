@@ -116,7 +116,7 @@ def test_parse_task_spec() -> None:
     for bad, match in [
         ("lung", "NAME=KIND:PATH"),
         ("9x=class:/a", "task name"),
-        ("a=class:/x?colour=red", "unknown option"),
+        ("a=class:/x?colour=red", "unknown key.*colour"),
         ("a=class:/x?weight=0", "positive"),
         ("a=tissue:/x", "unknown kind"),
     ]:

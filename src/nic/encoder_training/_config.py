@@ -72,13 +72,11 @@ def parse_task_spec(text: str) -> TaskSpec:
         )
     if not _NAME.match(name):
         raise DataError(f"task name {name!r}: use letters, digits, '_' or '-', starting with a letter")
-    ds = parse_dataset_spec(spec)
-    opts = dict(ds.options)
-    weight = pop_positive(opts, "weight", f"task {name!r}")
-    if opts:
-        raise DataError(
-            f"task {name!r}: unknown option(s) {', '.join(sorted(opts))}; known: mpp, group, label, path, weight"
-        )
+    try:
+        ds = parse_dataset_spec(spec, extra=("weight",))
+    except DataError as e:
+        raise DataError(f"task {name!r}: {e}") from None
+    weight = pop_positive(dict(ds.options), "weight", f"task {name!r}")
     return TaskSpec(name, DatasetSpec(ds.path, ds.kind, ds.mpp, ds.group, ds.label, ds.path_col), weight or 1.0)
 
 

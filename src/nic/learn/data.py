@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from nic._missing import MISSING_NUMBER as _MISSING_NUMBER  # numeric label columns: these cells are missing
 from nic.dihedral import dihedral, dihedral_inverse
 from nic.errors import DataError, OptionError
 from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for, store_id
@@ -148,15 +149,6 @@ def _labelled(df, spec: LabelSpec):  # -> DataFrame
     if df.empty:
         raise DataError(f"{path}: no rows with labels left")
     return df.reset_index(drop=True)
-
-
-#: cells of a numeric label column read as missing: empty, and the markers pandas, R and
-#: spreadsheets write for a missing number (a number cannot be named "NA"); in id and class
-#: columns only an empty cell is missing, so a class may be called "None" or "NA"
-_MISSING_NUMBER = frozenset(
-    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
-     "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
-)  # fmt: skip
 
 
 def _rows(mask) -> str:  # mask: a boolean Series over the frame of read_slide_table

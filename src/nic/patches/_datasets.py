@@ -10,7 +10,8 @@ A dataset is one of
 A *dataset spec* names a dataset and its kind in one string, ``KIND:PATH[?key=value&...]``
 with KIND ``class`` or ``regr`` (or no prefix: inferred), and keys ``mpp`` (um/px of the
 patches; they are then resampled to the encoder's um/px), ``group`` (group column),
-``label`` / ``path`` (column names).  :class:`PatchDataset` serves the patches as uint8
+``label`` / ``path`` (column names; a folder of class folders has none, so they need its
+``labels.csv``); other keys are refused.  :class:`PatchDataset` serves the patches as uint8
 tensors at the encoder's patch size.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from nic._missing import MISSING_NUMBER
 from nic.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,9 @@ __all__ = [
 Kind = Literal["class", "regr"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _GROUP_COLUMNS = ("group", "source_group")  # looked for when no group column is named
+_SPEC_KEYS = ("mpp", "group", "label", "path")
+_INTEGER = re.compile(r"[+-]?\d+")
+_WHOLE_FLOAT = re.compile(r"([+-]?\d+)\.0*")
 _KIND_ALIASES = {
     "class": "class",
     "cls": "class",
@@ -61,7 +67,7 @@ class DatasetSpec:
 
     ``kind`` is ``None`` when it is to be inferred; ``mpp`` is the patches' um/px
     (``None``: unknown, patches are resized to the patch size); ``group``/``label``/``path``
-    name CSV columns; ``options`` keeps other keys (e.g. a task's ``weight``).
+    name CSV columns; ``options`` keeps the keys the caller allowed (e.g. a task's ``weight``).
     """
 
     path: Path
@@ -88,8 +94,13 @@ def pop_positive(opts: dict[str, str], key: str, where: str, unit: str = "") -> 
     return value
 
 
-def parse_dataset_spec(spec: str | Path) -> DatasetSpec:
-    """``[class:|regr:]PATH[?mpp=0.5&group=COL&label=COL&path=COL&...]`` -> :class:`DatasetSpec`."""
+def parse_dataset_spec(spec: str | Path, extra: Collection[str] = ()) -> DatasetSpec:
+    """``[class:|regr:]PATH[?mpp=0.5&group=COL&label=COL&path=COL]`` -> :class:`DatasetSpec`.
+
+    ``extra`` names the further keys the caller reads from ``options`` (a task's
+    ``weight``); any other key is a :class:`DataError` (a misspelt ``grp`` or ``MPP``
+    would otherwise be dropped without a word).
+    """
     text = str(spec).strip()
     if not text:
         raise DataError("empty dataset spec; write KIND:PATH, e.g. class:/data/labels.csv or regr:/data/nuclei.csv")
@@ -102,6 +113,11 @@ def parse_dataset_spec(spec: str | Path) -> DatasetSpec:
         raise DataError(f"dataset spec {spec!r}: unknown kind {head!r}; use class:PATH or regr:PATH")
     base, _, query = text.partition("?")
     opts = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(opts) - {*_SPEC_KEYS, *extra})
+    if unknown:
+        raise DataError(
+            f"dataset spec {spec!r}: unknown key(s) {', '.join(unknown)}; known: {', '.join([*_SPEC_KEYS, *extra])}"
+        )
     mpp = pop_positive(opts, "mpp", f"dataset spec {spec!r}", "um/px")
     if not base:
         raise DataError(f"dataset spec {spec!r} has no path; write KIND:PATH")
@@ -170,17 +186,22 @@ def _read_folder(root: Path, kind: Kind | None) -> PatchTable:
         raise DataError(
             f"{root}: a folder of class folders is a classification dataset; use class:{root} or a CSV for regression"
         )
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise DataError(f"{root}: no class folders inside; expected {root}/<class>/<image>.png or a CSV path,label")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for i, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += files
-        labels += [i] * len(files)
-    if not paths:
-        raise DataError(f"{root}: class folders {classes} hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    files = {c: sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for c in folders}
+    classes = [c for c in folders if files[c]]
+    empty = [c for c in folders if not files[c]]
+    if len(classes) < 2:
+        held = f"only {classes[0]!r} holds" if classes else "none holds"
+        raise DataError(
+            f"{root}: of the class folders {folders} {held} images ({', '.join(IMAGE_SUFFIXES)}); "
+            "a classifier needs two or more classes with images"
+        )
+    if empty:
+        logger.warning("%s: class folder(s) %s hold no images and are left out", root, ", ".join(empty))
+    paths = [p for c in classes for p in files[c]]
+    labels = [i for i, c in enumerate(classes) for _ in files[c]]
     return PatchTable(paths, np.asarray(labels, np.int64), "class", tuple(classes), None, None, str(root))
 
 
@@ -192,32 +213,75 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header (names stripped) and the rows of a CSV (``.tsv``: tab-separated) with their line numbers.
+
+    A row with more fields than the header is a :class:`DataError`; a short one lacks the
+    trailing columns (callers check the ones they need).
+    """
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 CSVs with a BOM
+            reader = csv.reader(f, delimiter=delimiter)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [(reader.line_num, r) for r in reader if r]  # blank lines skipped, as csv.DictReader does
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read the CSV ({e})") from e
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise DataError(f"{path}: column(s) {', '.join(map(repr, dup))} appear twice in the header; rename one")
+    for line, r in rows:
+        if len(r) > len(header):
+            raise DataError(
+                f"{path}: line {line} has {len(r)} fields, the header {len(header)}; quote fields that hold a "
+                f"{'tab' if delimiter == chr(9) else 'comma'}"
+            )
+    return header, [(line, dict(zip(header, r))) for line, r in rows]
+
+
+def _class_name(text: str) -> str:
+    """A class label as written, but a whole number written as a float (``1.0``, as pandas
+    writes an integer column with a gap) as the integer (``1``); ``01`` stays ``01``."""
+    m = _WHOLE_FLOAT.fullmatch(text)
+    return m.group(1) if m else text
+
+
+def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
+    header, rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows; expected a header path,label[,group] and one row per patch")
-    cols = list(rows[0])
     for need in (spec.path_col, spec.label):
-        if need not in cols:
+        if need not in header:
             raise DataError(
-                f"{path}: no column {need!r} (columns: {', '.join(cols)}); name it with ?path=COL / ?label=COL"
+                f"{path}: no column {need!r} (columns: {', '.join(header)}); name it with ?path=COL / ?label=COL"
             )
     group_col = spec.group
-    if group_col is not None and group_col not in cols:
-        raise DataError(f"{path}: no group column {group_col!r} (columns: {', '.join(cols)})")
+    if group_col is not None and group_col not in header:
+        raise DataError(f"{path}: no group column {group_col!r} (columns: {', '.join(header)})")
     if group_col is None:
-        group_col = next((c for c in _GROUP_COLUMNS if c in cols), None)
+        group_col = next((c for c in _GROUP_COLUMNS if c in header), None)
         if group_col:
             logger.info("%s: splitting by group column %r", path, group_col)
-    raw = [r[spec.label].strip() for r in rows]
+    for line, r in rows:
+        short = [c for c in (spec.path_col, spec.label, group_col) if c and c not in r]
+        if short:
+            raise DataError(f"{path}: line {line} has no {short[0]!r} field; give every row {', '.join(header)}")
+    lines = [line for line, _ in rows]
+    raw = [r[spec.label].strip() for _, r in rows]
     if any(v == "" for v in raw):
-        line = 2 + next(i for i, v in enumerate(raw) if v == "")
+        line = lines[raw.index("")]
         raise DataError(f"{path}: empty {spec.label!r} on line {line}; every patch needs a label")
     kind = spec.kind
+    if kind != "class":
+        # a numeric column with a missing-number marker (NA, nan, null, ...) is neither classes nor targets
+        marked = [i for i, v in enumerate(raw) if v in MISSING_NUMBER]
+        rest = [v for v in raw if v not in MISSING_NUMBER]
+        if marked and (kind == "regr" or (rest and all(_is_float(v) for v in rest))):
+            i = marked[0]
+            raise DataError(
+                f"{path}: {spec.label!r} on line {lines[i]} is {raw[i]!r}, a missing number; every patch needs a "
+                f"label: drop the row{'' if kind else f' (or write class:{path} if {raw[i]!r} is a class)'}"
+            )
     numeric = all(_is_float(v) for v in raw)
     if kind is None:
         # Floats that are not all whole numbers are a regression target; names and integers are classes.
@@ -225,24 +289,23 @@ def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
         logger.info("%s: label column %r read as %s", path, spec.label, "regression" if kind == "regr" else "classes")
     if kind == "regr":
         if not numeric:
-            bad = next(v for v in raw if not _is_float(v))
+            i = next(i for i, v in enumerate(raw) if not _is_float(v))
             raise DataError(
-                f"{path}: regression label {spec.label!r} holds {bad!r}, not a number; use class:{path} for classes"
+                f"{path}: regression label {spec.label!r} holds {raw[i]!r} on line {lines[i]}, not a number; "
+                f"use class:{path} for classes"
             )
         labels = np.asarray([float(v) for v in raw], np.float32)
         if not np.isfinite(labels).all():
-            raise DataError(f"{path}: regression label {spec.label!r} has NaN or infinite values; drop those rows")
+            i = int(np.flatnonzero(~np.isfinite(labels))[0])
+            raise DataError(f"{path}: regression label {spec.label!r} is {raw[i]!r} on line {lines[i]}; drop the row")
         classes: tuple[str, ...] = ()
     else:
-        if numeric and all(float(v).is_integer() for v in raw):
-            names = sorted({int(float(v)) for v in raw})
-            classes = tuple(str(v) for v in names)
-            lookup = {str(v): i for i, v in enumerate(names)}
-            labels = np.asarray([lookup[str(int(float(v)))] for v in raw], np.int64)
-        else:
-            classes = tuple(sorted(set(raw)))
-            lookup = {c: i for i, c in enumerate(classes)}
-            labels = np.asarray([lookup[v] for v in raw], np.int64)
+        names = [_class_name(v) for v in raw]
+        integers = all(_INTEGER.fullmatch(c) for c in names)
+        # integer classes in numeric order (2 before 10), the same number written two ways apart
+        classes = tuple(sorted(set(names), key=(lambda c: (int(c), c)) if integers else None))
+        lookup = {c: i for i, c in enumerate(classes)}
+        labels = np.asarray([lookup[c] for c in names], np.int64)
         if len(classes) < 2:
             raise DataError(
                 f"{path}: label {spec.label!r} has one class only ({classes[0]!r}); a classifier needs two or more"
@@ -252,13 +315,14 @@ def _read_csv(path: Path, spec: DatasetSpec) -> PatchTable:
         (base / r[spec.path_col].strip())
         if not Path(r[spec.path_col].strip()).is_absolute()
         else Path(r[spec.path_col].strip())
-        for r in rows
+        for _, r in rows
     ]
     groups = None
     if group_col:
-        groups = np.asarray([r[group_col].strip() for r in rows], dtype=object)
+        groups = np.asarray([r[group_col].strip() for _, r in rows], dtype=object)
         if any(g == "" for g in groups):
-            raise DataError(f"{path}: empty group in column {group_col!r}; give every row a group")
+            line = lines[list(groups).index("")]
+            raise DataError(f"{path}: empty group in column {group_col!r} on line {line}; give every row a group")
     return PatchTable(paths, labels, kind, classes, groups, spec.mpp, str(path))
 
 
@@ -277,6 +341,13 @@ def read_patch_table(spec: str | Path | DatasetSpec, check_files: bool = True) -
             logger.info("%s: reading %s", path, csv_inside.name)
             table = _read_csv(csv_inside, spec)
         else:
+            named = {"group": spec.group, "label": spec.label, "path": spec.path_col}
+            given = [f"{k} {v!r}" for k, v in named.items() if v not in (None, k)]
+            if given:
+                raise DataError(
+                    f"{path}: a folder of class folders has no columns to read {', '.join(given)} from; give a "
+                    f"CSV path,label,group instead (a {csv_inside.name} in the folder is read in place of its folders)"
+                )
             table = _read_folder(path, spec.kind)
             table.mpp = spec.mpp
     elif path.is_file():
