@@ -261,6 +261,29 @@ def test_linear_probe_group_split_and_test_set(synth: Path) -> None:
         linear_probe(enc, tissue, test=nuclei, random_init=True)
 
 
+def test_linear_probe_warns_when_it_splits_patch_by_patch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import Image
+
+    from nic.encoders import load_encoder
+    from nic.patches import read_patch_table
+
+    rows = []
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / f"p{i}.png")
+        rows.append(f"p{i}.png,{'ab'[i % 2]},s{i // 2}\n")
+    (tmp_path / "slide.csv").write_text("path,label,slide\n" + "".join(rows))  # a group column nic cannot guess
+    enc = load_encoder("mean-rgb")
+    with caplog.at_level("WARNING"):
+        linear_probe(enc, read_patch_table(tmp_path / "slide.csv"), repeats=3)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"{tmp_path / 'slide.csv'}: no group column; test patches may share a source with training ones"]
+    caplog.clear()
+    (tmp_path / "spaced.csv").write_text("path,label, group\n" + "".join(rows))  # header names are stripped
+    with caplog.at_level("WARNING"):
+        linear_probe(enc, read_patch_table(tmp_path / "spaced.csv"))
+    assert "no group column" not in caplog.text
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

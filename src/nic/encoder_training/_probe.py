@@ -112,6 +112,7 @@ def linear_probe(
     """
     from nic.encoders import require_weights
     from nic.patches import group_split
+    from nic.patches._datasets import warn_ungrouped
 
     require_weights(encoder, None, random_init)
     x = embed_table(encoder, data) if codes is None else codes
@@ -129,6 +130,7 @@ def linear_probe(
             y_test = np.asarray([lookup[test.classes[k]] for k in test.labels])
         scores = probe_codes(data.kind, x, data.labels, embed_table(encoder, test), y_test, len(data.classes))
         return ProbeResult(data.kind, scores, {}, len(data), len(test), 1)
+    warn_ungrouped(data, data.source, "test")
     runs = []
     for r in range(repeats):
         labels = data.labels if data.kind == "class" else None

@@ -72,6 +72,7 @@ def prepare_tasks(config: EncoderTrainConfig, patch_size: int, mpp: float) -> tu
     """
     from nic.encoder_training._module import TaskHead
     from nic.patches import PatchDataset, group_split, read_patch_table
+    from nic.patches._datasets import warn_ungrouped
 
     heads, train_sets, val_sets = [], [], []
     for i, task in enumerate(config.tasks):
@@ -81,10 +82,7 @@ def prepare_tasks(config: EncoderTrainConfig, patch_size: int, mpp: float) -> tu
             tr, va = group_split(len(table), config.val_fraction, table.groups, labels, seed=config.seed + i)
         except DataError as e:
             raise DataError(f"task {task.name!r}: {e}") from None
-        if table.groups is None:
-            logger.warning(
-                "task %s: no group column; validation patches may share a source with training ones", task.name
-            )
+        warn_ungrouped(table, f"task {task.name}", "validation")
         if config.max_per_task and len(tr) > config.max_per_task:
             rng = np.random.default_rng(config.seed + 100 + i)
             tr = np.sort(rng.choice(tr, config.max_per_task, replace=False))

@@ -456,6 +456,13 @@ class PatchDataset:
 # ----------------------------------------------------------------------------- splitting
 
 
+def warn_ungrouped(table: PatchTable, where: str, held_out: str) -> None:
+    """Warn, as ``where``, when ``table`` has no groups: a split of it then goes patch by
+    patch, so ``held_out`` (validation, test) patches may come from a training patch's source."""
+    if table.groups is None:
+        logger.warning("%s: no group column; %s patches may share a source with training ones", where, held_out)
+
+
 def group_split(
     n: int,
     test_fraction: float,
