@@ -343,6 +343,41 @@ def test_mask_components_and_instances(tmp_path: Path, monuseg: Path) -> None:
     assert 0.5 * len(xml) < len(mask) <= len(xml) and mask.mpp is None
 
 
+def test_colour_instance_mask_keeps_each_colour(tmp_path: Path) -> None:
+    m = np.zeros((20, 40, 3), np.uint8)
+    m[2:6, 2:6] = (200, 10, 10)
+    m[2:6, 6:10] = (200, 20, 10)  # touching, the same red: another nucleus all the same
+    m[10:14, 20:24] = (5, 5, 150)
+    Image.fromarray(m).save(tmp_path / "rgb.png")
+    c = read_nuclei_mask(tmp_path / "rgb.png")
+    np.testing.assert_allclose(sorted(map(tuple, c)), [(3.5, 3.5), (7.5, 3.5), (21.5, 11.5)])
+
+
+def test_annotations_must_match_their_image(tmp_path: Path, monuseg: Path) -> None:
+    stem = "TCGA-21-5784-01Z-00-DX1"
+    for d in ("img", "half", "mask", "xml"):
+        (tmp_path / d).mkdir()
+    shutil.copy(monuseg / "images" / f"{stem}.tif", tmp_path / "img")
+    with Image.open(monuseg / "images" / f"{stem}.tif") as im:
+        im.convert("RGB").resize((500, 500), Image.BOX).save(tmp_path / "half" / f"{stem}.tif")
+    with Image.open(monuseg / "binary_masks" / f"{stem}.png") as im:
+        im.resize((500, 500), Image.NEAREST).save(tmp_path / "mask" / f"{stem}.png")
+    with pytest.raises(DataError, match="the mask is 500x500 px, its image .* 1000x1000 px"):
+        nuclei_patch_dataset(pair_images_annotations(tmp_path / "img", tmp_path / "mask"), tmp_path / "o1",
+                             patch_size=125, fallback_mpp=0.2527)  # fmt: skip
+    # the XML's coordinates are at its 0.2527 um/px: on the image halved they must be halved too
+    shutil.copy(monuseg / "annotations_xml_gz" / f"{stem}.xml.gz", tmp_path / "xml")
+    full = nuclei_patch_dataset(pair_images_annotations(tmp_path / "img", tmp_path / "xml"), tmp_path / "o2",
+                                patch_size=125, mpp=0.5, target="count")  # fmt: skip
+    half = nuclei_patch_dataset(pair_images_annotations(tmp_path / "half", tmp_path / "xml"), tmp_path / "o3",
+                                patch_size=125, mpp=0.5, source_mpp=0.5054, target="count")  # fmt: skip
+    counts = [[int(r["count"]) for r in csv.DictReader(open(f))] for f in (full, half)]
+    assert counts[0] == counts[1] and sum(counts[0]) > 350
+    with pytest.raises(DataError, match="nuclei lie outside its 500x500 px image"):  # the image's um/px not given
+        nuclei_patch_dataset(pair_images_annotations(tmp_path / "half", tmp_path / "xml"), tmp_path / "o4",
+                             patch_size=60, mpp=0.5)  # fmt: skip
+
+
 def test_bad_annotation_files(tmp_path: Path) -> None:
     (tmp_path / "a.xml").write_text("<Annotations><Annotation/></Annotations>")
     with pytest.raises(DataError, match="no <Region>"):

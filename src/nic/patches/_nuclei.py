@@ -47,12 +47,14 @@ _MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 class NucleiAnnotation:
     """Nucleus centroids of one image: ``centroids`` (M, 2) as (x, y) in level pixels.
 
-    ``mpp`` is the um/px the file states (``None``: not stated); ``source`` the file.
+    ``mpp`` is the um/px the file states (``None``: not stated); ``source`` the file;
+    ``shape`` the (height, width) of a mask in pixels (``None`` for an XML).
     """
 
     centroids: np.ndarray
     mpp: float | None
     source: str
+    shape: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.centroids)
@@ -113,8 +115,14 @@ def read_nuclei_mask(path: str | Path) -> np.ndarray:
     """Nucleus centroids (M, 2) as (x, y) pixels from a binary or instance mask image.
 
     A mask with values {0, v} is binary (nuclei = 8-connected components); more distinct
-    values are instance labels (one nucleus per non-zero label).
+    values are instance labels (one nucleus per non-zero label).  A colour mask's label is
+    its RGB colour (each nucleus its own colour, background black); alpha is ignored.
     """
+    return _read_mask(path)[0]
+
+
+def _read_mask(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`read_nuclei_mask`'s centroids and the mask's (height, width)."""
     from PIL import Image, UnidentifiedImageError
     from scipy import ndimage
 
@@ -124,7 +132,12 @@ def read_nuclei_mask(path: str | Path) -> np.ndarray:
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read the mask ({e})") from e
     if m.ndim == 3:
-        m = m[..., :3].max(-1) if m.shape[-1] >= 3 else m[..., 0]
+        if m.shape[-1] >= 3:  # one integer per colour: nuclei of different colours stay apart
+            rgb = m[..., :3].astype(np.uint32)
+            m = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        else:
+            m = m[..., 0]
+    shape = (int(m.shape[0]), int(m.shape[1]))
     values = np.unique(m)
     if len(values) <= 2:
         labels, n = ndimage.label(m > 0, structure=np.ones((3, 3), bool))
@@ -133,9 +146,9 @@ def read_nuclei_mask(path: str | Path) -> np.ndarray:
         labels = labels.reshape(m.shape)
         n = int(labels.max())
     if n == 0:
-        return np.zeros((0, 2))
+        return np.zeros((0, 2)), shape
     cy_cx = np.asarray(ndimage.center_of_mass(np.ones_like(labels), labels, np.arange(1, n + 1)))
-    return cy_cx[:, ::-1].astype(np.float64)
+    return cy_cx[:, ::-1].astype(np.float64), shape
 
 
 def read_nuclei(path: str | Path) -> NucleiAnnotation:
@@ -147,7 +160,8 @@ def read_nuclei(path: str | Path) -> NucleiAnnotation:
         cents = np.asarray([polygon_centroid(p) for p in polygons]).reshape(-1, 2)
         return NucleiAnnotation(cents, mpp, str(path))
     if low.endswith(_MASK_SUFFIXES):
-        return NucleiAnnotation(read_nuclei_mask(path), None, str(path))
+        centroids, shape = _read_mask(path)
+        return NucleiAnnotation(centroids, None, str(path), shape)
     raise DataError(f"{path}: unknown annotation type; give .xml/.xml.gz (Aperio/MoNuSeg) or a mask .png/.tif")
 
 
@@ -189,6 +203,37 @@ def pair_images_annotations(images: str | Path, annotations: str | Path) -> list
     return pairs
 
 
+def _in_image_pixels(ann: NucleiAnnotation, image: Path, shape: tuple[int, int], mpp: float) -> np.ndarray:
+    """``ann``'s centroids in the pixels of ``image`` ((height, width) ``shape`` at ``mpp`` um/px).
+
+    A mask must have the image's shape; an XML's coordinates, at the um/px it states, are
+    scaled to ``mpp`` when that differs by more than 10% (an image resized after it was
+    annotated; a smaller difference is a rounded um/px).  A :class:`DataError` when more
+    than 10% of the nuclei fall outside the image (annotations of another image or scale).
+    """
+    h, w = shape
+    if ann.shape is not None and ann.shape != shape:
+        raise DataError(
+            f"{ann.source}: the mask is {ann.shape[1]}x{ann.shape[0]} px, its image {image.name} {w}x{h} px; "
+            "give a mask of the image's size"
+        )
+    c = ann.centroids
+    if ann.mpp and abs(ann.mpp / mpp - 1) > 0.1:
+        logger.info("%s: coordinates at %g um/px scaled to the image's %g um/px", ann.source, ann.mpp, mpp)
+        c = c * (ann.mpp / mpp)
+    outside = int((~((c[:, 0] >= 0) & (c[:, 0] < w) & (c[:, 1] >= 0) & (c[:, 1] < h))).sum())
+    if outside > 0.1 * len(c):
+        stated = f"at {ann.mpp} um/px, " if ann.mpp else ""
+        raise DataError(
+            f"{ann.source}: {outside} of {len(c)} nuclei lie outside its {w}x{h} px image {image.name} "
+            f"({stated}image at {mpp} um/px); pair each image with its own annotation, and give a resized "
+            "image's um/px as `source_mpp`"
+        )
+    if outside:
+        logger.warning("%s: %d of %d nuclei lie outside image %s", ann.source, outside, len(c), image.name)
+    return c
+
+
 def nuclei_patch_dataset(
     pairs: Sequence[tuple[str | Path, str | Path]],
     out: str | Path,
@@ -205,8 +250,12 @@ def nuclei_patch_dataset(
     ``pairs``: (image, annotation) files.  Each patch covers ``patch_size`` pixels at
     ``mpp`` um/px (``stride`` in the same pixels, default ``patch_size``): a window of
     ``patch_size * mpp / source_mpp`` image pixels, saved resized to ``patch_size`` as
-    ``out/patches/<image>_<y>_<x>.png``.  ``source_mpp`` (um/px of the images) overrides
-    the annotation's ``MicronsPerPixel``; ``fallback_mpp`` is used where a file states none.
+    ``out/patches/<image>_<y>_<x>.png``.  ``source_mpp`` (um/px of the images) wins over
+    the annotation's ``MicronsPerPixel``: an XML's coordinates, at the um/px it states, are
+    scaled to the images' when the two differ by more than 10% (images resized after they
+    were annotated); ``fallback_mpp`` is used where a file states none.  A mask must have its
+    image's size; annotations with more than 10% of their nuclei outside the image are a
+    :class:`DataError`.
     The CSV ``out/nuclei.csv`` has columns ``path,label,group,count``: ``label`` is the count
     or the density (nuclei per mm^2).  It is written last (through a temporary file), so a
     folder without it is unfinished.
@@ -240,6 +289,7 @@ def nuclei_patch_dataset(
         except OSError as e:
             raise DataError(f"{image_path}: cannot read the image ({e})") from e
         w, h = img.size
+        centroids = _in_image_pixels(ann, image_path, (h, w), smpp)
         win = patch_size * mpp / smpp  # window side in image pixels
         step = stride * mpp / smpp
         if win > min(w, h):
@@ -250,7 +300,7 @@ def nuclei_patch_dataset(
         xs = np.arange(nx) * step
         ys = np.arange(ny) * step
         gx, gy = np.meshgrid(xs, ys)
-        counts = count_in_windows(ann.centroids, gx.ravel(), gy.ravel(), win)
+        counts = count_in_windows(centroids, gx.ravel(), gy.ravel(), win)
         area_mm2 = (patch_size * mpp / 1000.0) ** 2
         stem = _strip_suffixes(image_path)
         for (x0, y0), n in zip(zip(gx.ravel(), gy.ravel()), counts):
