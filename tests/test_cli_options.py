@@ -53,7 +53,8 @@ def test_a_field_without_a_literal_default_is_not_offered() -> None:
 
 
 def _option_defaults(command) -> dict[str, object]:
-    return {name: p.default.default for name, p in inspect.signature(command).parameters.items()}
+    params = inspect.signature(command).parameters.items()
+    return {name: p.default.default for name, p in params if p.default is not p.empty}  # not the context
 
 
 def test_train_options_follow_the_fit_and_cv_configs() -> None:
@@ -198,6 +199,29 @@ def test_an_option_is_named_by_the_flag_of_its_command(tmp_path: Path) -> None:
         AugmentConfig(strength=-1.0)
     assert cli_message(info.value) == "--strength must be a number of at least 0 (got -1.0)"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--task", "t=class:/no/such.csv", "--kl-weight", "5"], "--kl-weight is for --method vae; drop it from this "
+         "--method multitask run"),
+        (["--task", "t=class:/no/such.csv", "--patches", "10"], "--patches is for the unsupervised methods, --method "
+         "vae or contrastive or bigan; drop it from this --method multitask run"),
+        (["--method", "vae", "--slides", "/no/such", "--val-fraction", "0.3"], "--val-fraction is for --method "
+         "multitask; drop it from this --method vae run"),
+        (["--method", "contrastive", "--slides", "/no/such", "--upsample", "resize"], "--upsample is for --method vae "
+         "or bigan; drop it from this --method contrastive run"),
+    ],
+)  # fmt: skip
+def test_train_encoder_refuses_options_of_another_method(tmp_path: Path, args: list[str], error: str) -> None:
+    """An option the run's method does not read is refused, not ignored; one left at its
+    default (or given for its own method) is no error."""
+    res = CliRunner().invoke(app, ["train-encoder", *args, "--out", str(tmp_path / "run")])
+    assert _one_error_line(res) == f"error: {error}"
+    res = CliRunner().invoke(app, ["train-encoder", "--method", "bigan", "--slides", "/no/such", "--patches", "10",
+                                   "--instance-noise", "0.1", "--out", str(tmp_path / "run")])  # fmt: skip
+    assert _one_error_line(res) == "error: /no/such: no such slide, folder or CSV"
 
 
 def test_commands_refuse_existing_outputs_before_the_work(tmp_path: Path) -> None:

@@ -51,7 +51,24 @@ def _per_method(name: str, help: str, *decls: str) -> Any:
     return typer.Option(None, flag(name), *decls, help=help, show_default=shown)
 
 
+def _check_method_options(ctx: typer.Context, method: str, methods: tuple[str, ...]) -> None:
+    """Refuse an option the user gave (not its default) that ``method``'s run does not read."""
+    from nic.errors import OptionError
+
+    belongs = {"slide_mpp": methods, "patches": methods, "val_patches": methods, "kl_weight": ("vae",),
+               "upsample": ("vae", "bigan"), "instance_noise": ("bigan",)}  # fmt: skip
+    belongs |= dict.fromkeys(("weight_decay", "sampling", "samples_per_epoch", "max_per_task", "val_fraction"),
+                             ("multitask",))  # fmt: skip
+    for name, owners in belongs.items():
+        source = ctx.get_parameter_source(name)  # by name: typer carries its own copy of click's enum
+        given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+        if given and method not in owners:
+            whose = ("the unsupervised methods, " if owners == methods else "") + "--method " + " or ".join(owners)
+            raise OptionError(f"{flag(name)} is for {whose}; drop it from this --method {method} run")
+
+
 def train_encoder_cmd(
+    ctx: typer.Context,
     task: list[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP + " Needed by --method multitask only."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (config, checkpoints, logs, encoder/)."),
     method: str = typer.Option(
@@ -154,6 +171,7 @@ def train_encoder_cmd(
     from nic.patches.augment import AugmentConfig
 
     check_choice("method", method, ("multitask", *METHODS))
+    _check_method_options(ctx, method, METHODS)
     check_number("aug_strength", aug_strength, 0, float("inf"))  # named by this command's flag, not `strength`
     _threads(threads)
     # options left out take each config's own default
@@ -286,7 +304,10 @@ def nuclei_patches_cmd(
     mpp: float = typer.Option(0.5, "--mpp", help="um/px of the patches written."),
     stride: int = typer.Option(0, "--stride", help="Stride in pixels at --mpp (0 = patch size)."),
     source_mpp: float = typer.Option(
-        0.0, "--source-mpp", help="um/px of the images, overriding the annotation's MicronsPerPixel."
+        0.0,
+        "--source-mpp",
+        help="um/px of the images, over the annotation's MicronsPerPixel (XML coordinates stated at another "
+        "um/px are scaled to it).",
     ),
     fallback_mpp: float = typer.Option(
         0.0, "--fallback-mpp", help="um/px of images whose annotation states none (masks never do)."
