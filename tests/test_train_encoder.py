@@ -436,6 +436,15 @@ def test_cli_nuclei_patches(tmp_path: Path, shared_data: Path) -> None:
     assert r.exit_code == 0, r.output
     t2 = read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}")
     assert len(t2) == 9 and t2.labels.sum() > t.labels.sum()  # densities per mm^2 now
+    # an overwrite that fails (patches larger than the image) leaves the dataset as it was
+    r = _run([*args, "--overwrite", "--patch-size", "1024"])
+    assert r.exit_code == 2 and "smaller than one 1024 px patch" in r.output, r.output
+    t3 = read_patch_table(f"regr:{tmp_path / 'out' / 'nuclei.csv'}")
+    assert np.array_equal(t3.labels, t2.labels) and all(p.is_file() for p in t3.paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann", "img", "out"]  # nothing staged is left
+    for flag, value in (("--stride", "-1"), ("--mpp", "0"), ("--source-mpp", "-0.5"), ("--patch-size", "0")):
+        r = _run([*args, "--overwrite", flag, value])
+        assert r.exit_code == 2 and r.output.startswith(f"error: {flag} must be"), r.output
 
 
 # ----------------------------------------------------------------------------- several devices

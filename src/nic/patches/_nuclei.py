@@ -259,21 +259,49 @@ def nuclei_patch_dataset(
     The CSV ``out/nuclei.csv`` has columns ``path,label,group,count``: ``label`` is the count
     or the density (nuclei per mm^2).  It is written last (through a temporary file), so a
     folder without it is unfinished.
-    An existing dataset in ``out`` is a :class:`DataError` unless ``overwrite``, which
-    removes its patches first.
+    ``out`` must be new or empty; with ``overwrite``, a nuclei dataset there (``nuclei.csv``
+    and ``patches/``, nothing else) is replaced once the new one is whole: the dataset is
+    built in a hidden sibling folder (:func:`nic._outputs.staged_folder`), so a failure
+    leaves ``out`` as it was.
     """
+    from nic._outputs import staged_folder
+    from nic.errors import check_choice, check_int, check_number
+
+    check_choice("target", target, ("count", "density"))
+    check_int("patch_size", patch_size, 8)
+    check_number("mpp", mpp, 0, float("inf"), low_open=True, high_open=True)
+    if stride is not None:
+        check_int("stride", stride, 0)
+    for name, value in (("source_mpp", source_mpp), ("fallback_mpp", fallback_mpp)):
+        if value is not None:
+            check_number(name, value, 0, float("inf"), low_open=True, high_open=True)
+    pairs = list(pairs)
+    with staged_folder(out, replace=overwrite, is_ours=_is_nuclei_dataset) as stage:
+        csv_path = _write_nuclei_dataset(pairs, stage, patch_size, mpp, int(stride or patch_size), source_mpp,
+                                         target, fallback_mpp)  # fmt: skip
+    return Path(out) / csv_path.name
+
+
+def _is_nuclei_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds a nuclei dataset and nothing else (so replacing it loses nothing else)."""
+    names = {p.name for p in folder.iterdir()}
+    return "nuclei.csv" in names and names <= {"nuclei.csv", "patches"}
+
+
+def _write_nuclei_dataset(
+    pairs: Sequence[tuple[str | Path, str | Path]],
+    out: Path,
+    patch_size: int,
+    mpp: float,
+    stride: int,
+    source_mpp: float | None,
+    target: str,
+    fallback_mpp: float | None,
+) -> Path:
+    """:func:`nuclei_patch_dataset`'s work, into the new folder ``out``."""
     from PIL import Image
 
-    if target not in ("count", "density"):
-        raise DataError(f"target must be 'count' or 'density', got {target!r}")
-    out = Path(out)
-    old = sorted((out / "patches").glob("*.png")) if (out / "patches").is_dir() else []
-    if ((out / "nuclei.csv").exists() or old) and not overwrite:
-        raise DataError(f"{out}: already holds a nuclei dataset; choose a new folder or pass `overwrite=True`")
-    for f in old:
-        f.unlink()
     (out / "patches").mkdir(parents=True, exist_ok=True)
-    stride = int(stride or patch_size)
     rows: list[tuple[str, float, str, int]] = []
     for image_path, ann_path in pairs:
         image_path = Path(image_path)
