@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -458,18 +459,43 @@ def launch(target: Any, config: EncoderRunSettings, out: str | Path) -> TrainRes
     run folder that exists is raised before any process starts).  Returns rank 0's result.
     """
     global _IN_DDP
-    if config.devices == 1:
-        return target(config, out)
-    if _launched_externally():
+    if _launched_externally() and config.devices > 1:
         _IN_DDP = True
         return target(config, out)
+    out = Path(out)
+    before = set(out.iterdir()) if out.is_dir() else None
+    try:
+        return target(config, out) if config.devices == 1 else _spawn_ranks(target, config, out)
+    except BaseException:
+        _undo_unstarted_run(out, before)
+        raise
+
+
+def _undo_unstarted_run(out: Path, before: set[Path] | None) -> None:
+    """After a run failed before its first checkpoint, remove what it wrote (``before``: the
+    entries ``out`` held, None if it did not exist), so the folder does not look like a run
+    and a rerun is not refused; a run with a checkpoint is kept (it holds training done)."""
+    ckpts = out / "checkpoints"
+    if not out.is_dir() or (ckpts.is_dir() and any(f.is_file() for f in ckpts.rglob("*"))):
+        return
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in set(out.iterdir()) - before:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _spawn_ranks(target: Any, config: EncoderRunSettings, out: Path) -> TrainResult:
+    """:func:`launch`'s processes, one per device; rank 0's result."""
     import queue
 
     from nic._outputs import check_new_folder
     from nic._processes import WORKER_DIED_HINT, spawn_context
 
     ctx = spawn_context()  # first: a rank re-running an unguarded script would find `out` made
-    out = Path(out)
     check_new_folder(out, None, holds=("config.json", "checkpoints"), what="training runs")
     results = ctx.Queue()
     port = _free_port()
