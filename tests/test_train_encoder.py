@@ -348,6 +348,32 @@ def test_cli_train_probe_preview(tmp_path: Path, synth: Path) -> None:
     from PIL import Image
 
     assert Image.open(pic).size == (5 * 32 + 4 * 4, 3 * 32 + 2 * 4)
+    r = _run(["augment-preview", str(synth / "tissue_type"), "--out", str(pic)])
+    assert r.exit_code == 2 and "exists; pass --overwrite to replace it" in r.output, r.output
+    assert Image.open(pic).size == (5 * 32 + 4 * 4, 3 * 32 + 2 * 4)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path: Path, synth: Path) -> None:
+    """An unreadable patch found while training (exit 2): no run folder is left to look like
+    a run and refuse the rerun; in a folder that held other files, only those stay."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth / "tissue_type", data)
+    bad = sorted((data / "tumour").glob("*.png"))[0]
+    good = bad.read_bytes()
+    bad.write_text("not a png")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    args = ["train-encoder", "--task", f"t=class:{data}", "--encoder", TINY, "--epochs", "1", "--batch-size", "8"]
+    for out in (tmp_path / "run", tmp_path / "kept"):
+        r = _run([*args, "--out", str(out)])
+        assert r.exit_code == 2 and "cannot read the image" in r.output, r.output
+    assert not (tmp_path / "run").exists(), sorted(map(str, (tmp_path / "run").rglob("*")))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+    bad.write_bytes(good)
+    r = _run([*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0 and (tmp_path / "run" / "encoder" / "encoder.safetensors").is_file(), r.output
 
 
 def test_cli_probe_published_weights_on_lc25000_subset(tmp_path: Path, keras_dir: Path, lc25000: Path) -> None:
@@ -387,6 +413,21 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str]) ->
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["augment-preview", "class:/no/such", "--out", "OUT.png", "--patch-size", "0"], "--patch-size must be"),
+        (["train-encoder", "--task", "lung=class:/no/such.csv", "--out", "RUN", "--threads", "-2"], "--threads must"),
+        (["probe", "--encoder", "nic-cnn", "--data", "class:/no/such", "--threads", "-1"], "--threads must"),
+    ],
+)
+def test_cli_bad_numbers_are_named(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [a.replace("RUN", str(tmp_path / "run")).replace("OUT", str(tmp_path / "out")) for a in args]
+    r = _run(args)
+    assert r.exit_code == 2 and r.output.startswith(f"error: {message}"), r.output
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_nuclei_patches(tmp_path: Path, shared_data: Path) -> None:

@@ -367,6 +367,16 @@ def test_concat_encoders_codes_provenance_and_compression(slides: Path, tmp_path
 
     result = CliRunner().invoke(app, ["concat-encoders", "mean-rgb", str(bigan), "--out", str(tmp_path / "both")])
     assert result.exit_code == 0, result.output
+    # an encoder already there is replaced only when asked
+    again = ["concat-encoders", str(bigan), "mean-rgb", "--out", str(tmp_path / "both")]
+    result = CliRunner().invoke(app, again)
+    assert result.exit_code == 2 and "exists; pass --overwrite to replace it" in result.output, result.output
+    assert load_encoder(tmp_path / "both").source["parts"][0]["name"] == "mean-rgb"
+    assert CliRunner().invoke(app, [*again, "--overwrite"]).exit_code == 0
+    assert load_encoder(tmp_path / "both").source["parts"][1]["name"] == "mean-rgb"
+    result = CliRunner().invoke(app, ["concat-encoders", "mean-rgb", str(bigan), "--out", str(tmp_path / "both"),
+                                      "--overwrite"])  # fmt: skip
+    assert result.exit_code == 0, result.output
     loaded = load_encoder(tmp_path / "both")
     assert loaded.code_size == 131 and loaded.source["parts"][1]["name"] == parts[1].name
     np.testing.assert_allclose(loaded.embed(patches), expected, atol=1e-5)

@@ -36,10 +36,15 @@ AUGMENT = "nic.patches.augment:AugmentConfig"
 
 
 def _threads(n: int | None) -> None:
+    """Torch's CPU threads: ``n`` (>= 1), or torch's default for None (and 0, ``probe``'s "default")."""
     import torch
 
-    if n:
-        torch.set_num_threads(n)
+    from nic.errors import check_int
+
+    if n is None or n == 0:
+        return
+    check_int("threads", n, 1)
+    torch.set_num_threads(n)
 
 
 def _per_method(name: str, help: str, *decls: str) -> Any:
@@ -258,13 +263,14 @@ def augment_preview_cmd(
     strength: float = config_option(AUGMENT, "strength", "Augmentation strength."),
     patch_size: int = typer.Option(128, "--patch-size", help="Patch size in pixels."),
     seed: int = typer.Option(0, "--seed", help="Random seed (patch choice and augmentation)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing picture."),
 ) -> None:
     """Draw a grid: each row one patch, first column the original, then augmented variants."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from nic._outputs import check_writable, write_atomic
+    from nic._outputs import check_new_file, write_atomic
     from nic.errors import OptionError, check_int
     from nic.explain import image_grid
     from nic.patches import PatchDataset, read_patch_table
@@ -272,10 +278,11 @@ def augment_preview_cmd(
 
     check_int("n", n, 1)
     check_int("variants", variants, 1)
+    check_int("patch_size", patch_size, 8)
     formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
     if out.suffix.lower() not in formats:
         raise OptionError(f"{out}: --out is a .png or .jpg picture")
-    check_writable(out)
+    check_new_file(out, overwrite)
     table = read_patch_table(data)
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(table), size=min(n, len(table)), replace=False)
@@ -340,15 +347,18 @@ def concat_encoders_cmd(
         ..., help="Encoder specs with weights, or weightless ones ('nic encoders list' says which), in code order."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the combined encoder (safetensors + JSON)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an encoder already in --out."),
 ) -> None:
     """Combine encoders into one whose code is their codes concatenated (same patch size and um/px).
 
     'nic compress --encoder OUT' then writes one store per slide with every part's codes;
     OUT/encoder.json records each part's name, code range, checksum and source.
     """
+    from nic._outputs import check_new_file
     from nic.encoders import load_encoder, save_encoder
     from nic.encoders._concat import concat_encoders
 
+    check_new_file(out if out.suffix == ".safetensors" else out / "encoder.safetensors", overwrite)
     combined = concat_encoders([load_encoder(spec) for spec in encoders])
     path = save_encoder(combined, out)
     for part in combined.source["parts"]:

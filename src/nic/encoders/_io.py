@@ -114,7 +114,7 @@ def save_encoder(encoder: Encoder, path: str | Path) -> Path:
     any other path is a directory that receives ``encoder.safetensors`` and
     ``encoder.json``.  Existing files are replaced.
     """
-    from nic._outputs import save_safetensors
+    from nic._outputs import save_safetensors, write_atomic
 
     if getattr(encoder.module, "inference_only", False):
         raise EncoderError(
@@ -145,7 +145,7 @@ def save_encoder(encoder: Encoder, path: str | Path) -> Path:
     tmp = weights.with_name(weights.name + ".tmp")
     save_safetensors(tensors, tmp, metadata={_META_KEY: text})
     tmp.replace(weights)
-    sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_atomic(sidecar, lambda f: f.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
     logger.info("saved encoder %s to %s", encoder.name, weights)
     return weights
 
