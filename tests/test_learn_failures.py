@@ -149,3 +149,38 @@ def test_weights_of_another_architecture_are_a_one_line_error(tmp_path: Path) ->
     with pytest.raises(DataError, match=r"do not fit the 'nic-cnn' model .* of another shape") as e:
         SlideModel.load(folder)
     assert "\n" not in str(e.value) and str(folder) in str(e.value) and "nic train" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "want"),
+    [
+        ("width", 0, "`width` must be an integer of at least 2 (got 0)"),  # meanpool: a constant prediction
+        ("width", 1, "`width` must be an integer of at least 2 (got 1)"),  # abmil: attention of width 0
+        ("patience", 0, "`patience` must be an integer of at least 1 (got 0)"),  # stops after epoch 1
+        ("lr_patience", -1, "`lr_patience` must be an integer of at least 0 (got -1)"),
+        ("tta_crops", 0, "`tta_crops` must be an integer of at least 1 (got 0)"),
+        ("val_crops", 0, "`val_crops` must be an integer of at least 1 (got 0)"),
+        ("seed", -1, "`seed` must be an integer of at least 0 (got -1)"),
+        ("weight_decay", -1e-3, "`weight_decay` must be a number of at least 0 (got -0.001)"),
+        ("min_lr", -1.0, "`min_lr` must be a number of at least 0 (got -1.0)"),
+        ("val_fraction", 0.8, "`val_fraction` must be a number in [0, 0.5] (got 0.8)"),
+    ],
+)
+def test_fit_config_refuses_hyper_parameters_that_make_nonsense(field: str, value: Any, want: str) -> None:
+    from nic.errors import OptionError
+
+    with pytest.raises(OptionError) as info:
+        FitConfig(**{field: value})
+    assert str(info.value) == want
+
+
+def test_train_width_0_is_one_error_line_before_any_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from nic.cli import app
+
+    args = ["train", "--compressed", str(tmp_path), "--labels", str(tmp_path / "l.csv"), "--task", "regression",
+            "--target", "y", "--model", "meanpool", "--width", "0", "--out", str(tmp_path / "run")]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and res.output == "error: --width must be an integer of at least 2 (got 0)\n"
+    assert not (tmp_path / "run").exists()

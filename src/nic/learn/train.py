@@ -105,10 +105,22 @@ class FitConfig:
         check_int("ratio_starts", self.ratio_starts, 1)
         check_int("min_epochs", self.min_epochs, 0)
         check_int("ratio_min_epochs", self.ratio_min_epochs, 0)
+        # 0 would stop every fit after its first epoch (the patience is used up at once)
+        check_int("patience", self.patience, 1)
+        check_int("lr_patience", self.lr_patience, 0)
+        # meanpool with width 0 predicts a constant; abmil's attention is width // 2 wide
+        check_int("width", self.width, 2)
+        check_int("tta_crops", self.tta_crops, 1)
+        check_int("val_crops", self.val_crops, 1)
+        check_int("seed", self.seed, 0)
         if self.crop is not None:
             check_int("crop", self.crop, 1)
         check_number("lr", self.lr, 0, math.inf, low_open=True, high_open=True)
         check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_number("weight_decay", self.weight_decay, 0, math.inf, high_open=True)
+        check_number("min_lr", self.min_lr, 0, math.inf, high_open=True)
+        # inner_split holds out 1 / round(1 / fraction) of the patients: above 0.5 it is 0.5
+        check_number("val_fraction", self.val_fraction, 0, 0.5)
         check_choice("pool", self.pool, POOLS)
         check_choice("ties", self.ties, TIES)
         check_choice("target_transform", self.target_transform, TARGET_TRANSFORMS)
