@@ -163,3 +163,23 @@ def test_nearest_level_of_non_square_pixels_is_the_level_read(tmp_path: Path) ->
         assert s.best_level(0.5) == 0
     assert (row.nearest_level, row.nearest_level_mpp, row.level_near_encoder) == (0, 0.5, True)
     assert "anisotropic pixels (0.25 x 0.5 um/px)" in row.flags and not row.would_fail
+
+
+def test_out_is_refused_before_the_audit_unless_overwrite(odd_slides: dict[str, Path], tmp_path: Path) -> None:
+    """`nic audit list.csv --out list.csv` once replaced the user's slide list without a word."""
+    runner = CliRunner()
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"slide,mpp\n{odd_slides['good']},0.5\n")
+    kept = listing.read_text()
+    r = runner.invoke(app, ["audit", str(listing), "--no-tissue", "-o", str(listing)])
+    refusal = f"error: {listing}: exists; pass --overwrite to replace it, or choose another --out\n"
+    assert r.exit_code == 2 and r.stderr == refusal
+    assert listing.read_text() == kept
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    r = runner.invoke(app, ["audit", str(listing), "--no-tissue", "-o", str(afile / "a.csv")])
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {afile / 'a.csv'}: {afile} is a file, not a folder")
+    assert len(r.stderr.splitlines()) == 1
+    r = runner.invoke(app, ["audit", str(listing), "--no-tissue", "-o", str(listing), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert listing.read_text().startswith("slide,readable,error")

@@ -30,13 +30,17 @@ def audit(
     tissue: bool = typer.Option(
         True, "--tissue/--no-tissue", help="Estimate tissue patches (reads a thumbnail of each slide)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """One row per slide with a flag for every suspicious value; exit code 1 when a slide would fail."""
+    from nic._outputs import check_new_file
     from nic.audit import AuditOptions, audit_slides, write_csv, write_html
-    from nic.errors import DataError
+    from nic.errors import OptionError
 
-    if out is not None and out.suffix.lower() not in (".csv", ".html", ".htm"):
-        raise DataError(f"{out}: --out must end in .csv or .html")
+    if out is not None:
+        if out.suffix.lower() not in (".csv", ".html", ".htm"):
+            raise OptionError(f"{out}: `out` must end in .csv or .html")
+        check_new_file(out, overwrite)  # before the audit; never the slide list it reads, unless asked
     opts = AuditOptions(tissue=tissue)
     if encoder is not None:
         opts = _encoder_options(encoder, tissue)
