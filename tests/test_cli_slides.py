@@ -83,3 +83,44 @@ def test_tissue_refuses_a_mask_mpp_that_is_not_a_positive_number(tmp_path):
         assert r.exit_code == 2, (value, r.output)
         assert r.stderr.strip() == f"error: --mask-mpp must be a number greater than 0 (got {float(value)!r})"
     assert not (tmp_path / "m.png").exists()
+
+
+def test_tissue_refuses_existing_outputs_and_files_in_the_way(tmp_path):
+    slide = tmp_path / "crop.png"
+    Image.fromarray(np.full((40, 60, 3), 245, np.uint8)).save(slide)
+    base = ["tissue", str(slide), "--mpp", "0.5", "--mask-mpp", "4"]
+    mask, overlay = tmp_path / "m.png", tmp_path / "m_overlay.png"
+    overlay.write_text("KEEP")  # the overlay alone is enough to refuse: both are written
+    r = runner.invoke(app, [*base, "-o", str(mask)])
+    refusal = f"error: {overlay}: exists; pass --overwrite to replace it, or choose another --out\n"
+    assert r.exit_code == 2 and r.stderr == refusal
+    assert overlay.read_text() == "KEEP" and not mask.exists()
+    r = runner.invoke(app, [*base, "-o", str(mask), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(overlay).size[0] > 0 and Image.open(mask).size[0] > 0
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    in_the_way = [(afile / "m.png", f"{afile} is a file, not a folder"), (tmp_path, "is a folder; --out is the file")]
+    for out, want in in_the_way:
+        r = runner.invoke(app, [*base, "-o", str(out)])
+        assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1 and want in r.stderr, r.output
+
+
+def test_show_refuses_an_existing_picture_unless_overwrite(tmp_path):
+    from nic.synth import make_planted_cohort
+
+    planted = make_planted_cohort(tmp_path / "c", 2, grid=(6, 6), code_size=4, slides_per_patient=(1, 1), n_pairs=1)
+    store = sorted(planted.stores.glob("*.zarr"))[0]
+    pic = tmp_path / "show.png"
+    pic.write_text("KEEP")
+    r = runner.invoke(app, ["show", str(store), "--out", str(pic)])
+    refusal = f"error: {pic}: exists; pass --overwrite to replace it, or choose another --out\n"
+    assert r.exit_code == 2 and r.stderr == refusal
+    assert pic.read_text() == "KEEP"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = runner.invoke(app, ["show", str(store), "--out", str(afile / "x.png")])
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {afile / 'x.png'}: {afile} is a file, not a folder")
+    r = runner.invoke(app, ["show", str(store), "--out", str(pic), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(pic).size[0] > 0

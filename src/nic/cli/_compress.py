@@ -213,10 +213,13 @@ def show(
     store: Path = typer.Argument(..., help="A compressed slide (<out>/<slide_id>.zarr)."),
     out: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
     max_side: int = typer.Option(1024, "--max-side", min=16, help="Longest side of the codes picture (pixels)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing PNG."),
 ) -> None:
     """Picture a compressed slide: its first 3 principal components as RGB beside the thumbnail."""
+    from nic._outputs import check_new_file
     from nic.explain import save_png, store_picture
 
+    check_new_file(out, overwrite)  # before the work, not after it
     pic = store_picture(store, max_side=max_side)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(out, pic)

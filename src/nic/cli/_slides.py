@@ -56,19 +56,23 @@ def tissue(
     ),
     mpp: float | None = MppOption,
     mask_mpp: float = typer.Option(8.0, "--mask-mpp", help="um/px of the mask (coarser is faster)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing mask and overlay."),
 ) -> None:
     """Detect tissue; write the mask and an overlay on the thumbnail to look at."""
+    from nic._outputs import check_new_file
     from nic.errors import check_number
     from nic.explain import save_png, tissue_overlay
     from nic.slide import open_slide
     from nic.tissue import tissue_mask
 
     check_number("mask_mpp", mask_mpp, 0, float("inf"), low_open=True, high_open=True)
+    overlay_path = out.with_name(out.stem + "_overlay.png")
+    for path in (out, overlay_path):  # both refused before the slide is read
+        check_new_file(path, overwrite)
     with open_slide(slide, mpp=mpp) as s:
         tm = tissue_mask(s, mpp=mask_mpp)
         thumb = s.thumbnail(tm.mpp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    overlay_path = out.with_name(out.stem + "_overlay.png")
     save_png(out, (tm.mask * 255).astype("uint8"))
     save_png(overlay_path, tissue_overlay(thumb, tm.mask))
     typer.echo(
