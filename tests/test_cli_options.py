@@ -272,3 +272,12 @@ def test_cohort_config_checks_what_the_command_used_to(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["synth", "cohort", str(tmp_path / "c"), "--quality", "101"])
     assert _one_error_line(res) == "error: --quality must be an integer between 1 and 100 (got 101)"
     assert not (tmp_path / "c").exists()
+
+
+def test_predict_refuses_threads_below_1(tmp_path: Path) -> None:
+    """--threads 0 and -2 were ignored without a word (``if threads:``)."""
+    for value in ("0", "-2"):
+        res = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / "run"), "--compressed", str(tmp_path),
+                                       "--out", str(tmp_path / "p.csv"), "--threads", value])  # fmt: skip
+        assert _one_error_line(res) == f"error: --threads must be an integer of at least 1 (got {value})"
+    assert not (tmp_path / "p.csv").exists()

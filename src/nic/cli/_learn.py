@@ -128,10 +128,13 @@ def predict(
 ) -> None:
     """Apply a trained run (the mean of its fold models) to a folder of compressed slides."""
     from nic._outputs import check_new_file, write_atomic
+    from nic.errors import check_int
     from nic.learn import predict_run
 
+    if threads is not None:
+        check_int("threads", threads, 1)  # 0 or -2 were ignored without a word
     check_new_file(out, overwrite)  # before the work, not after it
-    if threads:
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
