@@ -212,7 +212,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     c = make_cohort(tmp_path / "c", 2, 4096, seed=10, config=SMALL)
     assert digest(a.out) == digest(b.out)
     assert a.slides[0].read_bytes() != c.slides[0].read_bytes()
-    with pytest.raises(OutputError, match="already holds slides; .*`overwrite=True`"):
+    with pytest.raises(OutputError, match="already holds a cohort; pass `overwrite=True`"):
         make_cohort(tmp_path / "a", 1, 4096, seed=9, config=SMALL)
 
 
@@ -264,6 +264,59 @@ def test_nuclei_density_label_counts_drawn_nuclei() -> None:
     assert tumour.mitoses == 1 and tumour.nuclei > 5
 
 
+def _files(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _interrupt(*args: object, **kwargs: object) -> None:
+    raise _Interrupt
+
+
+def test_interrupted_overwrite_keeps_the_old_cohort_and_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """--overwrite once deleted the old slides first and wrote labels.csv last: a rerun
+    stopped in between left new slides beside the old labels."""
+    import nic.synth._cohort as cohort_mod
+    import nic.synth._patches as patches_mod
+
+    cohort, patches = tmp_path / "c", tmp_path / "p"
+    make_cohort(cohort, 2, 4096, seed=3, config=SMALL)
+    make_patch_datasets(patches, n=2, seed=1)
+    before = _files(cohort), _files(patches)
+    monkeypatch.setattr(cohort_mod, "write_labels", _interrupt)  # stopped after every slide was drawn
+    with pytest.raises(_Interrupt):
+        make_cohort(cohort, 2, 4096, seed=4, config=SMALL, overwrite=True)
+    monkeypatch.setattr(patches_mod, "_write_csv", _interrupt)
+    with pytest.raises(_Interrupt):
+        make_patch_datasets(patches, n=2, seed=2, overwrite=True)
+    assert (_files(cohort), _files(patches)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "p"]  # no partial folder left
+    monkeypatch.undo()
+    c = make_cohort(cohort, 1, 4096, seed=4, config=SMALL, overwrite=True)  # replaced whole: one slide now
+    assert c.out == cohort and c.slides == [cohort / "slides" / "slide_0000.tiff"]
+    assert sorted(p.name for p in (cohort / "slides").iterdir()) == ["slide_0000.tiff"]
+    assert len(_read_csv(c.labels)) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a cohort")
+    with pytest.raises(OutputError, match="not a folder nic wrote"):
+        make_cohort(tmp_path / "mine", 1, 4096, seed=4, config=SMALL, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a cohort"
+
+
+def test_synth_refuses_a_negative_seed_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from nic.cli import app
+
+    for cmd in (["cohort", str(tmp_path / "c"), "--slides", "1", "--size", "4096"], ["patches", str(tmp_path / "p")]):
+        res = CliRunner().invoke(app, ["synth", *cmd, "--seed", "-1"])
+        assert res.exit_code == 2 and res.output == "error: --seed must be an integer of at least 0 (got -1)\n"
+    assert not any(tmp_path.iterdir())
+
+
 # -- mosaic ---------------------------------------------------------------------------------
 
 
@@ -281,6 +334,16 @@ def test_mosaic_on_lc25000_tiles(shared: Path, tmp_path: Path) -> None:
     with tifffile.TiffFile(c.slides[0]) as tf:
         counts = tf.pages[0].databytecounts
     assert len(set(counts)) < len(counts) / 4
+    # an interrupted --overwrite leaves the cohort as it was
+    import nic.synth._mosaic as mosaic_mod
+
+    before = _files(tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mosaic_mod, "write_labels", _interrupt)
+        with pytest.raises(_Interrupt):
+            make_mosaic_cohort(tmp_path, tiles, n_slides=2, seed=3, size=4096, config=MosaicConfig(pool=12),
+                               overwrite=True)  # fmt: skip
+    assert _files(tmp_path) == before
 
 
 def test_mosaic_bad_input(tmp_path: Path, shared: Path) -> None:

@@ -40,7 +40,9 @@ def cohort(
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same files."),
     workers: int = typer.Option(1, "--workers", help="Processes writing slides in parallel."),
     quality: int = config_option(COHORT, "quality", "JPEG quality of the tiles (1-100)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace slides already in OUT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the cohort in OUT (the old one stays until the new one is whole)."
+    ),
 ) -> None:
     """Write procedural H&E-like slides with patient labels (proliferation, growth pattern, survival)."""
     from nic.synth import CohortConfig, make_cohort
@@ -67,7 +69,9 @@ def patches(
     out: Path = typer.Argument(..., help="Output folder: tissue_type/, nuclei_density(.csv), mitosis(.csv)."),
     n: int = typer.Option(200, "--n", help="Patches per tissue class, and per regression/mitosis dataset."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace patches already in OUT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the datasets in OUT (the old ones stay until the new ones are whole)."
+    ),
 ) -> None:
     """Write labelled 128-px patch datasets at 0.5 um/px: tissue type, nuclei density, mitosis."""
     from nic.synth import make_patch_datasets
@@ -93,7 +97,9 @@ def mosaic(
         ["lung_aca", "lung_scc"], "--tumour", help="Labels of tumour tiles (repeat the option)."
     ),
     normal: list[str] = typer.Option(["lung_n"], "--normal", help="Labels of normal tiles (repeat the option)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace slides already in OUT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the cohort in OUT (the old one stays until the new one is whole)."
+    ),
 ) -> None:
     """Tile slides from real labelled tiles; label 'clustered' = tumour tiles in one nodule vs scattered."""
     from nic.synth import MosaicConfig, make_mosaic_cohort

@@ -20,11 +20,12 @@ Labels (``labels.csv``, one row per slide):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from nic.dihedral import compose_rot_then_flip, dihedral
-from nic.errors import OptionError, OutputError, check_int
+from nic.errors import OptionError, check_int
 from nic.synth._labels import draw_survival, patients_for, write_labels
 from nic.synth._layout import (
     BG,
@@ -178,6 +179,7 @@ def plan_cohort(
     """
     cfg = config or CohortConfig()
     check_int("n_slides", n_slides, 1)
+    check_int("seed", seed, 0)
     rows, cols = tile_grid(size)
     owner = patients_for(n_slides, cfg.two_slide_fraction, _rng(seed, 0))
     n_patients = max(owner) + 1
@@ -329,19 +331,25 @@ def _render(
     return path, stats.seconds
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose another output folder")
-    slides = out / "slides"
-    if slides.is_dir() and any(slides.iterdir()) and not overwrite:
-        raise OutputError(f"{out}: already holds slides; choose an empty folder or pass `overwrite=True`")
-    for sub in ("slides", "truth"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    if overwrite:
+def _is_cohort(folder: Path) -> bool:
+    """Whether ``folder`` looks like a cohort nic wrote (what ``overwrite`` may replace)."""
+    return (folder / "cohort.json").is_file() or (folder / "slides").is_dir() or (folder / "labels.csv").is_file()
+
+
+@contextlib.contextmanager
+def staged_cohort(out: Path, overwrite: bool) -> Iterator[Path]:
+    """The folder to write a cohort into: a hidden sibling of ``out`` that becomes ``out``
+    once slides, truth maps, ``labels.csv`` and ``cohort.json`` are all written
+    (:func:`nic._outputs.staged_folder`).  An interrupted run leaves the old cohort as it
+    was, never new slides beside old labels.  ``out`` must be absent or empty, or hold a
+    cohort and ``overwrite``."""
+    from nic._outputs import check_new_folder, staged_folder
+
+    check_new_folder(out, overwrite, holds=("slides", "labels.csv", "cohort.json"), what="a cohort")
+    with staged_folder(out, overwrite, _is_cohort) as stage:
         for sub in ("slides", "truth"):
-            for f in (out / sub).iterdir():
-                if f.is_file() and f.suffix in (".tiff", ".png"):
-                    f.unlink()
+            (stage / sub).mkdir()
+        yield stage
 
 
 def write_legend(out: Path, kind: str, seed: int, extra: dict[str, Any]) -> None:
@@ -381,27 +389,31 @@ def make_cohort(
     cfg = config or CohortConfig()
     out = Path(out)
     plans = plan_cohort(n_slides, size, seed, cfg)
-    _prepare_out(out, overwrite)
-    pool = TexturePool.draw(seed, cfg)
-    paths: list[Path] = []
-    if workers > 1 and len(plans) > 1:
-        with ProcessPoolExecutor(min(workers, len(plans)), initializer=_init_worker, initargs=(pool,)) as ex:
-            futures = [ex.submit(_render, out, sp, seed, cfg) for sp in plans]
-            for i, fut in enumerate(futures):
-                paths.append(fut.result()[0])
+    check_int("workers", workers, 1)
+    with staged_cohort(out, overwrite) as stage:
+        pool = TexturePool.draw(seed, cfg)
+        n_done = 0
+        if workers > 1 and len(plans) > 1:
+            with ProcessPoolExecutor(min(workers, len(plans)), initializer=_init_worker, initargs=(pool,)) as ex:
+                futures = [ex.submit(_render, stage, sp, seed, cfg) for sp in plans]
+                for fut in futures:
+                    fut.result()
+                    n_done += 1
+                    if progress:
+                        progress(n_done, len(plans))
+        else:
+            for sp in plans:
+                _render(stage, sp, seed, cfg, pool)
+                n_done += 1
                 if progress:
-                    progress(i + 1, len(plans))
-    else:
-        for i, sp in enumerate(plans):
-            paths.append(_render(out, sp, seed, cfg, pool)[0])
-            if progress:
-                progress(i + 1, len(plans))
-    rows = [sp.row for sp in plans]
+                    progress(n_done, len(plans))
+        rows = [sp.row for sp in plans]
+        write_labels(stage / "labels.csv", rows)
+        write_legend(
+            stage, "procedural", seed, {"size": [plans[0].row["width"], plans[0].row["height"]], "config": asdict(cfg)}
+        )
+    paths = [out / "slides" / f"{sp.slide_id}.tiff" for sp in plans]
     labels = out / "labels.csv"
-    write_labels(labels, rows)
-    write_legend(
-        out, "procedural", seed, {"size": [plans[0].row["width"], plans[0].row["height"]], "config": asdict(cfg)}
-    )
     seconds = time.perf_counter() - t0
     logger.info("cohort of %d slides in %s (%.1f s)", len(paths), out, seconds)
     return Cohort(out, paths, labels, rows, seconds)

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from nic.errors import DataError, check_int
-from nic.synth._cohort import MPP, Cohort, _prepare_out, _rng, tile_grid, write_legend
+from nic.synth._cohort import MPP, Cohort, _rng, staged_cohort, tile_grid, write_legend
 from nic.synth._labels import draw_survival, patients_for, write_labels
 from nic.synth._layout import BG, NORMAL, TUMOUR, Layout, smooth_field, tissue_shape
 from nic.synth._textures import Stain, draw_tile
@@ -176,124 +176,124 @@ def make_mosaic_cohort(
     check_int("n_slides", n_slides, 1)
     rows_, cols_ = tile_grid(size)
     out = Path(out)
-    _prepare_out(out, overwrite)
-
-    # the library: every chosen tile read, resized and encoded once for the whole cohort
-    rng = _rng(seed, 20)
-    tiles_rgb: list[np.ndarray] = []
-    blank: list[bool] = []
-    groups: dict[str, np.ndarray] = {}
-    for lab in wanted:
-        paths = sorted(by_label[lab])
-        chosen = [paths[int(i)] for i in sorted(rng.choice(len(paths), min(cfg.pool, len(paths)), replace=False))]
+    check_int("seed", seed, 0)
+    with staged_cohort(out, overwrite) as stage:
+        # the library: every chosen tile read, resized and encoded once for the whole cohort
+        rng = _rng(seed, 20)
+        tiles_rgb: list[np.ndarray] = []
+        blank: list[bool] = []
+        groups: dict[str, np.ndarray] = {}
+        for lab in wanted:
+            paths = sorted(by_label[lab])
+            chosen = [paths[int(i)] for i in sorted(rng.choice(len(paths), min(cfg.pool, len(paths)), replace=False))]
+            start = len(tiles_rgb)
+            tiles_rgb += [_load_tile(p) for p in chosen]
+            blank += [False] * len(chosen)
+            groups[lab] = np.arange(start, len(tiles_rgb))
+        stain = Stain()
         start = len(tiles_rgb)
-        tiles_rgb += [_load_tile(p) for p in chosen]
-        blank += [False] * len(chosen)
-        groups[lab] = np.arange(start, len(tiles_rgb))
-    stain = Stain()
-    start = len(tiles_rgb)
-    for _ in range(2):
-        d = draw_tile("background", rng, TILE)
-        tiles_rgb.append(stain.to_rgb(d.h, d.e))
-        blank.append(True)
-    groups["__background__"] = np.arange(start, len(tiles_rgb))
-    lib = TileLibrary.from_tiles(tiles_rgb, blank, cfg.quality)
-    del tiles_rgb
+        for _ in range(2):
+            d = draw_tile("background", rng, TILE)
+            tiles_rgb.append(stain.to_rgb(d.h, d.e))
+            blank.append(True)
+        groups["__background__"] = np.arange(start, len(tiles_rgb))
+        lib = TileLibrary.from_tiles(tiles_rgb, blank, cfg.quality)
+        del tiles_rgb
 
-    owner = patients_for(n_slides, cfg.two_slide_fraction, _rng(seed, 21))
-    params: list[dict[str, Any]] = []
-    for p in range(max(owner) + 1):
-        r = _rng(seed, 22, p)
-        params.append(
-            {
-                "clustered": int(r.integers(2)),
-                "tumour_fraction": float(r.uniform(*cfg.tumour_fraction)),
-                "tumour_label": cfg.tumour[int(r.integers(len(cfg.tumour)))],
-            }
-        )
-    layouts: list[Layout] = []
-    for i, p in enumerate(owner):
-        r = _rng(seed, 23, i)
-        layouts.append(
-            _arrangement(
-                r,
-                rows_,
-                cols_,
-                params[p]["tumour_fraction"],
-                float(r.uniform(*cfg.coverage)),
-                bool(params[p]["clustered"]),
+        owner = patients_for(n_slides, cfg.two_slide_fraction, _rng(seed, 21))
+        params: list[dict[str, Any]] = []
+        for p in range(max(owner) + 1):
+            r = _rng(seed, 22, p)
+            params.append(
+                {
+                    "clustered": int(r.integers(2)),
+                    "tumour_fraction": float(r.uniform(*cfg.tumour_fraction)),
+                    "tumour_label": cfg.tumour[int(r.integers(len(cfg.tumour)))],
+                }
             )
+        layouts: list[Layout] = []
+        for i, p in enumerate(owner):
+            r = _rng(seed, 23, i)
+            layouts.append(
+                _arrangement(
+                    r,
+                    rows_,
+                    cols_,
+                    params[p]["tumour_fraction"],
+                    float(r.uniform(*cfg.coverage)),
+                    bool(params[p]["clustered"]),
+                )
+            )
+        fractions = [lay.count(TUMOUR) / lay.tissue for lay in layouts]
+        burden = {
+            p: float(np.mean([f for f, o in zip(fractions, owner, strict=True) if o == p])) for p in range(len(params))
+        }
+        times, events = draw_survival(
+            _rng(seed, 24),
+            np.array([burden[p] for p in range(len(params))]),
+            cfg.hazard_per_burden,
+            cfg.median_survival,
+            cfg.censoring,
         )
-    fractions = [lay.count(TUMOUR) / lay.tissue for lay in layouts]
-    burden = {
-        p: float(np.mean([f for f, o in zip(fractions, owner, strict=True) if o == p])) for p in range(len(params))
-    }
-    times, events = draw_survival(
-        _rng(seed, 24),
-        np.array([burden[p] for p in range(len(params))]),
-        cfg.hazard_per_burden,
-        cfg.median_survival,
-        cfg.censoring,
-    )
-    written: list[Path] = []
-    rows: list[dict[str, Any]] = []
-    for i, (p, lay) in enumerate(zip(owner, layouts, strict=True)):
-        r = _rng(seed, 25, i)
-        entries = np.zeros(lay.classes.shape, np.int64)
-        for cid, group in ((BG, groups["__background__"]), (TUMOUR, groups[params[p]["tumour_label"]])):
-            cells = np.flatnonzero(lay.classes == cid)
-            entries.flat[cells] = group[r.integers(len(group), size=len(cells))]
-        normal = np.concatenate([groups[lab] for lab in cfg.normal])
-        cells = np.flatnonzero(lay.classes == NORMAL)
-        entries.flat[cells] = normal[r.integers(len(normal), size=len(cells))]
-        slide_id, patient_id = f"slide_{i:04d}", f"patient_{p:04d}"
-        path = out / "slides" / f"{slide_id}.tiff"
-        write_pyramid(
-            path,
-            entries,
-            lib,
-            mpp=MPP,
-            quality=cfg.quality,
-            description=f"nic.synth mosaic slide {slide_id}; patient {patient_id}; seed {seed}; mpp {MPP}",
-        )
-        from PIL import Image
+        written: list[Path] = []
+        rows: list[dict[str, Any]] = []
+        for i, (p, lay) in enumerate(zip(owner, layouts, strict=True)):
+            r = _rng(seed, 25, i)
+            entries = np.zeros(lay.classes.shape, np.int64)
+            for cid, group in ((BG, groups["__background__"]), (TUMOUR, groups[params[p]["tumour_label"]])):
+                cells = np.flatnonzero(lay.classes == cid)
+                entries.flat[cells] = group[r.integers(len(group), size=len(cells))]
+            normal = np.concatenate([groups[lab] for lab in cfg.normal])
+            cells = np.flatnonzero(lay.classes == NORMAL)
+            entries.flat[cells] = normal[r.integers(len(normal), size=len(cells))]
+            slide_id, patient_id = f"slide_{i:04d}", f"patient_{p:04d}"
+            path = stage / "slides" / f"{slide_id}.tiff"
+            write_pyramid(
+                path,
+                entries,
+                lib,
+                mpp=MPP,
+                quality=cfg.quality,
+                description=f"nic.synth mosaic slide {slide_id}; patient {patient_id}; seed {seed}; mpp {MPP}",
+            )
+            from PIL import Image
 
-        Image.fromarray(lay.classes).save(out / "truth" / f"{slide_id}.classes.png")
-        Image.fromarray(lay.mitoses).save(out / "truth" / f"{slide_id}.mitoses.png")
-        written.append(path)
-        rows.append(
+            Image.fromarray(lay.classes).save(stage / "truth" / f"{slide_id}.classes.png")
+            Image.fromarray(lay.mitoses).save(stage / "truth" / f"{slide_id}.mitoses.png")
+            written.append(out / "slides" / f"{slide_id}.tiff")
+            rows.append(
+                {
+                    "slide": slide_id,
+                    "patient": patient_id,
+                    "clustered": params[p]["clustered"],
+                    "tumour_label": params[p]["tumour_label"],
+                    "tumour_fraction": fractions[i],
+                    "tumour_burden": burden[p],
+                    "survival_time": float(times[p]),
+                    "survival_event": int(events[p]),
+                    "tumour_contact": tumour_contact(lay.classes),
+                    "tumour_tiles": lay.count(TUMOUR),
+                    "tissue_tiles": lay.tissue,
+                    "width": cols_ * TILE,
+                    "height": rows_ * TILE,
+                }
+            )
+            if progress:
+                progress(i + 1, len(owner))
+        write_labels(stage / "labels.csv", rows)
+        write_legend(
+            stage,
+            "mosaic",
+            seed,
             {
-                "slide": slide_id,
-                "patient": patient_id,
-                "clustered": params[p]["clustered"],
-                "tumour_label": params[p]["tumour_label"],
-                "tumour_fraction": fractions[i],
-                "tumour_burden": burden[p],
-                "survival_time": float(times[p]),
-                "survival_event": int(events[p]),
-                "tumour_contact": tumour_contact(lay.classes),
-                "tumour_tiles": lay.count(TUMOUR),
-                "tissue_tiles": lay.tissue,
-                "width": cols_ * TILE,
-                "height": rows_ * TILE,
-            }
+                "size": [cols_ * TILE, rows_ * TILE],
+                "tiles": str(tiles),
+                "tile_labels": str(labels),
+                "config": asdict(cfg),
+                "note": "truth class ids: 0 background, 1 tumour tile, 3 normal tile",
+            },
         )
-        if progress:
-            progress(i + 1, len(owner))
     labels_out = out / "labels.csv"
-    write_labels(labels_out, rows)
-    write_legend(
-        out,
-        "mosaic",
-        seed,
-        {
-            "size": [cols_ * TILE, rows_ * TILE],
-            "tiles": str(tiles),
-            "tile_labels": str(labels),
-            "config": asdict(cfg),
-            "note": "truth class ids: 0 background, 1 tumour tile, 3 normal tile",
-        },
-    )
     seconds = time.perf_counter() - t0
     logger.info("mosaic cohort of %d slides in %s (%.1f s)", len(written), out, seconds)
     return Cohort(out, written, labels_out, rows, seconds)

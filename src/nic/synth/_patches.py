@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nic.errors import OptionError, OutputError, check_int
+from nic._outputs import check_new_folder, staged_folder
+from nic.errors import OptionError, check_int
 from nic.synth._textures import TISSUE_CLASSES, draw_tile, random_stain
 
 __all__ = ["PatchDatasets", "make_patch_datasets"]
@@ -53,6 +54,14 @@ def _save(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(path, compress_level=1)
 
 
+#: what a folder of patch datasets holds (any of them: ``overwrite`` may replace the folder)
+_NAMES = ("tissue_type", "nuclei_density", "mitosis", "nuclei_density.csv", "mitosis.csv")
+
+
+def _is_patches(folder: Path) -> bool:
+    return any((folder / n).exists() for n in _NAMES)
+
+
 def _write_csv(path: Path, rows: list[tuple[str, float | int | str]]) -> None:
     """``path,label,group`` with one group per patch (every patch is an independent draw)."""
     with open(path, "w", newline="") as f:
@@ -74,53 +83,53 @@ def make_patch_datasets(
     check_int("size", size, 64)
     if size % 2:
         raise OptionError(f"`size` must be an even number of pixels (got {size})")
+    check_int("seed", seed, 0)
     out = Path(out)
-    tt, nd, mi = out / "tissue_type", out / "nuclei_density", out / "mitosis"
-    if any(d.is_dir() and any(d.iterdir()) for d in (tt, nd, mi)) and not overwrite:
-        raise OutputError(f"{out}: already holds patch datasets; choose an empty folder or pass `overwrite=True`")
-    for d in (nd, mi, *(tt / c for c in TISSUE_CLASSES)):
-        d.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for f in d.glob("*.png"):
-                f.unlink()
-    counts: dict[str, int] = {}
+    # built in a hidden sibling folder that becomes `out` once every dataset is written: an
+    # interrupted --overwrite leaves the old datasets whole, never new patches beside old CSVs
+    check_new_folder(out, overwrite, holds=_NAMES, what="patch datasets")
+    with staged_folder(out, overwrite, _is_patches) as stage:
+        tt, nd, mi = stage / "tissue_type", stage / "nuclei_density", stage / "mitosis"
+        for d in (nd, mi, *(tt / c for c in TISSUE_CLASSES)):
+            d.mkdir(parents=True)
+        counts: dict[str, int] = {}
 
-    def patch(rng: np.random.Generator, cls: str, mitoses: int = 0) -> tuple[np.ndarray, int]:
-        d = draw_tile(cls, rng, size, mitoses=mitoses, margin=20)
-        return random_stain(rng).to_rgb(d.h, d.e), d.nuclei
+        def patch(rng: np.random.Generator, cls: str, mitoses: int = 0) -> tuple[np.ndarray, int]:
+            d = draw_tile(cls, rng, size, mitoses=mitoses, margin=20)
+            return random_stain(rng).to_rgb(d.h, d.e), d.nuclei
 
-    # (a) tissue type
-    for ci, cls in enumerate(TISSUE_CLASSES):
-        rng = np.random.default_rng([seed, 10, ci])
+        # (a) tissue type
+        for ci, cls in enumerate(TISSUE_CLASSES):
+            rng = np.random.default_rng([seed, 10, ci])
+            for i in range(n):
+                m = int(cls == "tumour" and rng.random() < 0.2)
+                _save(tt / cls / f"{i:05d}.png", patch(rng, cls, m)[0])
+            counts[f"tissue_type/{cls}"] = n
+        # the order a folder of class folders is read in: classes and files sorted
+        _write_csv(tt / "labels.csv", [(f"{c}/{i:05d}.png", c) for c in sorted(TISSUE_CLASSES) for i in range(n)])
+        # (b) nuclei density
+        rng = np.random.default_rng([seed, 11])
+        rows: list[tuple[str, float | int | str]] = []
         for i in range(n):
-            m = int(cls == "tumour" and rng.random() < 0.2)
-            _save(tt / cls / f"{i:05d}.png", patch(rng, cls, m)[0])
-        counts[f"tissue_type/{cls}"] = n
-    # the order a folder of class folders is read in: classes and files sorted
-    _write_csv(tt / "labels.csv", [(f"{c}/{i:05d}.png", c) for c in sorted(TISSUE_CLASSES) for i in range(n)])
-    # (b) nuclei density
-    rng = np.random.default_rng([seed, 11])
-    rows: list[tuple[str, float | int | str]] = []
-    for i in range(n):
-        cls = TISSUE_CLASSES[int(rng.integers(len(TISSUE_CLASSES)))]
-        rgb, nuclei = patch(rng, cls, int(cls == "tumour" and rng.random() < 0.2))
-        name = f"nuclei_density/{i:05d}.png"
-        _save(out / name, rgb)
-        rows.append((name, int(nuclei)))
-    _write_csv(out / "nuclei_density.csv", rows)
-    counts["nuclei_density"] = n
-    # (c) mitosis present
-    rng = np.random.default_rng([seed, 12])
-    rows = []
-    for i in range(n):
-        positive = i % 2 == 0
-        cls = "tumour" if positive or rng.random() < 0.75 else ("lymphocytes", "necrosis")[int(rng.integers(2))]
-        rgb, _ = patch(rng, cls, int(positive))
-        name = f"mitosis/{i:05d}.png"
-        _save(out / name, rgb)
-        rows.append((name, int(positive)))
-    _write_csv(out / "mitosis.csv", rows)
-    counts["mitosis"] = n
+            cls = TISSUE_CLASSES[int(rng.integers(len(TISSUE_CLASSES)))]
+            rgb, nuclei = patch(rng, cls, int(cls == "tumour" and rng.random() < 0.2))
+            name = f"nuclei_density/{i:05d}.png"
+            _save(stage / name, rgb)
+            rows.append((name, int(nuclei)))
+        _write_csv(stage / "nuclei_density.csv", rows)
+        counts["nuclei_density"] = n
+        # (c) mitosis present
+        rng = np.random.default_rng([seed, 12])
+        rows = []
+        for i in range(n):
+            positive = i % 2 == 0
+            cls = "tumour" if positive or rng.random() < 0.75 else ("lymphocytes", "necrosis")[int(rng.integers(2))]
+            rgb, _ = patch(rng, cls, int(positive))
+            name = f"mitosis/{i:05d}.png"
+            _save(stage / name, rgb)
+            rows.append((name, int(positive)))
+        _write_csv(stage / "mitosis.csv", rows)
+        counts["mitosis"] = n
     seconds = time.perf_counter() - t0
     logger.info("patch datasets in %s (%.1f s)", out, seconds)
-    return PatchDatasets(out, tt, out / "nuclei_density.csv", out / "mitosis.csv", counts, seconds)
+    return PatchDatasets(out, out / "tissue_type", out / "nuclei_density.csv", out / "mitosis.csv", counts, seconds)
