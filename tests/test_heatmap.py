@@ -250,3 +250,53 @@ def test_cli_heatmap_writes_every_output(planted: PlantedCohort, growth_run: Pat
     for suffix in (".png", ".heatmap.tiff", ".geojson", ".heatmap.npy"):
         assert (tmp_path / "hm" / f"{sid}{suffix}").is_file()
     assert json.loads((tmp_path / "hm" / f"{sid}.geojson").read_text())["type"] == "FeatureCollection"
+
+
+def test_cli_heatmap_adds_slides_of_its_run_and_refuses_to_mix_or_replace(
+    planted: PlantedCohort, tmp_path: Path
+) -> None:
+    """Maps of further slides of the same run may join a folder; maps already there, or a
+    folder of another run's maps, are refused (once they were silently replaced and mixed)."""
+    import shutil
+
+    import zarr
+
+    stores = tmp_path / "stores"
+    shutil.copytree(planted.stores, stores)
+    sids = sorted(p.name[:-5] for p in stores.glob("*.zarr"))[:3]
+    for sid in sids:
+        zarr.open_group(str(stores / f"{sid}.zarr"), mode="r+").attrs.update(
+            origin=[0.0, 0.0], step=[128.0, 128.0], patch_level0=[128.0, 128.0], slide_dimensions=[2048, 2048],
+            slide_mpp=[0.5, 0.5],
+        )  # fmt: skip
+    spec = LabelSpec(planted.labels, "binary", target="growth_pattern")
+    fit = FitConfig(epochs=1, width=8, batch_size=8, ratio_heads=0)
+    for name in ("a", "b"):
+        train_cv(CVConfig(planted.stores, spec, fit, folds=2, out=tmp_path / name))
+    hm = tmp_path / "hm"
+
+    def heatmap(run: str, sid: str, *extra: str):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(app, ["heatmap", "--model", str(tmp_path / run), "--compressed", str(stores),
+                                        "--slide", sid, "--out", str(hm), *extra])  # fmt: skip
+
+    assert heatmap("a", sids[0]).exit_code == 0
+    first = (hm / f"{sids[0]}.heatmap.npy").read_bytes()
+    res = heatmap("a", sids[0])
+    assert res.exit_code == 2 and res.output == (
+        f"error: {hm}: already holds heatmaps of {sids[0]}; pass --overwrite to replace them, or choose another --out\n"
+    )
+    assert heatmap("a", sids[1]).exit_code == 0  # another slide of the same run joins the folder
+    assert json.loads((hm / "heatmaps.json").read_text())["slides"] == sids[:2]
+    res = heatmap("b", sids[2])  # a new slide, but of another run: refused
+    assert res.exit_code == 2 and "holds heatmaps of" in res.output and "--overwrite" in res.output
+    assert not (hm / f"{sids[2]}.png").exists() and (hm / f"{sids[0]}.heatmap.npy").read_bytes() == first
+    res = heatmap("b", sids[2], "--overwrite")  # replaces the folder whole: one run's maps only
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in hm.glob("*.heatmap.npy")) == [f"{sids[2]}.heatmap.npy"]
+    assert json.loads((hm / "heatmaps.json").read_text())["run"] == str((tmp_path / "b").resolve())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folder left
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = CliRunner().invoke(app, ["heatmap", "--model", str(tmp_path / "a"), "--compressed", str(stores),
+                                   "--out", str(afile)])  # fmt: skip
+    assert res.exit_code == 2 and res.output == f"error: {afile}: exists and is not a folder; choose another --out\n"

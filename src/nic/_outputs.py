@@ -57,10 +57,18 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_writable(path: str | Path, param: str = "out") -> None:
+def check_writable(path: str | Path, param: str = "out", folder: bool | None = None) -> None:
     """Raise :class:`OutputError` (one line) unless ``path`` (a file or folder to create or
-    replace) can be written: its nearest existing folder must accept a new file."""
+    replace) can be written: its nearest existing folder must accept a new file.
+
+    ``folder`` ``True``: ``path`` is a folder to write into, so an existing file there is
+    refused; ``False``: it is a file to write, so an existing folder is refused; ``None``:
+    either."""
     p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise OutputError(f"{p}: exists and is not a folder; choose another `{param}`")
+    if folder is False and p.is_dir():
+        raise OutputError(f"{p}: is a folder; `{param}` is the file to write")
     base = _existing_ancestor(p if not p.exists() or p.is_dir() else p.parent)
     if base == p and p.exists() and not p.is_dir():
         base = p.parent
@@ -84,7 +92,7 @@ def check_new_file(path: str | Path, overwrite: bool = False, param: str = "out"
         raise OutputError(f"{p}: is a folder; `{param}` is the file to write")
     if p.exists() and not overwrite:
         raise OutputError(f"{p}: exists; pass `overwrite=True` to replace it, or choose another `{param}`")
-    check_writable(p, param)
+    check_writable(p, param, folder=False)
 
 
 def check_new_folder(
@@ -108,7 +116,7 @@ def check_new_folder(
             fix = "" if overwrite is None else "pass `overwrite=True` to replace it, or "
             never = f" ({what} are never overwritten)" if overwrite is None else ""
             raise OutputError(f"{out}: already holds {what}; {fix}choose another `{param}`{never}")
-    check_writable(out, param)
+    check_writable(out, param, folder=True)
 
 
 def _alive(pid: int) -> bool:

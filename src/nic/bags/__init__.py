@@ -221,7 +221,7 @@ def import_bags(
                 f"{out}: already holds stores for {', '.join(done[:5])}{' ...' if len(done) > 5 else ''}; "
                 "pass `overwrite=True` to replace them, or give another `out`"
             )
-    check_writable(out)
+    check_writable(out, folder=True)
     planned = []
     for f in files:
         t0 = time.perf_counter()

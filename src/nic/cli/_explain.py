@@ -16,8 +16,14 @@ def heatmap(
     slides: list[str] = typer.Option([], "--slide", help="Slide ids to map (repeat the option); default: every store."),
     method: str = typer.Option("auto", "--method", help="Evidence map: {names:nic.explain._heatmap:METHODS}."),
     output: str | None = typer.Option(None, "--output", help="Output to explain, e.g. prob_<class> (multiclass)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace maps already in OUT, or a folder of another run's maps."
+    ),
 ) -> None:
-    """Heatmaps of a run's evidence on each slide: PNG over the thumbnail, pyramidal TIFF, QuPath GeoJSON."""
+    """Heatmaps of a run's evidence on each slide: PNG over the thumbnail, pyramidal TIFF, QuPath GeoJSON.
+
+    Maps of more slides of the same run (same --method and --output) may be added to OUT;
+    maps already there, or of another run, are refused unless --overwrite."""
     from nic._outputs import check_writable
     from nic.errors import DataError
     from nic.explain import write_heatmaps
@@ -27,7 +33,7 @@ def heatmap(
     from nic.store import list_stores, store_path
 
     run = load_run(model)
-    check_writable(out)
+    check_writable(out, folder=True)
     paths = [store_path(compressed, s) for s in slides] if slides else list_stores(compressed)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -36,7 +42,7 @@ def heatmap(
         raise DataError(f"{compressed}: no compressed slides (*.zarr) found")
     sources = open_sources(paths, folder=compressed)
     check_run_encoder(run, sources, compressed)
-    records = write_heatmaps(run, sources, out, method, output)
+    records = write_heatmaps(run, sources, out, method, output, overwrite)
     for r in records:
         typer.echo(f"{r['slide']}: {r['png']}, {r['tiff']}, {r['geojson']}")
 

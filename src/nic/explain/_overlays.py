@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from nic.errors import StoreError
+from nic.errors import OutputError, StoreError
 from nic.explain._heatmap import Heatmap
 from nic.store import StoreAttrs
 
@@ -188,26 +188,109 @@ def heatmap_geojson(hm: Heatmap, meta: StoreAttrs) -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": feats}
 
 
+#: the files one slide's heatmap is written as, after its slide id
+MAP_FILES = (".heatmap.npy", ".png", ".heatmap.tiff", ".geojson")
+#: what a heatmap folder records of the maps it holds: the run, method and output
+MANIFEST = "heatmaps.json"
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _holds_maps(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or any(folder.glob("*.heatmap.npy"))
+
+
+def _check_heatmap_folder(out: Path, made_by: dict[str, Any], slide_ids: list[str], overwrite: bool) -> bool:
+    """Refuse ``out`` before any map is drawn when it already holds maps of these slides, or
+    maps of another run, method or output (unless ``overwrite``); True when the folder is to
+    be written whole (new, or replacing maps of another run), False when maps are added to
+    those of the same run."""
+    from nic._outputs import check_writable
+
+    check_writable(out, folder=True)
+    if not out.is_dir() or not any(out.iterdir()):
+        return True
+    if not _holds_maps(out):
+        return True  # staged_folder refuses a folder of other files
+    manifest = _read_manifest(out) or {}
+    same = {k: manifest.get(k) for k in made_by} == made_by
+    if not overwrite:
+        taken = [sid for sid in slide_ids if any((out / f"{sid}{suffix}").exists() for suffix in MAP_FILES)]
+        if taken:
+            more = f" and {len(taken) - 5} more" if len(taken) > 5 else ""
+            raise OutputError(
+                f"{out}: already holds heatmaps of {', '.join(taken[:5])}{more}; pass `overwrite=True` to replace "
+                "them, or choose another `out`"
+            )
+        if not same:
+            was = manifest.get("run") or "a run it does not record"
+            raise OutputError(
+                f"{out}: holds heatmaps of {was} (method {manifest.get('method')}, output {manifest.get('output')}), "
+                f"not of {made_by['run']} (method {made_by['method']}, output {made_by['output']}); choose another "
+                "`out`, or pass `overwrite=True` to replace them"
+            )
+    return not same
+
+
 def write_heatmaps(
-    run: Any, sources: list[Any], out: str | Path, method: str = "auto", output: str | None = None
+    run: Any,
+    sources: list[Any],
+    out: str | Path,
+    method: str = "auto",
+    output: str | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """For each source: ``<slide>.png``, ``<slide>.heatmap.tiff``, ``<slide>.geojson`` and
-    ``<slide>.heatmap.npy`` (the (H, W) map) in ``out``; returns one record per slide."""
+    ``<slide>.heatmap.npy`` (the (H, W) map) in ``out``; returns one record per slide.
+
+    ``out/heatmaps.json`` records the run, ``method`` and ``output`` the maps came from.
+    Maps of further slides of the same run (and method and output) may be added to a
+    folder; maps already there, or a folder of another run's maps, are refused before any
+    work unless ``overwrite``.  A new folder, or one whose maps of another run are
+    replaced, is built aside and swapped in whole at the end
+    (:func:`nic._outputs.staged_folder`); each file is replaced whole.
+    """
+    import contextlib
+
+    from nic._outputs import staged_folder, write_atomic
     from nic.explain._heatmap import slide_heatmap
     from nic.store import open_store
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    made_by = {"run": str(Path(run.path).resolve()), "method": method, "output": output}
+    slide_ids = [src.slide_id for src in sources]
+    whole = _check_heatmap_folder(out, made_by, slide_ids, overwrite)
+    if whole:
+        folder = staged_folder(out, overwrite, _holds_maps)
+        slides_before: list[str] = []
+    else:
+        folder = contextlib.nullcontext(out)
+        slides_before = list((_read_manifest(out) or {}).get("slides") or [])
     records = []
-    for src in sources:
-        hm = slide_heatmap(run, src, method, output)
-        meta = open_store(src.path, verify="none").meta
-        sid = src.slide_id
-        np.save(out / f"{sid}.heatmap.npy", hm.values)
-        png = heatmap_png(hm, meta, out / f"{sid}.png")
-        tiff = write_heatmap_tiff(hm, meta, out / f"{sid}.heatmap.tiff")
-        geo = out / f"{sid}.geojson"
-        geo.write_text(json.dumps(heatmap_geojson(hm, meta)))
-        records.append({"slide": sid, "png": str(png), "tiff": str(tiff), "geojson": str(geo), "method": hm.method,
-                        "output": hm.output})  # fmt: skip
+    with folder as dest:
+        for src in sources:
+            hm = slide_heatmap(run, src, method, output)
+            meta = open_store(src.path, verify="none").meta
+            sid = src.slide_id
+            write_atomic(dest / f"{sid}.heatmap.npy", lambda tmp, v=hm.values: _save_npy(tmp, v))
+            heatmap_png(hm, meta, dest / f"{sid}.png")
+            write_heatmap_tiff(hm, meta, dest / f"{sid}.heatmap.tiff")
+            geo = json.dumps(heatmap_geojson(hm, meta))
+            write_atomic(dest / f"{sid}.geojson", lambda tmp, text=geo: tmp.write_text(text))
+            records.append({"slide": sid, "png": str(out / f"{sid}.png"), "tiff": str(out / f"{sid}.heatmap.tiff"),
+                            "geojson": str(out / f"{sid}.geojson"), "method": hm.method,
+                            "output": hm.output})  # fmt: skip
+        manifest = {**made_by, "slides": sorted({*slides_before, *slide_ids})}
+        write_atomic(dest / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return records
+
+
+def _save_npy(path: Path, values: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add .npy to the temporary name
+        np.save(f, values)
