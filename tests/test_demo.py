@@ -49,3 +49,48 @@ def test_demo_refuses_an_unknown_encoder_method(tmp_path):
     assert r.exit_code == 2
     assert r.stderr == "error: --encoder-method must be one of multitask, vae, contrastive, bigan (got 'simclr')\n"
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_checks_its_cohort_against_the_folds_before_any_work(tmp_path):
+    """--slides 2 once ran ~40 s, then failed at the learn stage and left a partial demo."""
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--slides", "2"])
+    assert r.exit_code == 2 and r.stderr == (
+        "error: --slides 2: a cohort of 2 patients; the demo's 3-fold cross-validation needs at least 9 (3 per "
+        "fold), both growth patterns and 2 deaths: use --slides of at least 10\n"
+    )
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_failed_demo_removes_what_it_wrote_and_a_killed_one_is_cleared(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import pytest
+
+    import nic.demo as demo
+    from nic.errors import DataError
+
+    def fail(out, config, say):
+        (out / "cohort").mkdir()
+        (out / "cohort" / "labels.csv").write_text("slide\n")
+        raise DataError("a stage failed")
+
+    monkeypatch.setattr(demo, "_cohort", fail)
+    lines: list[str] = []
+    with pytest.raises(DataError):
+        run_demo(tmp_path / "new", DemoConfig(slides=10), say=lines.append)
+    assert not (tmp_path / "new").exists() and lines[-1] == f"the unfinished demo was removed: {tmp_path / 'new'}"
+    (tmp_path / "empty").mkdir()  # an empty folder given: emptied again, kept
+    with pytest.raises(DataError):
+        run_demo(tmp_path / "empty", DemoConfig(slides=10), say=lines.append)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+    # a demo killed half-way (its process gone) leaves a folder the next demo clears
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / "killed"
+    (left / "cohort").mkdir(parents=True)
+    (left / ".nic-partial").write_text(f"{dead.pid}\n")
+    monkeypatch.setattr(demo, "_run_stages", lambda out, config, say: {"out": str(out)})
+    run_demo(left, DemoConfig(slides=10), say=lines.append)
+    assert sorted(p.name for p in left.iterdir()) == []  # the leftover gone, the (stubbed) demo finished

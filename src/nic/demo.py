@@ -7,19 +7,28 @@ compressed slide; train and cross-validate slide-level models for the three labe
 (regression, binary, survival); draw where each run's evidence lies (heatmaps) and write
 one HTML report per run.  Each stage writes under ``out`` and reports what it made through
 ``say`` (one line per result).
+
+Every setting is checked before the first stage, the cohort's patients against the folds
+included (the cohort is planned, cheaply, first).  The demo is built in ``out`` itself,
+not in a staged folder: its stores record their slides' paths, its reports their runs'.
+Until it is finished ``out`` holds a ``.nic-partial`` file naming the process; a demo that
+fails removes what it wrote, and a folder left by one that was killed is removed by the
+next ``run_demo`` into it, so no half-made demo looks like a result or blocks a rerun.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nic.errors import DataError
+from nic.errors import DataError, OptionError, check_int
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -46,14 +55,105 @@ class DemoConfig:
     folds: int = 3
     workers: int = 2
 
+    def __post_init__(self) -> None:
+        check_int("slides", self.slides, 1)
+        check_int("seed", self.seed, 0)
+        check_int("patches_per_class", self.patches_per_class, 1)
+        check_int("encoder_epochs", self.encoder_epochs, 1)
+        check_int("unsupervised_patches", self.unsupervised_patches, 16)
+        check_int("slide_epochs", self.slide_epochs, 1)
+        check_int("folds", self.folds, 2)
+        check_int("workers", self.workers, 1)
+
+
+#: patients per cross-validation fold the demo needs: with fewer, folds train on two or
+#: three patients and a survival model can rank nobody (its report then fails)
+PATIENTS_PER_FOLD = 3
+
+
+def _cohort_fits(config: DemoConfig, slides: int) -> tuple[int, bool]:
+    """(patients, whether the cohort of ``slides`` slides suits every learning stage)."""
+    from nic.synth import plan_cohort
+
+    rows = {sp.patient_id: sp.row for sp in plan_cohort(slides, config.size, config.seed)}
+    patterns = {r["growth_pattern"] for r in rows.values()}
+    events = sum(r["survival_event"] for r in rows.values())
+    return len(rows), len(rows) >= PATIENTS_PER_FOLD * config.folds and len(patterns) == 2 and events >= 2
+
+
+def check_demo(config: DemoConfig) -> None:
+    """Every setting of ``config``, before any work: the encoder method, the slide size, and
+    whether the cohort's patients can fill the folds of every learning stage (a regression,
+    a binary label with both classes, survival with deaths).  An :class:`OptionError` names
+    the fewest ``slides`` that would do."""
+    from nic.encoder_training import METHODS
+    from nic.errors import check_choice
+
+    check_choice("encoder_method", config.encoder_method, ("multitask", *METHODS))
+    patients, fits = _cohort_fits(config, config.slides)  # checks `size` too
+    if fits:
+        return
+    enough = next((n for n in range(config.slides + 1, config.slides + 200) if _cohort_fits(config, n)[1]), None)
+    advice = f"use `slides` of at least {enough}" if enough else "use more `slides`, or another `seed`"
+    raise OptionError(
+        f"`slides` {config.slides}: a cohort of {patients} patients; the demo's {config.folds}-fold "
+        f"cross-validation needs at least {PATIENTS_PER_FOLD * config.folds} ({PATIENTS_PER_FOLD} per fold), both "
+        f"growth patterns and 2 deaths: {advice}"
+    )
+
+
+def _unfinished(out: Path) -> bool:
+    """Whether ``out`` is a demo whose process ended before finishing it."""
+    from nic._outputs import _PID_FILE, _alive
+
+    try:
+        pid = int((out / _PID_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return not _alive(pid)
+
 
 def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage into ``out`` (which must be empty or absent); return a summary."""
-    from nic._outputs import check_new_folder
+    """Run every stage into ``out`` (which must be empty or absent); return a summary.
+
+    Settings are checked first (:func:`check_demo`); if a stage fails, what the demo wrote
+    is removed, so ``out`` is as it was and the demo can be run again into it."""
+    from nic._outputs import _PID_FILE, check_new_folder
 
     out = Path(out)
+    check_demo(config)
+    if out.is_dir() and _unfinished(out):
+        logger.warning("%s: removing the unfinished demo a process that ended left there", out)
+        shutil.rmtree(out)
     check_new_folder(out, None, what="files")  # the demo never overwrites anything
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    marker = out / _PID_FILE
+    marker.write_text(f"{os.getpid()}\n")
+    try:
+        summary = _run_stages(out, config, say)
+    except BaseException:
+        _remove(out, created)
+        say(f"the unfinished demo was removed: {out}")
+        raise
+    marker.unlink()
+    say(f"summary: {out / 'summary.json'}")
+    return summary
+
+
+def _remove(out: Path, created: bool) -> None:
+    """Remove what the demo wrote: ``out`` itself when the demo made it, else its contents."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _run_stages(out: Path, config: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     summary: dict[str, Any] = {"out": str(out), "stages": {}}
 
     def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -73,7 +173,6 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], 
     stage("learn", lambda: _learn(out, Path(cohort["labels"]), config, say))
     stage("explain", lambda: _explain(out, say))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(f"summary: {out / 'summary.json'}")
     return summary
 
 
