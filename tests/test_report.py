@@ -143,6 +143,24 @@ def test_report_reads_ids_and_classes_as_written(tmp_path: Path) -> None:
     assert len(re.findall(r"confident: patient \d{4}, slide s\d{4}_\d", text)) == 2, "gallery pictures"
 
 
+def test_survival_report_of_a_cohort_too_small_to_analyse(tmp_path: Path) -> None:
+    """Four patients with two distinct risks: the report is written and says why its survival
+    analysis is missing, instead of failing inside lifelines."""
+    from nic.explain import write_report
+
+    c = make_planted_cohort(tmp_path, 4, grid=(12, 12), n_pairs=2, seed=3)
+    spec = LabelSpec(c.labels, "survival", time="survival_time", event="survival_event")
+    fit = FitConfig(model="meanpool", epochs=2, width=8, batch_size=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_cv(CVConfig(c.stores, spec, fit, folds=2, out=tmp_path / "run", n_bootstrap=20))
+    finally:
+        torch.set_num_threads(before)
+    text = write_report(tmp_path / "run", tmp_path / "r.html", gallery=0).read_text()
+    assert "could not be computed for these 4 patients" in text and "<h2>Config</h2>" in text
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_demo_report_renders_in_chromium(tmp_path: Path) -> None:

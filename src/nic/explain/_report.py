@@ -159,7 +159,14 @@ def _task_section(task: str, pred: Any, classes: list[str] | None = None) -> str
         notes = "Error bars: the spread of each patient's prediction over its test views (crops x dihedral variants)."
     else:
         t, e, r = pred["time"].to_numpy(float), pred["event"].to_numpy(int), pred["risk"].to_numpy(float)
-        a = survival_analysis(t, e, r)
+        try:
+            a = survival_analysis(t, e, r)
+        except Exception as ex:  # lifelines/scikit-survival refuse cohorts too small or tied to analyse
+            why = html.escape(f"{type(ex).__name__}: {ex}")
+            notes = (f"Kaplan-Meier by risk group, log-rank test, time-dependent AUC and Brier score could not be "
+                     f"computed for these {len(t)} patients ({int(e.sum())} events, {len(np.unique(r))} distinct "
+                     f"risks) ({why}); that needs more patients and events.")  # fmt: skip
+            return f"<h2>Survival</h2><p class=note>{notes}</p>"
         fig, ax = _figure(4.8, 3.6)
         names = ["low risk", "middle risk", "high risk"] if len(a.km) == 3 else [f"group {g}" for g in range(len(a.km))]
         for g, (tt, ss) in enumerate(a.km):
