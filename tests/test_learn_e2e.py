@@ -439,6 +439,23 @@ def test_ratio_stage_has_its_own_minimum_epochs(small: PlantedCohort) -> None:
     assert hist.stage.count("ratio") < 5
 
 
+def test_a_later_stage_that_improves_nothing_leaves_the_earlier_weights(small: PlantedCohort) -> None:
+    """A learning rate that blows the conv stage up (it trains in place): no conv epoch beats
+    the ratio stage, so the returned model is the ratio stage's kept one, validation loss and all."""
+    from nic.learn.train import _validation_loss
+
+    co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
+    src = open_sources(co.store_paths)
+    fit_p, val_p = np.arange(len(co.patients))[3:], np.arange(3)
+    cfg = FitConfig(epochs=4, width=8, batch_size=4, lr=0.3, min_epochs=0, ratio_min_epochs=0, ratio_starts=1,
+                    ratio_average=False, patience=100, ratio_heads=2)  # fmt: skip
+    model, hist = fit_model(co, src, fit_p, val_p, cfg, seed=0)
+    ratio = [v for v, st in zip(hist.val_loss, hist.stage) if st == "ratio"]
+    conv = [v for v, st in zip(hist.val_loss, hist.stage) if st == "conv"]
+    assert conv and not min(conv) < min(ratio) and hist.stage[hist.best_epoch] == "ratio"
+    assert _validation_loss(model, co, src, val_p, cfg, 0) == pytest.approx(min(ratio), rel=1e-5)
+
+
 def test_averaged_ratio_starts_are_the_starts_best_of_chooses_from(small: PlantedCohort, tmp_path: Path) -> None:
     co = load_cohort(small.stores, LabelSpec(small.labels, "regression", target="proliferation"))
     src = open_sources(co.store_paths)

@@ -395,12 +395,15 @@ def fit_model(
                 f"the {what} loss was not finite in any of the {len(hist.train_loss)} epochs, so no model was"
                 f" kept; try a lower `lr` (now {cfg.lr:g})"
             )
-        if best.state is not None:  # else the stage improved on nothing: the earlier weights stay
+        if best.state is not None:
             net.load_state_dict(best.state)
             hist.best_epoch = best.best_epoch
             keep = best
-        elif best.n_good == 0:
-            logger.warning("the %s stage had no finite loss; keeping the weights of the stage before", stage)
+        else:  # the stage improved on nothing: back to the earlier stages' weights (it trained in place)
+            assert keep.state is not None  # the first stage always keeps an epoch (or raised above)
+            net.load_state_dict(keep.state)
+            if best.n_good == 0:
+                logger.warning("the %s stage had no finite loss; keeping the weights of the stage before", stage)
     if len(stages) > 1:
         net.set_stage("all")
     net.eval()  # stays on ``dev``: the fold's test predictions run there too
