@@ -307,6 +307,9 @@ def test_folds_are_by_patient_and_stratified(tmp_path: Path, task: str) -> None:
         assert co.y[te].sum() >= 1  # type: ignore[attr-defined]  # 10 positives (events) over 5 folds
         fit, val = inner_split(co, tr, 0.2, seed=1)  # type: ignore[arg-type]
         assert not set(fit) & set(val) and set(fit) | set(val) == set(tr) and len(val) > 0
+        # a fraction smaller than one patient of 9 still gives a split (one validation patient)
+        fit, val = inner_split(co, tr[:9], 0.05, seed=1)  # type: ignore[arg-type]
+        assert len(val) == 1 and set(fit) | set(val) == set(tr[:9])
     assert [list(te) for _, te in folds] == [list(te) for _, te in patient_folds(co, 5, seed=0)]  # type: ignore[arg-type]
     with pytest.raises(OptionError, match="`folds` must be at least 2"):
         patient_folds(co, 1)  # type: ignore[arg-type]

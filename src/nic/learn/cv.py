@@ -70,14 +70,14 @@ def inner_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``patients`` (indices) into (fit, validation) for early stopping.
 
-    About ``fraction`` of them go to validation, stratified and grouped like
-    :func:`patient_folds`; with fewer than 5 patients there is no validation part.  For
+    About ``fraction`` of them go to validation (at least one patient), stratified and
+    grouped like :func:`patient_folds`; with fewer than 5 patients there is no validation part.  For
     survival the validation part holds at least one event when ``patients`` hold two.
     """
     patients = np.asarray(patients)
     if len(patients) < 5 or fraction <= 0:
         return patients, patients[:0]
-    k = max(2, int(round(1 / fraction)))
+    k = min(max(2, int(round(1 / fraction))), len(patients))  # at most one validation patient per split
     fit, val = _safe_split(_strata(cohort, patients, k), np.arange(len(patients)), k, seed)[0]
     fit, val = patients[fit], patients[val]
     if cohort.task == "survival" and len(val) and not cohort.y[val].any() and cohort.y[fit].sum() >= 2:
