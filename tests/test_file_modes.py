@@ -1,4 +1,5 @@
-"""Weight files get their mode from the umask, like every other file nic writes."""
+"""Files nic writes: modes from the umask (weights like every other file), and staged folders
+that leave the old result or the new one, never a mix or none."""
 
 from __future__ import annotations
 
@@ -40,3 +41,76 @@ def test_encoder_and_slide_model_weights_are_readable_like_their_json(tmp_path: 
     spec = ModelSpec(4, 1, width=8, input_size=8)
     SlideModel("nic-cnn", spec, "regression", 8, create_model("nic-cnn", spec)).save(tmp_path / "fold_0")
     assert _mode(tmp_path / "fold_0" / "model.safetensors") == want == _mode(tmp_path / "fold_0" / "model.json")
+
+
+# -- staged folders: the old result or the new one, never a mix or none ----------------------
+
+
+def _result(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.txt").write_text(text)
+    return folder
+
+
+def test_a_failed_swap_puts_the_old_result_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nic._outputs import staged_folder
+    from nic.errors import OutputError
+
+    out = _result(tmp_path / "out", "old")
+    real, calls = os.replace, []
+
+    def second_fails(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # stage -> out, after out was moved aside
+            raise OSError(16, "Device or resource busy")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OutputError, match="cannot move the finished result into place"):
+        with staged_folder(out, replace=True) as stage:
+            _result(stage, "new")
+    monkeypatch.undo()
+    assert (out / "result.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing hidden left
+
+
+def test_a_swap_killed_between_its_moves_is_undone_by_the_next_run(tmp_path: Path) -> None:
+    """What a process killed after moving the old result aside leaves (markers naming a dead
+    process): the next staged folder for it puts the old result back, then proceeds."""
+    import subprocess
+    import sys
+
+    from nic._outputs import _PID_FILE, remove_dead_partials, staged_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = dead.stdout.strip()
+    old = tmp_path / ".out.old-abc"
+    _result(old / "out", "old")
+    (old / _PID_FILE).write_text(pid)
+    stage = _result(tmp_path / ".out.partial-def", "new, never swapped in")
+    (stage / _PID_FILE).write_text(pid)
+    remove_dead_partials(tmp_path / "out")
+    assert (tmp_path / "out" / "result.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with staged_folder(tmp_path / "out", replace=True) as s:
+        _result(s, "new")
+    assert (tmp_path / "out" / "result.txt").read_text() == "new" and not (tmp_path / "out" / _PID_FILE).exists()
+
+
+def test_staged_folders_follow_links_and_keep_other_peoples_files(tmp_path: Path) -> None:
+    from nic._outputs import holds_only, staged_folder
+    from nic.errors import OutputError
+
+    target = _result(tmp_path / "scratch" / "run", "old")
+    (tmp_path / "link").symlink_to(target)
+    with staged_folder(tmp_path / "link", replace=True) as s:
+        _result(s, "new")
+    assert (tmp_path / "link").is_symlink() and (target / "result.txt").read_text() == "new"
+    mine = _result(tmp_path / "mine", "old")
+    (mine / "notes.txt").write_text("the user's")
+    is_ours = lambda f: holds_only(f, ("result.txt",))  # noqa: E731
+    for replace in (False, True):
+        with pytest.raises(OutputError, match="holds files nic did not write; choose another `out`"):
+            with staged_folder(mine, replace=replace, is_ours=is_ours):
+                pass
+    assert (mine / "notes.txt").exists()

@@ -301,9 +301,14 @@ def test_interrupted_overwrite_keeps_the_old_cohort_and_patches(tmp_path: Path, 
     assert len(_read_csv(c.labels)) == 1
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a cohort")
-    with pytest.raises(OutputError, match="not a folder nic wrote"):
+    with pytest.raises(OutputError, match="holds files nic did not write"):
         make_cohort(tmp_path / "mine", 1, 4096, seed=4, config=SMALL, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not a cohort"
+    # a cohort with a file of the user's beside it (labels.csv is also a user's file name) is not nic's to replace
+    (cohort / "my_clinical.xlsx").write_text("the user's")
+    with pytest.raises(OutputError, match="holds files nic did not write"):
+        make_cohort(cohort, 1, 4096, seed=5, config=SMALL, overwrite=True)
+    assert (cohort / "my_clinical.xlsx").exists()
 
 
 def test_synth_refuses_a_negative_seed_in_one_line(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ new one is whole.
   ``.<name>.partial-<random>`` and renamed into place at the end; the folder it replaces
   (``overwrite``) stays untouched until then, so a crash or a kill leaves either the old
   result or none, never a half-written one.  Leftover partial folders of dead processes
-  are removed by the next run.
+  are removed (and a result moved aside put back) by the next run
+  (:func:`remove_dead_partials`).
 - :func:`write_atomic`: the same for one file (write a sibling, then ``os.replace``).
 - :func:`save_safetensors`: weights with the file mode every other output gets (umask).
 - :func:`file_sha256`: the checksum recorded for the files a result came from (weights,
@@ -85,14 +86,12 @@ def check_writable(path: str | Path, param: str = "out", folder: bool | None = N
 
 
 def check_new_file(path: str | Path, overwrite: bool = False, param: str = "out") -> None:
-    """Refuse to write the file ``path`` over a folder, or over an existing file unless
-    ``overwrite``; then :func:`check_writable`.  Call it before the work, not after."""
+    """:func:`check_writable` for the file ``path`` (a folder there is refused), then refuse an
+    existing file unless ``overwrite``.  Call it before the work, not after."""
     p = Path(path)
-    if p.is_dir():
-        raise OutputError(f"{p}: is a folder; `{param}` is the file to write")
+    check_writable(p, param, folder=False)
     if p.exists() and not overwrite:
         raise OutputError(f"{p}: exists; pass `overwrite=True` to replace it, or choose another `{param}`")
-    check_writable(p, param, folder=False)
 
 
 def check_new_folder(
@@ -102,13 +101,12 @@ def check_new_folder(
     what: str = "results",
     param: str = "out",
 ) -> None:
-    """Refuse to write into the folder ``out`` when it is a file, or when it already holds
-    a result: any of the names ``holds`` (``None``: anything at all).  ``overwrite``
-    ``True`` allows writing over that result; ``None`` says the writer never replaces one
-    (the message then offers only another folder).  Then :func:`check_writable`."""
+    """:func:`check_writable` for the folder ``out`` (a file there is refused), then refuse it
+    when it already holds a result: any of the names ``holds`` (``None``: anything at all).
+    ``overwrite`` ``True`` allows writing over that result; ``None`` says the writer never
+    replaces one (the message then offers only another folder)."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose another `{param}`")
+    check_writable(out, param, folder=True)
     if out.is_dir() and not overwrite:
         names = list(holds) if holds is not None else None
         taken = any(out.iterdir()) if names is None else any((out / n).exists() for n in names)
@@ -116,7 +114,6 @@ def check_new_folder(
             fix = "" if overwrite is None else "pass `overwrite=True` to replace it, or "
             never = f" ({what} are never overwritten)" if overwrite is None else ""
             raise OutputError(f"{out}: already holds {what}; {fix}choose another `{param}`{never}")
-    check_writable(out, param, folder=True)
 
 
 def _alive(pid: int) -> bool:
@@ -129,14 +126,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_dead_partials(out: Path) -> None:
+def left_by_dead_process(folder: Path) -> bool:
+    """Whether ``folder`` holds the partial-marker file of a process that has ended (a
+    folder being built, or being swapped, when that process was killed)."""
+    try:
+        pid = int((folder / _PID_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False  # not ours, or still being created: leave it
+    return not _alive(pid)
+
+
+def remove_dead_partials(out: Path) -> None:
+    """Clear what a killed :func:`staged_folder` for ``out`` left beside it: its staged
+    folders are removed; a result it had moved aside to swap in the new one goes back to
+    ``out`` when ``out`` is missing (killed between the two renames), else it is removed."""
+    out = Path(out)
     for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int((p / _PID_FILE).read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # not ours, or still being created: leave it
-        if not _alive(pid):
+        if left_by_dead_process(p):
             shutil.rmtree(p, ignore_errors=True)
+    for p in out.parent.glob(f".{out.name}.old-*"):
+        if left_by_dead_process(p):
+            if not out.exists() and (p / out.name).exists():
+                os.replace(p / out.name, out)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def holds_only(folder: Path, names: Iterable[str] = (), suffixes: Iterable[str] = ()) -> bool:
+    """Whether every entry of ``folder`` is one of ``names`` or ends with one of ``suffixes``
+    (what a writer may replace as its own: nothing else of the user's is in it)."""
+    names, suffixes = set(names), tuple(suffixes)
+    return all(p.name in names or (suffixes and p.name.endswith(suffixes)) for p in folder.iterdir())
 
 
 @contextlib.contextmanager
@@ -144,30 +163,56 @@ def staged_folder(out: str | Path, replace: bool = False, is_ours: Callable[[Pat
                   param: str = "out") -> Iterator[Path]:  # fmt: skip
     """Yield a fresh hidden folder beside ``out``; on a clean exit it becomes ``out``.
 
-    An existing, non-empty ``out`` is an :class:`OutputError` unless ``replace``, and then
-    only when ``is_ours(out)`` says it is a result this program wrote.  On an exception the
-    staged folder is removed and ``out`` stays as it was.
+    An existing, non-empty ``out`` is an :class:`OutputError` unless ``replace``, and (with
+    ``is_ours``) always when ``is_ours(out)`` says it holds anything this program did not
+    write.  On an exception the staged folder is removed and ``out`` stays as it was.  A
+    symbolic link ``out`` is followed (the result goes where it points); a mount point is
+    refused (a folder cannot be moved over it).  The swap moves ``out`` aside, the staged
+    folder in, then removes the old one; if the second move fails the old ``out`` is put
+    back, and a process killed between the two leaves markers from which the next
+    :func:`staged_folder` (or :func:`remove_dead_partials`) puts the old result back.
     """
     out = Path(out)
-    if replace and out.is_dir() and any(out.iterdir()) and is_ours is not None and not is_ours(out):
-        raise OutputError(f"{out}: not a folder nic wrote; refusing to replace it, choose another `{param}`")
+    if out.is_symlink():
+        out = out.resolve()
+    if out.is_dir() and os.path.ismount(out):
+        raise OutputError(
+            f"{out}: a mount point; nic builds its result beside `{param}` and moves it there, which a mount point "
+            f"does not allow: give a folder inside it, e.g. {out / 'result'}"
+        )
+    if out.is_dir() and any(out.iterdir()) and is_ours is not None and not is_ours(out):
+        raise OutputError(f"{out}: holds files nic did not write; choose another `{param}` (a new or empty folder)")
     check_new_folder(out, replace, what="files", param=param)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_partials(out)
+    remove_dead_partials(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; a result folder follows the umask
-    (stage / _PID_FILE).write_text(f"{os.getpid()}\n")
+    pid = f"{os.getpid()}\n"
+    (stage / _PID_FILE).write_text(pid)
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    (stage / _PID_FILE).unlink()
     old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(stage, out)
+    try:
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            (old / _PID_FILE).write_text(pid)
+            os.replace(out, old / out.name)
+        try:
+            os.replace(stage, out)
+        except OSError:
+            if old is not None:
+                os.replace(old / out.name, out)  # the old result back in place
+            raise
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise OutputError(f"{out}: cannot move the finished result into place ({e.strerror or e}); it was not kept, "
+                          f"and {out} is as it was; choose another `{param}`") from e  # fmt: skip
+    (out / _PID_FILE).unlink(missing_ok=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

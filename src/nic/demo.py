@@ -104,13 +104,9 @@ def check_demo(config: DemoConfig) -> None:
 
 def _unfinished(out: Path) -> bool:
     """Whether ``out`` is a demo whose process ended before finishing it."""
-    from nic._outputs import _PID_FILE, _alive
+    from nic._outputs import left_by_dead_process
 
-    try:
-        pid = int((out / _PID_FILE).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    return not _alive(pid)
+    return left_by_dead_process(out)
 
 
 def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print) -> dict[str, Any]:

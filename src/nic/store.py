@@ -478,11 +478,14 @@ def building_store(path: str | Path) -> Iterator[tuple[Path, bool]]:
     a hidden sibling folder that takes its place on a clean exit
     (:func:`nic._outputs.staged_folder`), so a failure or an interruption leaves it as it was.
     """
+    from nic._outputs import remove_dead_partials, staged_folder
+
     p = Path(path)
+    if p.parent.is_dir():
+        remove_dead_partials(p)  # a store a killed swap had moved aside goes back first
     if not is_complete(p):
         yield p, False
         return
-    from nic._outputs import staged_folder
 
     with staged_folder(p, replace=True, is_ours=is_complete) as stage:
         yield stage, True

@@ -203,7 +203,11 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def _holds_maps(folder: Path) -> bool:
-    return (folder / MANIFEST).is_file() or any(folder.glob("*.heatmap.npy"))
+    """Whether ``folder`` holds heatmaps nic wrote and nothing else (what ``overwrite`` may replace)."""
+    from nic._outputs import holds_only
+
+    maps = (folder / MANIFEST).is_file() or any(folder.glob("*.heatmap.npy"))
+    return maps and holds_only(folder, (MANIFEST,), MAP_FILES)
 
 
 def _check_heatmap_folder(out: Path, made_by: dict[str, Any], slide_ids: list[str], overwrite: bool) -> bool:

@@ -333,7 +333,9 @@ def _render(
 
 def _is_cohort(folder: Path) -> bool:
     """Whether ``folder`` looks like a cohort nic wrote (what ``overwrite`` may replace)."""
-    return (folder / "cohort.json").is_file() or (folder / "slides").is_dir() or (folder / "labels.csv").is_file()
+    from nic._outputs import holds_only
+
+    return (folder / "cohort.json").is_file() and holds_only(folder, ("slides", "truth", "labels.csv", "cohort.json"))
 
 
 @contextlib.contextmanager

@@ -59,7 +59,10 @@ _NAMES = ("tissue_type", "nuclei_density", "mitosis", "nuclei_density.csv", "mit
 
 
 def _is_patches(folder: Path) -> bool:
-    return any((folder / n).exists() for n in _NAMES)
+    """Whether ``folder`` holds patch datasets nic wrote and nothing else (what ``overwrite`` may replace)."""
+    from nic._outputs import holds_only
+
+    return any((folder / n).exists() for n in _NAMES) and holds_only(folder, _NAMES)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, float | int | str]]) -> None:
