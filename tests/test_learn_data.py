@@ -223,13 +223,21 @@ def test_patients_and_classes_are_stripped_as_slide_ids_are(tmp_path: Path) -> N
     assert co.patients == ["P", "Q"] and list(co.slide_patient) == [0, 0, 1] and co.classes == ["x", "z"]
 
 
-def test_a_class_named_none_or_na_is_a_class_and_only_empty_cells_are_missing(tmp_path: Path) -> None:
+def test_missing_class_labels_and_a_class_named_none(tmp_path: Path) -> None:
     d = _cohort_dir(tmp_path, ["a", "b", "c", "d", "e", "f"])
     csv = tmp_path / "labels.csv"
-    grades = ["None", "NA", "null", "N/A", "None", ""]
+    # R writes NA for a missing string: left out with the warning; "None" names a class
+    grades = ["None", "NA", "null", "N/A", "Mild", ""]
     pd.DataFrame({"slide": list("abcdef"), "patient": list("PQRSTU"), "grade": grades}).to_csv(csv, index=False)
-    co = load_cohort(d, LabelSpec(csv, "multiclass", target="grade"), require_all_stores=False)
-    assert co.patients == list("PQRST") and co.classes == ["N/A", "NA", "None", "null"]
+    co = load_cohort(d, LabelSpec(csv, "binary", target="grade"), require_all_stores=False)
+    assert co.patients == ["P", "T"] and co.classes == ["Mild", "None"]
+    # an event column as pandas or R write a boolean
+    events = ["True", "FALSE", "true", "False", "TRUE", "0"]
+    pd.DataFrame({"slide": list("abcdef"), "patient": list("PQRSTU"), "t": [5, 4, 3, 2, 1, 6], "e": events}).to_csv(
+        csv, index=False
+    )
+    co = load_cohort(d, LabelSpec(csv, "survival", time="t", event="e"))
+    assert co.y.tolist() == [1, 0, 1, 0, 1, 0]
     # numbers: "NA" (as R writes it) and an empty cell are missing labels, left out with the warning
     ys = ["1", "NA", "", "2", " 3 ", "4"]
     pd.DataFrame({"slide": list("abcdef"), "patient": list("PQRSTU"), "y": ys}).to_csv(csv, index=False)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from nic._missing import MISSING_NUMBER as _MISSING_NUMBER  # numeric label columns: these cells are missing
+from nic._missing import MISSING_CLASS, MISSING_NUMBER
 from nic.dihedral import dihedral, dihedral_inverse
 from nic.errors import DataError, OptionError
 from nic.store import EncoderIdentity, check_same_encoder, list_stores, open_store, slide_id_for, store_id
@@ -157,6 +157,10 @@ def _rows(mask) -> str:  # mask: a boolean Series over the frame of read_slide_t
     return ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
 
 
+#: True/False as pandas and R write them, read as 1/0 in a numeric column (an event)
+_BOOLEAN = {v: "1" for v in ("True", "TRUE", "true")} | {v: "0" for v in ("False", "FALSE", "false")}
+
+
 def read_slide_table(
     path: str | Path,
     slide_column: str,
@@ -170,11 +174,13 @@ def read_slide_table(
     Returns the columns ``slide`` (as written), ``slide_id`` (resolved against
     ``store_ids``: an id, a slide path or a store path), ``patient`` and ``columns``, the
     row index being the CSV line minus 2.  Ids, patients and class labels are stripped of
-    surrounding whitespace, and only an empty cell is missing there (a class may be called
-    ``None``); ``numeric`` columns are numbers, with the usual markers (``NA``, ``nan``,
-    ``NULL``, ...) as missing values.  :class:`DataError` for a missing column, an empty
-    slide or patient cell, one slide on two rows (also when written two ways, such as a
-    path and an id), and a numeric cell that is not a finite number.  ``patient_column``
+    surrounding whitespace; in ids only an empty cell is missing, in class labels also the
+    usual markers (``NA``, ``nan``, ``NULL``, ... but not ``None``, which may name a class);
+    ``numeric`` columns are numbers, with those markers (``None`` too) as missing values and
+    ``True``/``False`` as 1/0 (an event column as pandas or R write it).  :class:`DataError`
+    for a missing column, an empty slide or patient cell, one slide on two rows (also when
+    written two ways, such as a path and an id), and a numeric cell that is not a finite
+    number.  ``patient_column``
     may be ``slide_column`` (one slide per patient).
     """
     import pandas as pd
@@ -198,7 +204,12 @@ def read_slide_table(
         df[c] = raw[c]
     for c in df.columns:
         df[c] = df[c].str.strip()
-        df[c] = df[c].mask(df[c].isin(_MISSING_NUMBER) if c in numeric else df[c] == "")
+        if c in numeric:  # True/False (pandas, R's TRUE/FALSE) as 1/0: an event column
+            df[c] = df[c].mask(df[c].isin(MISSING_NUMBER)).replace(_BOOLEAN)
+        elif c in columns:  # a class column: R's NA and the like are missing, a class may be called "None"
+            df[c] = df[c].mask(df[c].isin(MISSING_CLASS))
+        else:  # ids: only an empty cell is missing
+            df[c] = df[c].mask(df[c] == "")
     empty = df["slide"].isna() | df["patient"].isna()
     if empty.any():
         raise DataError(f"{path}: empty slide or patient cell in row(s) {_rows(empty)}; fill them in or drop the rows")
