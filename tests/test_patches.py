@@ -351,6 +351,14 @@ def test_colour_instance_mask_keeps_each_colour(tmp_path: Path) -> None:
     Image.fromarray(m).save(tmp_path / "rgb.png")
     c = read_nuclei_mask(tmp_path / "rgb.png")
     np.testing.assert_allclose(sorted(map(tuple, c)), [(3.5, 3.5), (7.5, 3.5), (21.5, 11.5)])
+    # coloured by nucleus type (PanNuke/MoNuSAC overlays): separate blobs of one colour are nuclei each
+    t = np.zeros((20, 40, 3), np.uint8)
+    for x in (2, 10, 18, 26):
+        t[2:6, x : x + 4] = (255, 0, 0)
+    for x in (2, 10, 18):
+        t[12:16, x : x + 4] = (0, 255, 0)
+    Image.fromarray(t).save(tmp_path / "types.png")
+    assert len(read_nuclei_mask(tmp_path / "types.png")) == 7
 
 
 def test_annotations_must_match_their_image(tmp_path: Path, monuseg: Path) -> None:

@@ -115,8 +115,10 @@ def read_nuclei_mask(path: str | Path) -> np.ndarray:
     """Nucleus centroids (M, 2) as (x, y) pixels from a binary or instance mask image.
 
     A mask with values {0, v} is binary (nuclei = 8-connected components); more distinct
-    values are instance labels (one nucleus per non-zero label).  A colour mask's label is
-    its RGB colour (each nucleus its own colour, background black); alpha is ignored.
+    values are instance labels: a nucleus is one 8-connected piece of one non-zero label, so
+    touching nuclei with their own labels stay apart and so do separate nuclei sharing a
+    label (a mask coloured by nucleus type).  A colour mask's label is its RGB colour
+    (background black); alpha is ignored.
     """
     return _read_mask(path)[0]
 
@@ -138,13 +140,16 @@ def _read_mask(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
         else:
             m = m[..., 0]
     shape = (int(m.shape[0]), int(m.shape[1]))
-    values = np.unique(m)
-    if len(values) <= 2:
-        labels, n = ndimage.label(m > 0, structure=np.ones((3, 3), bool))
-    else:
-        _, labels = np.unique(m, return_inverse=True)
-        labels = labels.reshape(m.shape)
-        n = int(labels.max())
+    labels, n = ndimage.label(m > 0, structure=np.ones((3, 3), bool))
+    if len(np.unique(m)) > 2:
+        # a nucleus is one connected piece of one value: touching nuclei of an instance mask
+        # stay apart, and so do separate nuclei of one colour in a mask coloured by type
+        fg = labels > 0
+        key = labels[fg].astype(np.int64) * (int(m.max()) + 1) + m[fg].astype(np.int64)
+        _, inverse = np.unique(key, return_inverse=True)
+        labels = np.zeros(m.shape, np.int64)
+        labels[fg] = inverse + 1
+        n = int(inverse.max()) + 1 if len(inverse) else 0
     if n == 0:
         return np.zeros((0, 2)), shape
     cy_cx = np.asarray(ndimage.center_of_mass(np.ones_like(labels), labels, np.arange(1, n + 1)))
@@ -279,7 +284,9 @@ def nuclei_patch_dataset(
     with staged_folder(out, replace=overwrite, is_ours=_is_nuclei_dataset) as stage:
         csv_path = _write_nuclei_dataset(pairs, stage, patch_size, mpp, int(stride or patch_size), source_mpp,
                                          target, fallback_mpp)  # fmt: skip
-    return Path(out) / csv_path.name
+    csv_path = Path(out) / csv_path.name
+    logger.info("wrote %s", csv_path)
+    return csv_path
 
 
 def _is_nuclei_dataset(folder: Path) -> bool:
@@ -347,5 +354,4 @@ def _write_nuclei_dataset(
         for name, label, group, n in rows:
             wr.writerow([name, f"{label:.6g}", group, n])
     tmp.replace(csv_path)
-    logger.info("wrote %d patches to %s", len(rows), csv_path)
     return csv_path
