@@ -36,12 +36,12 @@ AUGMENT = "nic.patches.augment:AugmentConfig"
 
 
 def _threads(n: int | None) -> None:
-    """Torch's CPU threads: ``n`` (>= 1), or torch's default for None (and 0, ``probe``'s "default")."""
+    """Torch's CPU threads: ``n`` (>= 1), or torch's default for None."""
     import torch
 
     from nic.errors import check_int
 
-    if n is None or n == 0:
+    if n is None:
         return
     check_int("threads", n, 1)
     torch.set_num_threads(n)
@@ -226,7 +226,7 @@ def probe_cmd(
     random_init: bool = typer.Option(
         False, "--random-init", help="Allow an encoder without weights: a deliberate random baseline, seeded by --seed."
     ),
-    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch default)."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's)."),
 ) -> None:
     """Linear probe of a frozen encoder: accuracy and AUC (classes) or Spearman and MAE (regression).
 
