@@ -80,21 +80,21 @@ def test_a_swap_killed_between_its_moves_is_undone_by_the_next_run(tmp_path: Pat
     import subprocess
     import sys
 
-    from nic._outputs import _PID_FILE, remove_dead_partials, staged_folder
+    from nic._outputs import PARTIAL_MARK, remove_dead_partials, staged_folder
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = dead.stdout.strip()
     old = tmp_path / ".out.old-abc"
     _result(old / "out", "old")
-    (old / _PID_FILE).write_text(pid)
+    (old / PARTIAL_MARK).write_text(pid)
     stage = _result(tmp_path / ".out.partial-def", "new, never swapped in")
-    (stage / _PID_FILE).write_text(pid)
+    (stage / PARTIAL_MARK).write_text(pid)
     remove_dead_partials(tmp_path / "out")
     assert (tmp_path / "out" / "result.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with staged_folder(tmp_path / "out", replace=True) as s:
         _result(s, "new")
-    assert (tmp_path / "out" / "result.txt").read_text() == "new" and not (tmp_path / "out" / _PID_FILE).exists()
+    assert (tmp_path / "out" / "result.txt").read_text() == "new" and not (tmp_path / "out" / PARTIAL_MARK).exists()
 
 
 def test_staged_folders_follow_links_and_keep_other_peoples_files(tmp_path: Path) -> None:

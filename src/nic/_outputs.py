@@ -48,7 +48,7 @@ __all__ = [
     "file_sha256",
 ]
 
-_PID_FILE = ".nic-partial"
+PARTIAL_MARK = ".nic-partial"
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -126,11 +126,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def mark_partial(folder: Path) -> None:
+    """Mark ``folder`` as being built (or swapped) by this process, for
+    :func:`left_by_dead_process`; remove the mark (``folder / PARTIAL_MARK``) when done."""
+    (folder / PARTIAL_MARK).write_text(f"{os.getpid()}\n")
+
+
 def left_by_dead_process(folder: Path) -> bool:
     """Whether ``folder`` holds the partial-marker file of a process that has ended (a
     folder being built, or being swapped, when that process was killed)."""
     try:
-        pid = int((folder / _PID_FILE).read_text().split()[0])
+        pid = int((folder / PARTIAL_MARK).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return False  # not ours, or still being created: leave it
     return not _alive(pid)
@@ -187,8 +193,7 @@ def staged_folder(out: str | Path, replace: bool = False, is_ours: Callable[[Pat
     remove_dead_partials(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; a result folder follows the umask
-    pid = f"{os.getpid()}\n"
-    (stage / _PID_FILE).write_text(pid)
+    mark_partial(stage)
     try:
         yield stage
     except BaseException:
@@ -198,7 +203,7 @@ def staged_folder(out: str | Path, replace: bool = False, is_ours: Callable[[Pat
     try:
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            (old / _PID_FILE).write_text(pid)
+            mark_partial(old)
             os.replace(out, old / out.name)
         try:
             os.replace(stage, out)
@@ -212,7 +217,7 @@ def staged_folder(out: str | Path, replace: bool = False, is_ours: Callable[[Pat
             shutil.rmtree(old, ignore_errors=True)
         raise OutputError(f"{out}: cannot move the finished result into place ({e.strerror or e}); it was not kept, "
                           f"and {out} is as it was; choose another `{param}`") from e  # fmt: skip
-    (out / _PID_FILE).unlink(missing_ok=True)
+    (out / PARTIAL_MARK).unlink(missing_ok=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -102,37 +101,29 @@ def check_demo(config: DemoConfig) -> None:
     )
 
 
-def _unfinished(out: Path) -> bool:
-    """Whether ``out`` is a demo whose process ended before finishing it."""
-    from nic._outputs import left_by_dead_process
-
-    return left_by_dead_process(out)
-
-
 def run_demo(out: Path, config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage into ``out`` (which must be empty or absent); return a summary.
 
     Settings are checked first (:func:`check_demo`); if a stage fails, what the demo wrote
     is removed, so ``out`` is as it was and the demo can be run again into it."""
-    from nic._outputs import _PID_FILE, check_new_folder
+    from nic._outputs import PARTIAL_MARK, check_new_folder, left_by_dead_process, mark_partial
 
     out = Path(out)
     check_demo(config)
-    if out.is_dir() and _unfinished(out):
+    if out.is_dir() and left_by_dead_process(out):  # a demo whose process ended before finishing it
         logger.warning("%s: removing the unfinished demo a process that ended left there", out)
         shutil.rmtree(out)
     check_new_folder(out, None, what="files")  # the demo never overwrites anything
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    marker = out / _PID_FILE
-    marker.write_text(f"{os.getpid()}\n")
+    mark_partial(out)
     try:
         summary = _run_stages(out, config, say)
     except BaseException:
         _remove(out, created)
         say(f"the unfinished demo was removed: {out}")
         raise
-    marker.unlink()
+    (out / PARTIAL_MARK).unlink()
     say(f"summary: {out / 'summary.json'}")
     return summary
 

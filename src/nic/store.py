@@ -481,13 +481,13 @@ def building_store(path: str | Path) -> Iterator[tuple[Path, bool]]:
     from nic._outputs import remove_dead_partials, staged_folder
 
     p = Path(path)
-    if p.parent.is_dir():
-        remove_dead_partials(p)  # a store a killed swap had moved aside goes back first
     if not is_complete(p):
-        yield p, False
-        return
-
-    with staged_folder(p, replace=True, is_ours=is_complete) as stage:
+        if p.parent.is_dir():
+            remove_dead_partials(p)  # a store a killed swap had moved aside goes back first
+        if not is_complete(p):
+            yield p, False
+            return
+    with staged_folder(p, replace=True, is_ours=is_complete) as stage:  # it clears such leftovers itself
         yield stage, True
 
 

@@ -120,6 +120,19 @@ def with_flags(text: str) -> str:
     return _PARAM.sub(sub, text)
 
 
+def set_torch_threads(n: int | None) -> None:
+    """``--threads``: torch's CPU threads ``n`` (an integer of at least 1), or torch's own
+    default for None."""
+    if n is None:
+        return
+    import torch
+
+    from nic.errors import check_int
+
+    check_int("threads", n, 1)
+    torch.set_num_threads(n)
+
+
 def cli_message(error: BaseException) -> str:
     """An error's message as the command line prints it: :func:`with_flags` of ``str(error)``."""
     return with_flags(str(error))

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from nic._device import DEVICE_HELP
-from nic.cli._common import config_option, library_default
+from nic.cli._common import config_option, library_default, set_torch_threads
 from nic.cli._names import NamesCommand
 
 FIT = "nic.learn.train:FitConfig"
@@ -128,16 +128,10 @@ def predict(
 ) -> None:
     """Apply a trained run (the mean of its fold models) to a folder of compressed slides."""
     from nic._outputs import check_new_file, write_atomic
-    from nic.errors import check_int
     from nic.learn import predict_run
 
-    if threads is not None:
-        check_int("threads", threads, 1)  # 0 or -2 were ignored without a word
+    set_torch_threads(threads)  # 0 or -2 were once ignored without a word
     check_new_file(out, overwrite)  # before the work, not after it
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     df = predict_run(model, compressed, labels)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda tmp: df.to_csv(tmp, index=False))

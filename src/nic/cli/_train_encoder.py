@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from nic.cli._common import config_option, flag, library_default
+from nic.cli._common import config_option, flag, library_default, set_torch_threads
 from nic.cli._names import NamesCommand
 
 _DATASET_HELP = (
@@ -33,18 +33,6 @@ _TASK_HELP = (
 MULTITASK = "nic.encoder_training._config:EncoderTrainConfig"
 UNSUPERVISED = "nic.encoder_training._config:UnsupervisedConfig"
 AUGMENT = "nic.patches.augment:AugmentConfig"
-
-
-def _threads(n: int | None) -> None:
-    """Torch's CPU threads: ``n`` (>= 1), or torch's default for None."""
-    import torch
-
-    from nic.errors import check_int
-
-    if n is None:
-        return
-    check_int("threads", n, 1)
-    torch.set_num_threads(n)
 
 
 def _per_method(name: str, help: str, *decls: str) -> Any:
@@ -178,7 +166,7 @@ def train_encoder_cmd(
     check_choice("method", method, ("multitask", *METHODS))
     _check_method_options(ctx, method, METHODS)
     check_number("aug_strength", aug_strength, 0, float("inf"))  # named by this command's flag, not `strength`
-    _threads(threads)
+    set_torch_threads(threads)
     # options left out take each config's own default
     given = {"epochs": epochs, "lr": lr, "early_stopping_patience": patience}
     shared = {k: v for k, v in given.items() if v is not None}
@@ -240,7 +228,7 @@ def probe_cmd(
     from nic.encoders._io import require_weights
     from nic.patches import parse_dataset_spec, read_patch_table
 
-    _threads(threads)
+    set_torch_threads(threads)
     spec = parse_dataset_spec(data)
     if group_col:
         spec = dataclasses.replace(spec, group=group_col)

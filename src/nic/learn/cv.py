@@ -71,8 +71,8 @@ def inner_split(
     """Split ``patients`` (indices) into (fit, validation) for early stopping.
 
     About ``fraction`` of them go to validation (at least one patient), stratified and
-    grouped like :func:`patient_folds`; with fewer than 5 patients there is no validation part.  For
-    survival the validation part holds at least one event when ``patients`` hold two.
+    grouped like :func:`patient_folds`; with fewer than 5 patients there is no validation
+    part.  For survival the validation part holds at least one event when ``patients`` hold two.
     """
     patients = np.asarray(patients)
     if len(patients) < 5 or fraction <= 0:

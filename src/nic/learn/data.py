@@ -180,8 +180,7 @@ def read_slide_table(
     ``True``/``False`` as 1/0 (an event column as pandas or R write it).  :class:`DataError`
     for a missing column, an empty slide or patient cell, one slide on two rows (also when
     written two ways, such as a path and an id), and a numeric cell that is not a finite
-    number.  ``patient_column``
-    may be ``slide_column`` (one slide per patient).
+    number.  ``patient_column`` may be ``slide_column`` (one slide per patient).
     """
     import pandas as pd
 

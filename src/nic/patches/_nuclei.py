@@ -291,8 +291,9 @@ def nuclei_patch_dataset(
 
 def _is_nuclei_dataset(folder: Path) -> bool:
     """Whether ``folder`` holds a nuclei dataset and nothing else (so replacing it loses nothing else)."""
-    names = {p.name for p in folder.iterdir()}
-    return "nuclei.csv" in names and names <= {"nuclei.csv", "patches"}
+    from nic._outputs import holds_only
+
+    return (folder / "nuclei.csv").exists() and holds_only(folder, ("nuclei.csv", "patches"))
 
 
 def _write_nuclei_dataset(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nic._outputs import check_new_folder, staged_folder
+from nic._outputs import check_new_folder, holds_only, staged_folder
 from nic.errors import OptionError, check_int
 from nic.synth._textures import TISSUE_CLASSES, draw_tile, random_stain
 
@@ -60,8 +60,6 @@ _NAMES = ("tissue_type", "nuclei_density", "mitosis", "nuclei_density.csv", "mit
 
 def _is_patches(folder: Path) -> bool:
     """Whether ``folder`` holds patch datasets nic wrote and nothing else (what ``overwrite`` may replace)."""
-    from nic._outputs import holds_only
-
     return any((folder / n).exists() for n in _NAMES) and holds_only(folder, _NAMES)
 
 
